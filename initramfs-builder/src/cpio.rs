@@ -1,0 +1,251 @@
+//! A deterministic writer for the "newc" cpio format the kernel unpacks as
+//! an initramfs: entries appear in the order added, inode numbers count up
+//! from 1, and nothing from the host (time, uid, inode) leaks in.
+
+use std::io::{self, Write};
+
+const MAGIC: &str = "070701";
+const TRAILER: &str = "TRAILER!!!";
+
+pub const S_IFDIR: u32 = 0o040000;
+pub const S_IFREG: u32 = 0o100000;
+pub const S_IFLNK: u32 = 0o120000;
+pub const S_IFCHR: u32 = 0o020000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CpioError {
+    #[error("cpio path must be relative and non-empty: {0:?}")]
+    BadPath(String),
+    #[error("cpio entry {0:?} is larger than 4 GiB")]
+    TooLarge(String),
+    #[error("cannot write cpio archive")]
+    Io(#[from] io::Error),
+}
+
+/// Owner and permission bits of an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Meta {
+    /// Permission bits (the file type is added by the writer).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Meta {
+    pub const fn root(mode: u32) -> Self {
+        Meta {
+            mode,
+            uid: 0,
+            gid: 0,
+        }
+    }
+}
+
+pub struct Writer<W: Write> {
+    out: W,
+    next_ino: u32,
+    written: u64,
+}
+
+impl<W: Write> Writer<W> {
+    pub fn new(out: W) -> Self {
+        Writer {
+            out,
+            next_ino: 1,
+            written: 0,
+        }
+    }
+
+    pub fn dir(&mut self, path: &str, meta: Meta) -> Result<(), CpioError> {
+        self.entry(path, S_IFDIR | (meta.mode & 0o7777), meta, 2, &[])
+    }
+
+    pub fn file(&mut self, path: &str, meta: Meta, data: &[u8]) -> Result<(), CpioError> {
+        self.entry(path, S_IFREG | (meta.mode & 0o7777), meta, 1, data)
+    }
+
+    pub fn symlink(&mut self, path: &str, target: &str, meta: Meta) -> Result<(), CpioError> {
+        self.entry(path, S_IFLNK | 0o777, meta, 1, target.as_bytes())
+    }
+
+    pub fn char_device(
+        &mut self,
+        path: &str,
+        meta: Meta,
+        major: u32,
+        minor: u32,
+    ) -> Result<(), CpioError> {
+        self.header(
+            path,
+            S_IFCHR | (meta.mode & 0o7777),
+            meta,
+            1,
+            0,
+            (major, minor),
+        )
+    }
+
+    fn entry(
+        &mut self,
+        path: &str,
+        mode: u32,
+        meta: Meta,
+        nlink: u32,
+        data: &[u8],
+    ) -> Result<(), CpioError> {
+        let size = u32::try_from(data.len()).map_err(|_| CpioError::TooLarge(path.to_string()))?;
+        self.header(path, mode, meta, nlink, size, (0, 0))?;
+        self.out.write_all(data)?;
+        self.written += data.len() as u64;
+        self.pad()
+    }
+
+    fn header(
+        &mut self,
+        path: &str,
+        mode: u32,
+        meta: Meta,
+        nlink: u32,
+        size: u32,
+        rdev: (u32, u32),
+    ) -> Result<(), CpioError> {
+        let name = path.trim_start_matches("./");
+        if name.is_empty() || name.starts_with('/') || name.split('/').any(|c| c == "..") {
+            return Err(CpioError::BadPath(path.to_string()));
+        }
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        self.raw_header(name, ino, mode, meta, nlink, size, rdev)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn raw_header(
+        &mut self,
+        name: &str,
+        ino: u32,
+        mode: u32,
+        meta: Meta,
+        nlink: u32,
+        size: u32,
+        rdev: (u32, u32),
+    ) -> Result<(), CpioError> {
+        let header = format!(
+            "{MAGIC}{ino:08x}{mode:08x}{uid:08x}{gid:08x}{nlink:08x}{mtime:08x}{size:08x}{dmaj:08x}{dmin:08x}{rmaj:08x}{rmin:08x}{namesize:08x}{check:08x}",
+            uid = meta.uid,
+            gid = meta.gid,
+            mtime = 0,
+            dmaj = 0,
+            dmin = 0,
+            rmaj = rdev.0,
+            rmin = rdev.1,
+            namesize = name.len() + 1,
+            check = 0,
+        );
+        self.out.write_all(header.as_bytes())?;
+        self.out.write_all(name.as_bytes())?;
+        self.out.write_all(&[0])?;
+        self.written += header.len() as u64 + name.len() as u64 + 1;
+        self.pad()
+    }
+
+    /// newc pads headers+names and data to 4 bytes.
+    fn pad(&mut self) -> Result<(), CpioError> {
+        let pad = (4 - (self.written % 4) as usize) % 4;
+        self.out.write_all(&[0u8; 3][..pad])?;
+        self.written += pad as u64;
+        Ok(())
+    }
+
+    /// Writes the trailer and returns the sink.
+    pub fn finish(mut self) -> Result<W, CpioError> {
+        self.raw_header(TRAILER, 0, 0, Meta::root(0), 1, 0, (0, 0))?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        let mut w = Writer::new(Vec::new());
+        w.dir("dev", Meta::root(0o755)).unwrap();
+        w.char_device("dev/console", Meta::root(0o600), 5, 1)
+            .unwrap();
+        w.file("init", Meta::root(0o755), b"#!/bin/sh\n").unwrap();
+        w.symlink("bin", "usr/bin", Meta::root(0o777)).unwrap();
+        w.file(
+            "home/u/f",
+            Meta {
+                mode: 0o640,
+                uid: 1000,
+                gid: 100,
+            },
+            b"abc",
+        )
+        .unwrap();
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn deterministic_and_aligned() {
+        let a = sample();
+        assert_eq!(a, sample());
+        assert_eq!(a.len() % 4, 0);
+        assert!(a.starts_with(b"070701"));
+        let trailer = a.windows(10).position(|w| w == b"TRAILER!!!");
+        assert!(trailer.is_some());
+    }
+
+    #[test]
+    fn rejects_escaping_paths() {
+        let mut w = Writer::new(Vec::new());
+        assert!(matches!(
+            w.file("../x", Meta::root(0o644), b""),
+            Err(CpioError::BadPath(_))
+        ));
+        assert!(matches!(
+            w.file("/etc/x", Meta::root(0o644), b""),
+            Err(CpioError::BadPath(_))
+        ));
+        assert!(matches!(
+            w.dir("a/../../b", Meta::root(0o755)),
+            Err(CpioError::BadPath(_))
+        ));
+    }
+
+    #[test]
+    fn gnu_cpio_reads_it_back() {
+        // The reference reader, when installed (scripts/setup.sh installs it).
+        let Ok(mut child) = std::process::Command::new("cpio")
+            .args(["-t", "-v", "-n", "--quiet"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+        else {
+            panic!("cpio not installed: run scripts/setup.sh");
+        };
+        child.stdin.take().unwrap().write_all(&sample()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let listing = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success());
+        let lines: Vec<&str> = listing.lines().collect();
+        assert_eq!(lines.len(), 5, "{listing}");
+        assert!(lines[0].starts_with("drwxr-xr-x") && lines[0].ends_with(" dev"));
+        assert!(
+            lines[1].starts_with("crw-------")
+                && lines[1].contains("5,")
+                && lines[1].ends_with("dev/console")
+        );
+        assert!(lines[2].starts_with("-rwxr-xr-x") && lines[2].ends_with(" init"));
+        assert!(lines[3].starts_with("lrwxrwxrwx") && lines[3].ends_with("bin -> usr/bin"));
+        assert!(
+            lines[4].starts_with("-rw-r-----")
+                && lines[4].contains(" 1000 ")
+                && lines[4].contains(" 100 ")
+                && lines[4].ends_with("home/u/f"),
+            "{listing}"
+        );
+    }
+}

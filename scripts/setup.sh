@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs everything kiln and its tests need on Debian bookworm (as root),
+# builds the workspace, and builds (or reuses) the cached guest kernel.
+# Idempotent: a second run only checks.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+
+if [ "$(id -u)" != 0 ]; then
+  echo "setup: run as root (it installs Debian packages and uses /dev/kvm)" >&2
+  exit 1
+fi
+
+packages=(
+  # guest kernel build
+  linux-source-6.12 flex bison libelf-dev bc build-essential xz-utils libssl-dev
+  # initramfs tooling and guest userland for tests
+  cpio zstd busybox-static
+  # the boot-time peer for benchmarks
+  qemu-system-x86
+  # tests: setpriv (util-linux), OpenSSH client
+  util-linux openssh-client
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo not found: install a stable Rust toolchain (rustup) first" >&2
+  exit 1
+fi
+[ -e /dev/kvm ] || echo "setup: warning: /dev/kvm missing; micro-VMs cannot run on this host" >&2
+
+"$repo/scripts/build-kernel.sh"
+cargo build --workspace --quiet
+echo "setup: done"

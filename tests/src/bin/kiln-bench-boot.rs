@@ -1,0 +1,152 @@
+//! Boot benchmark: the same kernel and initramfs booted alternately by
+//! kiln-vmm and by QEMU's microvm machine, each to the same serial marker.
+//! Prints medians, the ratio, and kiln-vmm's time to first KVM_RUN and RSS
+//! overhead. Usage: kiln-bench-boot [RUNS] [VCPUS] (default 5, 1).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_tests::{bin, guest_init, initramfs_with_init, kernel};
+
+const MARKER: &str = "KILN_READY";
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+/// What kiln-vmm's PVM host profile adds, given to QEMU by hand.
+const PVM_CMDLINE: &str = "noxsave clearcpuid=popcnt,smap kiln_pvm_quirks";
+
+/// Runs `cmd` until its stdout shows the marker; returns that time, then
+/// waits for it to exit.
+fn time_to_marker(mut cmd: Command) -> Result<Duration, String> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut found = None;
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        if found.is_none() && line.contains(MARKER) {
+            found = Some(start.elapsed());
+        }
+    }
+    let status = child.wait().map_err(|e| format!("wait: {e}"))?;
+    match found {
+        Some(t) if status.success() => Ok(t),
+        Some(_) => Err(format!("exited with {status}")),
+        None => Err(format!("no marker; exited with {status}")),
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
+    let vcpus: u8 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let initrd = initramfs_with_init(dir.path(), &guest_init());
+    let kernel = kernel();
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let append = if pvm {
+        format!("{BASE_CMDLINE} {PVM_CMDLINE} -- bench")
+    } else {
+        format!("{BASE_CMDLINE} -- bench")
+    };
+    println!(
+        "kernel {} | initramfs {} bytes | {vcpus} vCPU, 256 MiB | {runs} runs each, alternating | host: {}",
+        kernel.display(),
+        std::fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0),
+        if pvm { "PVM" } else { "hardware KVM" }
+    );
+
+    let (mut kiln, mut qemu, mut first_run, mut overhead) = (vec![], vec![], vec![], vec![]);
+    for i in 0..runs {
+        let metrics = dir.path().join(format!("metrics-{i}.json"));
+        let mut k = Command::new(bin("kiln-vmm"));
+        k.args(["--kernel", kernel.to_str().unwrap_or_default()])
+            .args(["--initrd", initrd.to_str().unwrap_or_default()])
+            .args(["--cmdline", &format!("{BASE_CMDLINE} -- bench")])
+            .args([
+                "--vcpus",
+                &vcpus.to_string(),
+                "--mem-mib",
+                "256",
+                "--serial-stdio",
+            ])
+            .args(["--metrics", metrics.to_str().unwrap_or_default()])
+            .env("KILN_LOG", "warn");
+        match time_to_marker(k) {
+            Ok(t) => {
+                kiln.push(t.as_secs_f64());
+                let m: serde_json::Value = std::fs::read_to_string(&metrics)
+                    .ok()
+                    .and_then(|s| serde_json::from_str(&s).ok())
+                    .unwrap_or_default();
+                first_run.extend(m["time_to_first_kvm_run_ms"].as_f64());
+                overhead.extend(m["vmm_overhead_kib"].as_f64());
+                println!("run {i}: kiln-vmm {:.2} s", t.as_secs_f64());
+            }
+            Err(e) => println!("run {i}: kiln-vmm failed: {e}"),
+        }
+        let mut q = Command::new("qemu-system-x86_64");
+        q.args(["-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on"])
+            .args(["-enable-kvm", "-cpu"])
+            .arg(if pvm {
+                "host,-cx16,kvm-pv-unhalt=off,kvm-pv-ipi=off,kvm-pv-sched-yield=off"
+            } else {
+                "host"
+            })
+            .args(["-m", "256", "-smp", &vcpus.to_string()])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-nographic",
+                "-serial",
+                "stdio",
+            ])
+            .args(["-no-reboot", "-device", "virtio-rng-device"])
+            .args(["-kernel", kernel.to_str().unwrap_or_default()])
+            .args(["-initrd", initrd.to_str().unwrap_or_default()])
+            .args(["-append", &append]);
+        match time_to_marker(q) {
+            Ok(t) => {
+                qemu.push(t.as_secs_f64());
+                println!("run {i}: qemu     {:.2} s", t.as_secs_f64());
+            }
+            Err(e) => println!("run {i}: qemu failed: {e}"),
+        }
+    }
+    if kiln.is_empty() || qemu.is_empty() {
+        eprintln!("not enough successful runs to compare");
+        std::process::exit(1);
+    }
+    let (k, q) = (median(&mut kiln), median(&mut qemu));
+    println!(
+        "median time to {MARKER}: kiln-vmm {k:.2} s, qemu microvm {q:.2} s, ratio {:.2}",
+        k / q
+    );
+    if !first_run.is_empty() {
+        println!(
+            "kiln-vmm start -> first KVM_RUN: median {:.2} ms",
+            median(&mut first_run)
+        );
+    }
+    if !overhead.is_empty() {
+        println!(
+            "kiln-vmm RSS minus guest memory touched: median {:.2} MiB",
+            median(&mut overhead) / 1024.0
+        );
+    }
+}

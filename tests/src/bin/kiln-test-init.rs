@@ -1,0 +1,212 @@
+//! PID 1 of the VMM's boot test: a static program that exercises the
+//! guest side of every device, reports each step on the serial console,
+//! then reboots. Built with `crt-static`; see `kiln_tests::guest_init`.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+
+const HOST_CID: u32 = 2;
+const GUEST_CONNECT_PORT: u32 = 1234;
+const GUEST_LISTEN_PORT: u32 = 5000;
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn mount(source: &str, target: &str, fstype: &str) {
+    let _ = std::fs::create_dir_all(target);
+    let c = |s: &str| CString::new(s).unwrap_or_default();
+    let (s, t, f) = (c(source), c(target), c(fstype));
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        say(&format!(
+            "mount {target}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+}
+
+fn nproc() -> usize {
+    // SAFETY: a zeroed cpu_set_t is valid and sized for the call.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return 0;
+        }
+        libc::CPU_COUNT(&set) as usize
+    }
+}
+
+fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain data; zero is a valid starting value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    addr
+}
+
+fn vsock_socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn connect_host(port: u32) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let sock = vsock_socket()?;
+    let addr = vsock_addr(HOST_CID, port);
+    // SAFETY: addr is a valid sockaddr_vm of the given size.
+    let rc = unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(std::fs::File::from(sock))
+}
+
+fn listen_accept_one(port: u32) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let sock = vsock_socket()?;
+    let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
+    // SAFETY: addr is a valid sockaddr_vm; fds are ours.
+    unsafe {
+        if libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        ) != 0
+            || libc::listen(sock.as_raw_fd(), 1) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    say(&format!("vsock-listening {port}"));
+    // SAFETY: accept on our listening socket, peer address not wanted.
+    let fd = unsafe { libc::accept(sock.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+fn read_line(stream: &mut std::fs::File) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while stream.read(&mut b)? == 1 {
+        if b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+fn guest_connect() -> std::io::Result<String> {
+    let mut s = connect_host(GUEST_CONNECT_PORT)?;
+    s.write_all(b"hello from guest\n")?;
+    let reply = read_line(&mut s)?;
+    s.write_all(format!("{reply}\n").as_bytes())?;
+    Ok(reply)
+}
+
+fn host_connect() -> std::io::Result<String> {
+    let mut s = listen_accept_one(GUEST_LISTEN_PORT)?;
+    let line = read_line(&mut s)?;
+    s.write_all(format!("echo:{line}\n").as_bytes())?;
+    Ok(line)
+}
+
+/// What `scripts/demo.sh` shows: proof that this is a separate machine.
+fn demo() {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    say(&format!("kernel:   {}", read("/proc/version").trim()));
+    say(&format!("vCPUs:    {}", nproc()));
+    let mem = read("/proc/meminfo");
+    let total = mem.lines().next().unwrap_or_default();
+    say(&format!(
+        "memory:   {}",
+        total.trim_start_matches("MemTotal:").trim()
+    ));
+    let mut rnd = [0u8; 8];
+    if std::fs::File::open("/dev/hwrng")
+        .and_then(|mut f| f.read_exact(&mut rnd))
+        .is_ok()
+    {
+        say(&format!(
+            "hwrng:    {}",
+            rnd.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ));
+    }
+    say(&format!(
+        "uptime:   {} s",
+        read("/proc/uptime")
+            .split_whitespace()
+            .next()
+            .unwrap_or("?")
+    ));
+}
+
+fn reboot() -> ! {
+    // SAFETY: reboot(2) as PID 1; with reboot=k the VMM sees the reset.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+    // Only reached if reboot failed; PID 1 must not exit.
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+}
+
+fn main() {
+    // `-- bench` on the kernel command line: the boot benchmark only wants
+    // the marker, then the VM gone.
+    if std::env::args().nth(1).as_deref() == Some("bench") {
+        say("KILN_READY");
+        reboot();
+    }
+    mount("devtmpfs", "/dev", "devtmpfs");
+    mount("proc", "/proc", "proc");
+    say("KILN_READY");
+    if std::env::args().nth(1).as_deref() == Some("demo") {
+        demo();
+        reboot();
+    }
+    say(&format!("nproc={}", nproc()));
+
+    let mut rnd = [0u8; 16];
+    match std::fs::File::open("/dev/hwrng").and_then(|mut f| f.read_exact(&mut rnd)) {
+        Ok(()) => say(&format!(
+            "hwrng={}",
+            rnd.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        )),
+        Err(e) => say(&format!("hwrng-error {e}")),
+    }
+
+    match guest_connect() {
+        Ok(reply) => say(&format!("vsock-guest-connect ok reply={reply}")),
+        Err(e) => say(&format!("vsock-guest-connect error {e}")),
+    }
+    match host_connect() {
+        Ok(line) => say(&format!("vsock-host-connect ok line={line}")),
+        Err(e) => say(&format!("vsock-host-connect error {e}")),
+    }
+
+    say("KILN_TEST_DONE");
+    reboot();
+}

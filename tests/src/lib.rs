@@ -1,0 +1,183 @@
+//! Helpers shared by kiln's end-to-end tests: where the built binaries and
+//! the guest kernel are, how to build the static test guest program and an
+//! initramfs around it, and a VMM process that is always cleaned up.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use kiln_image::cpio::{Meta, Writer};
+
+/// The workspace root (parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The profile directory of the running test (target/debug), from the
+/// test executable's own path (target/debug/deps/NAME).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .expect("test executable lives in target/PROFILE/deps")
+}
+
+/// A workspace binary built for the host (cargo builds them before tests).
+pub fn bin(name: &str) -> PathBuf {
+    let p = profile_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace` (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// `$KILN_HOME` as the kernel recipe installed it.
+pub fn kiln_home() -> PathBuf {
+    std::env::var_os("KILN_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/kiln"))
+}
+
+/// The guest kernel built by scripts/build-kernel.sh.
+pub fn kernel() -> PathBuf {
+    let p = kiln_home().join("kernel/vmlinux");
+    assert!(
+        p.exists(),
+        "guest kernel missing at {}: run scripts/setup.sh",
+        p.display()
+    );
+    p
+}
+
+/// Builds `bin` of `package` as a static x86_64 executable (guest programs
+/// must not depend on the initramfs having a libc) and returns its path.
+/// Uses its own target directory so it never waits on the outer cargo.
+pub fn static_guest_binary(package: &str, bin: &str) -> PathBuf {
+    let target_dir = profile_dir()
+        .parent()
+        .map(|t| t.join("guest"))
+        .expect("target directory");
+    let triple = "x86_64-unknown-linux-gnu";
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "--target",
+            triple,
+            "-p",
+            package,
+            "--bin",
+            bin,
+        ])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .current_dir(workspace_root())
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "building static {bin} failed");
+    target_dir.join(triple).join("release").join(bin)
+}
+
+/// The static test guest program (`kiln-test-init`), built once per test run.
+pub fn guest_init() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| static_guest_binary("kiln-tests", "kiln-test-init"))
+        .clone()
+}
+
+/// Writes an initramfs whose `/init` is `init` into `dir`.
+pub fn initramfs_with_init(dir: &Path, init: &Path) -> PathBuf {
+    let data = std::fs::read(init).expect("read init binary");
+    let mut w = Writer::new(Vec::new());
+    for d in ["dev", "proc", "sys", "tmp"] {
+        w.dir(d, Meta::root(0o755)).expect("cpio dir");
+    }
+    // The kernel opens /dev/console for PID 1 before anything is mounted.
+    w.char_device("dev/console", Meta::root(0o600), 5, 1)
+        .expect("cpio console");
+    w.file("init", Meta::root(0o755), &data).expect("cpio init");
+    let bytes = w.finish().expect("cpio finish");
+    let path = dir.join("initramfs.cpio");
+    std::fs::write(&path, bytes).expect("write initramfs");
+    path
+}
+
+/// A running `kiln-vmm`, killed on drop if still running.
+pub struct VmmProcess {
+    child: Child,
+}
+
+impl VmmProcess {
+    pub fn spawn(args: &[&str]) -> Self {
+        let child = Command::new(bin("kiln-vmm"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kiln-vmm");
+        VmmProcess { child }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits up to `timeout`; returns the status and stderr.
+    pub fn wait(mut self, timeout: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait kiln-vmm") {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                return (status, err);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kiln-vmm still running after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `kiln-vmm` to completion with `args`; returns (code, stderr).
+pub fn run_vmm(args: &[&str]) -> (Option<i32>, String) {
+    let (status, stderr) = VmmProcess::spawn(args).wait(Duration::from_secs(30));
+    (status.code(), stderr)
+}

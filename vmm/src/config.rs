@@ -1,0 +1,231 @@
+//! What a micro-VM is made of: plain data, validated once, then passed down.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Most vCPUs a kiln micro-VM may have.
+pub const MAX_VCPUS: u8 = 32;
+/// Smallest guest memory that boots the kiln kernel with an initramfs.
+pub const MIN_MEM_MIB: u64 = 32;
+/// Guest CID used for the vsock device unless configured.
+pub const DEFAULT_GUEST_CID: u64 = 3;
+
+/// Where a configuration is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    Vcpus(u8),
+    #[error("memory must be at least {MIN_MEM_MIB} MiB, got {0} MiB")]
+    MemoryTooSmall(u64),
+    #[error("memory of {requested} MiB exceeds this host's {available} MiB")]
+    MemoryTooLarge { requested: u64, available: u64 },
+    #[error("guest CID must be at least 3, got {0}")]
+    GuestCid(u64),
+    #[error("no kernel given and none installed at {0} (run scripts/setup.sh or pass --kernel)")]
+    NoDefaultKernel(PathBuf),
+    #[error("cannot read config file {path}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// Where the serial console's output goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SerialOutput {
+    /// Discarded (markers are still detected for metrics).
+    #[default]
+    None,
+    /// The VMM's standard output; standard input feeds the guest.
+    Stdio,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+/// The vsock device: guest CID and the host Unix socket that fronts it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    #[serde(default = "default_guest_cid")]
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+}
+
+fn default_guest_cid() -> u64 {
+    DEFAULT_GUEST_CID
+}
+
+/// One micro-VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Uncompressed ELF `vmlinux` (PVH or 64-bit entry) or a bzImage.
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Base kernel command line; device entries and host workarounds are appended.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    #[serde(default = "default_mem_mib")]
+    pub mem_mib: u64,
+    /// Back guest memory with 2 MiB huge pages.
+    #[serde(default)]
+    pub hugepages: bool,
+    #[serde(default)]
+    pub serial: SerialOutput,
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    /// Add a virtio-rng device.
+    #[serde(default = "default_true")]
+    pub rng: bool,
+    /// A line on the serial console that marks the guest ready (for metrics).
+    #[serde(default = "default_ready_marker")]
+    pub ready_marker: String,
+    /// Stop the VM when the guest shows no activity for this long; 0 disables.
+    #[serde(default = "default_watchdog_secs")]
+    pub watchdog_secs: u64,
+    /// Request an Intel TDX guest.
+    #[serde(default)]
+    pub tdx: bool,
+}
+
+pub fn default_cmdline() -> String {
+    "console=ttyS0 reboot=k panic=-1 quiet".to_string()
+}
+fn default_vcpus() -> u8 {
+    1
+}
+fn default_mem_mib() -> u64 {
+    256
+}
+fn default_true() -> bool {
+    true
+}
+pub fn default_ready_marker() -> String {
+    "KILN_READY".to_string()
+}
+fn default_watchdog_secs() -> u64 {
+    120
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the kernel.
+    pub fn new(kernel: PathBuf) -> Self {
+        VmConfig {
+            kernel,
+            initrd: None,
+            cmdline: default_cmdline(),
+            vcpus: default_vcpus(),
+            mem_mib: default_mem_mib(),
+            hugepages: false,
+            serial: SerialOutput::None,
+            vsock: None,
+            rng: true,
+            ready_marker: default_ready_marker(),
+            watchdog_secs: default_watchdog_secs(),
+            tdx: false,
+        }
+    }
+
+    /// Reads a JSON configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Checks sizes against the limits and this host's memory.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if self.mem_mib < MIN_MEM_MIB {
+            return Err(ConfigError::MemoryTooSmall(self.mem_mib));
+        }
+        if let Some(available) = host_memory_mib() {
+            if self.mem_mib > available {
+                return Err(ConfigError::MemoryTooLarge {
+                    requested: self.mem_mib,
+                    available,
+                });
+            }
+        }
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < 3 {
+                return Err(ConfigError::GuestCid(v.guest_cid));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `$KILN_HOME`, or `/var/lib/kiln`.
+pub fn kiln_home() -> PathBuf {
+    std::env::var_os("KILN_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/kiln"))
+}
+
+/// The kernel `scripts/setup.sh` installs: `$KILN_HOME/kernel/vmlinux`.
+pub fn default_kernel_path() -> PathBuf {
+    kiln_home().join("kernel").join("vmlinux")
+}
+
+/// Total RAM of this host in MiB, from /proc/meminfo.
+pub fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        VmConfig::new("/k".into()).validate().unwrap();
+    }
+
+    #[test]
+    fn bad_sizes_are_named() {
+        let mut c = VmConfig::new("/k".into());
+        c.vcpus = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::Vcpus(0))));
+        c.vcpus = 33;
+        assert!(matches!(c.validate(), Err(ConfigError::Vcpus(33))));
+        c.vcpus = 1;
+        c.mem_mib = 8;
+        assert!(matches!(c.validate(), Err(ConfigError::MemoryTooSmall(8))));
+        c.mem_mib = 1 << 40;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::MemoryTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn json_rejects_unknown_fields() {
+        let err = serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","vcpu":2}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let ok: VmConfig =
+            serde_json::from_str(r#"{"kernel":"/k","vcpus":2,"serial":{"file":"/tmp/s"}}"#)
+                .unwrap();
+        assert_eq!(ok.vcpus, 2);
+        assert_eq!(ok.serial, SerialOutput::File("/tmp/s".into()));
+    }
+}

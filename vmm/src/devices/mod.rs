@@ -1,0 +1,8 @@
+//! Devices and the buses that route vCPU port and MMIO exits to them.
+
+pub mod bus;
+pub mod i8042;
+pub mod serial;
+pub mod virtio;
+
+pub use bus::{Bus, BusDevice};

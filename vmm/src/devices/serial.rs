@@ -1,0 +1,140 @@
+//! COM1: a 16550A UART (vm-superio) at port 0x3f8 on IRQ 4. Its output is
+//! copied to the configured sink and scanned for the readiness marker.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::BusDevice;
+use crate::timeline::Timeline;
+
+/// Raises the serial IRQ through an irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where guest console bytes go; records the first byte and the marker.
+pub struct ConsoleSink {
+    out: Option<Box<dyn Write + Send>>,
+    marker: Vec<u8>,
+    /// The last `marker.len()` bytes seen.
+    window: Vec<u8>,
+    timeline: Arc<Timeline>,
+}
+
+impl ConsoleSink {
+    pub fn new(out: Option<Box<dyn Write + Send>>, marker: &str, timeline: Arc<Timeline>) -> Self {
+        ConsoleSink {
+            out,
+            marker: marker.as_bytes().to_vec(),
+            window: Vec::with_capacity(marker.len()),
+            timeline,
+        }
+    }
+}
+
+impl Write for ConsoleSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.timeline.mark_serial_output();
+        if !self.marker.is_empty() {
+            for b in buf {
+                if self.window.len() == self.marker.len() {
+                    self.window.remove(0);
+                }
+                self.window.push(*b);
+                if self.window == self.marker {
+                    self.timeline.mark_ready();
+                }
+            }
+        }
+        if let Some(out) = self.out.as_mut() {
+            // A closed or full console must not stop the guest.
+            let _ = out.write_all(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if let Some(out) = self.out.as_mut() {
+            let _ = out.flush();
+        }
+        Ok(())
+    }
+}
+
+pub type Uart = Serial<IrqTrigger, NoEvents, ConsoleSink>;
+
+/// The UART on the port bus.
+pub struct SerialDevice {
+    pub uart: Uart,
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if data.len() == 1 {
+            data[0] = self.uart.read(offset as u8);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() == 1 {
+            // An IRQ that cannot be raised is the guest's loss, not a VMM error.
+            let _ = self.uart.write(offset as u8, data[0]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn guest_bytes_reach_the_sink_and_the_marker_is_seen() {
+        let timeline = Arc::new(Timeline::new(Instant::now()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = ConsoleSink::new(
+            Some(Box::new(Shared(seen.clone()))),
+            "READY",
+            timeline.clone(),
+        );
+        let irq = IrqTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut dev = SerialDevice {
+            uart: Serial::new(irq, sink),
+        };
+        for b in b"boot... REA" {
+            dev.write(0, &[*b]);
+        }
+        assert!(timeline.first_serial_output().is_some());
+        assert!(timeline.ready_marker().is_none());
+        for b in b"DY\n" {
+            dev.write(0, &[*b]);
+        }
+        assert!(timeline.ready_marker().is_some());
+        assert_eq!(&seen.lock().unwrap()[..], b"boot... READY\n");
+        // Line status: transmitter empty, so the guest keeps writing.
+        let mut lsr = [0u8];
+        dev.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 0x20, 0x20);
+    }
+}

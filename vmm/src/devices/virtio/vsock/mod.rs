@@ -1,0 +1,226 @@
+//! virtio-vsock: the host<->guest channel, fronted on the host by a Unix
+//! socket per VM (see [`muxer`]).
+
+pub mod muxer;
+pub mod packet;
+
+use std::io::{Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{check_queues, ActivateError, Interrupt, Memory, VirtioDevice, TYPE_VSOCK};
+pub use muxer::{Muxer, MuxerError, HOST_CID};
+use packet::{Header, HDR_LEN};
+
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+const EVENT: usize = 2;
+/// Largest payload accepted from or sent to the guest in one packet.
+const MAX_PAYLOAD: usize = 64 * 1024;
+
+struct Active {
+    mem: Memory,
+    queues: Vec<Queue>,
+    interrupt: Arc<Interrupt>,
+}
+
+pub struct Vsock {
+    guest_cid: u64,
+    queue_events: [EventFd; 3],
+    acked_features: u64,
+    active: Option<Active>,
+    muxer: Muxer,
+    on_activity: Option<Box<dyn Fn() + Send>>,
+}
+
+impl Vsock {
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, MuxerError> {
+        let evt = || {
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|source| MuxerError::Bind {
+                path: uds_path.to_path_buf(),
+                source,
+            })
+        };
+        let queue_events = [evt()?, evt()?, evt()?];
+        Ok(Vsock {
+            guest_cid,
+            queue_events,
+            acked_features: 0,
+            active: None,
+            muxer: Muxer::new(uds_path, guest_cid)?,
+            on_activity: None,
+        })
+    }
+
+    /// Called whenever the guest sends a packet (watchdog feed).
+    pub fn set_activity_hook(&mut self, hook: Box<dyn Fn() + Send>) {
+        self.on_activity = Some(hook);
+    }
+
+    pub fn muxer(&self) -> &Muxer {
+        &self.muxer
+    }
+
+    /// Reads every packet the guest queued for the host.
+    fn process_tx(&mut self, ops: &mut EventOps) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mut used = false;
+        let mut packets = Vec::new();
+        while let Some(chain) = active.queues[TX].pop_descriptor_chain(&active.mem) {
+            let head = chain.head_index();
+            if let Ok(mut reader) = chain.reader(&active.mem) {
+                let mut raw = [0u8; HDR_LEN];
+                if reader.read_exact(&mut raw).is_ok() {
+                    let hdr = Header::decode(&raw);
+                    let len = (hdr.len as usize)
+                        .min(MAX_PAYLOAD)
+                        .min(reader.available_bytes());
+                    let mut data = vec![0u8; len];
+                    if reader.read_exact(&mut data).is_ok() {
+                        packets.push((hdr, data));
+                    }
+                }
+            }
+            if active.queues[TX].add_used(&active.mem, head, 0).is_err() {
+                break;
+            }
+            used = true;
+        }
+        if used {
+            active.interrupt.signal_used_queue();
+            if let Some(hook) = &self.on_activity {
+                hook();
+            }
+        }
+        for (hdr, data) in packets {
+            self.muxer.handle_guest_packet(&hdr, &data, ops);
+        }
+    }
+
+    /// Hands the guest every packet the host side has ready, while it has buffers.
+    fn process_rx(&mut self, ops: &mut EventOps) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mut used = false;
+        let mut data = Vec::new();
+        while self.muxer.has_rx() {
+            let Some(chain) = active.queues[RX].pop_descriptor_chain(&active.mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let Ok(mut writer) = chain.writer(&active.mem) else {
+                let _ = active.queues[RX].add_used(&active.mem, head, 0);
+                used = true;
+                continue;
+            };
+            let room = writer
+                .available_bytes()
+                .saturating_sub(HDR_LEN)
+                .min(MAX_PAYLOAD);
+            let Some(hdr) = self.muxer.next_rx(room, &mut data, ops) else {
+                // Nothing after all: give the buffer back untouched.
+                active.queues[RX].go_to_previous_position();
+                break;
+            };
+            let written = writer
+                .write_all(&hdr.encode())
+                .and_then(|_| writer.write_all(&data))
+                .map(|_| HDR_LEN + data.len())
+                .unwrap_or(0);
+            if active.queues[RX]
+                .add_used(&active.mem, head, written as u32)
+                .is_err()
+            {
+                break;
+            }
+            used = true;
+        }
+        if used {
+            active.interrupt.signal_used_queue();
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+    fn avail_features(&self) -> u64 {
+        0
+    }
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+    fn activate(
+        &mut self,
+        mem: Memory,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        check_queues(&mem, &queues, 3)?;
+        self.active = Some(Active {
+            mem,
+            queues,
+            interrupt,
+        });
+        // Packets may have queued up before the driver was ready.
+        for evt in &self.queue_events[RX..=RX] {
+            let _ = evt.write(1);
+        }
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.active = None;
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn init(&mut self, ops: &mut EventOps) {
+        for evt in &self.queue_events {
+            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
+                tracing::error!("virtio-vsock: cannot watch a queue: {e:?}");
+            }
+        }
+        if let Err(e) = ops.add(Events::new_raw(self.muxer.listener_fd(), EventSet::IN)) {
+            tracing::error!("virtio-vsock: cannot watch its socket: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.queue_events[RX].as_raw_fd() {
+            let _ = self.queue_events[RX].read();
+        } else if fd == self.queue_events[TX].as_raw_fd() {
+            let _ = self.queue_events[TX].read();
+            self.process_tx(ops);
+        } else if fd == self.queue_events[EVENT].as_raw_fd() {
+            let _ = self.queue_events[EVENT].read();
+        } else if fd == self.muxer.listener_fd() {
+            self.muxer.accept(ops);
+        } else if self.muxer.owns(fd) {
+            self.muxer.handle_stream_event(fd, events.event_set(), ops);
+        } else {
+            let _ = ops.remove(events);
+        }
+        self.process_rx(ops);
+    }
+}

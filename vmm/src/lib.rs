@@ -1,0 +1,24 @@
+//! kiln-vmm: one KVM micro-VM per process.
+//!
+//! Guest memory, vCPUs, CPUID normalised per host profile, PVH/bzImage
+//! boot, a serial console, an i8042 reset line and virtio-mmio devices
+//! (vsock, rng), driven by an event-manager loop. It knows nothing of
+//! grants, images or clouds.
+
+pub mod boot;
+pub mod capabilities;
+pub mod config;
+pub mod cpuid;
+pub mod devices;
+pub mod exit;
+pub mod host;
+pub mod layout;
+pub mod memory;
+pub mod metrics;
+pub mod timeline;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::{SerialOutput, VmConfig, VsockConfig};
+pub use exit::ExitReason;
+pub use vm::{Payload, Vm, VmError, VmOutcome};

@@ -1,0 +1,214 @@
+//! `kiln-vmm`: boots one micro-VM and exits with the guest's fate.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use kiln_vmm::config::{default_kernel_path, VmConfig, VsockConfig, DEFAULT_GUEST_CID};
+use kiln_vmm::{capabilities, Payload, SerialOutput, Vm};
+
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0    the guest powered off or reset the VM (reboot)
+  1    the VMM failed (bad configuration, KVM error, ...)
+  2    triple fault in the guest
+  3    KVM could not emulate a guest instruction (RIP and bytes are printed)
+  4    watchdog: no guest activity for --watchdog-secs
+  5    the guest kernel reported a panic
+  128+N  stopped by signal N (SIGTERM, SIGINT, or the parent's death)";
+
+#[derive(Parser, Debug)]
+#[command(name = "kiln-vmm", version, about = "Boot one KVM micro-VM", after_help = EXIT_STATUS_HELP)]
+struct Args {
+    /// Kernel: uncompressed vmlinux (PVH) or bzImage [default: $KILN_HOME/kernel/vmlinux]
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs (newc cpio, optionally compressed)
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Base kernel command line (devices and host workarounds are appended)
+    #[arg(long)]
+    cmdline: Option<String>,
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Guest memory in MiB
+    #[arg(long)]
+    mem_mib: Option<u64>,
+    /// Back guest memory with 2 MiB huge pages
+    #[arg(long)]
+    hugepages: bool,
+    /// Host Unix socket for the guest's vsock device
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    /// Guest CID of the vsock device
+    #[arg(long, default_value_t = DEFAULT_GUEST_CID)]
+    guest_cid: u64,
+    /// Append the guest console to this file
+    #[arg(long, conflicts_with = "serial_stdio")]
+    serial_log: Option<PathBuf>,
+    /// Guest console on standard output, standard input to the guest
+    #[arg(long)]
+    serial_stdio: bool,
+    /// Leave out the virtio-rng device
+    #[arg(long)]
+    no_rng: bool,
+    /// Console text that marks the guest ready (for metrics)
+    #[arg(long)]
+    ready_marker: Option<String>,
+    /// Stop the VM after this many seconds without guest activity (0: never)
+    #[arg(long)]
+    watchdog_secs: Option<u64>,
+    /// Require an Intel TDX guest
+    #[arg(long)]
+    tdx: bool,
+    /// VM configuration as JSON; flags override its fields
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Write boot and resource metrics as JSON here when the VM ends
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// Stop the VM (SIGTERM) when the process that started kiln-vmm dies
+    #[arg(long)]
+    die_with_parent: bool,
+    /// Print what this host offers micro-VMs and exit
+    #[arg(long)]
+    capabilities: bool,
+    /// With --capabilities: print JSON
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    kiln_vmm::vm::block_stop_signals();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    let args = Args::parse();
+    match run(args, started) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("kiln-vmm: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args, started: Instant) -> anyhow::Result<i32> {
+    if args.capabilities {
+        let caps = capabilities::probe();
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&caps)?);
+        } else {
+            println!("kvm:             {}", if caps.kvm { "yes" } else { "no" });
+            if let Some(e) = &caps.kvm_error {
+                println!("kvm error:       {e}");
+            }
+            println!("virtualization:  {:?}", caps.virtualization);
+            println!("max vcpus:       {}", caps.max_vcpus);
+            println!("tdx:             {}", if caps.tdx { "yes" } else { "no" });
+            println!(
+                "hugepages (2M):  {} free of {}",
+                caps.hugepages_2m_free, caps.hugepages_2m_total
+            );
+        }
+        return Ok(0);
+    }
+    if args.die_with_parent {
+        die_with_parent()?;
+    }
+    let config = merge_config(&args)?;
+    let vm = Vm::build(config, Payload::Kernel, started)?;
+    let outcome = vm.run();
+    if let Some(path) = &args.metrics {
+        outcome
+            .metrics
+            .write_to(path)
+            .with_context(|| format!("cannot write metrics to {}", path.display()))?;
+    }
+    let code = outcome.reason.exit_code();
+    if code == 0 {
+        tracing::info!("{}", outcome.reason);
+    } else {
+        eprintln!("kiln-vmm: {}", outcome.reason);
+    }
+    Ok(code)
+}
+
+fn merge_config(args: &Args) -> anyhow::Result<VmConfig> {
+    let mut c = match &args.config {
+        Some(path) => VmConfig::from_file(path)?,
+        None => {
+            let kernel = args.kernel.clone().unwrap_or_else(default_kernel_path);
+            VmConfig::new(kernel)
+        }
+    };
+    if let Some(k) = &args.kernel {
+        c.kernel = k.clone();
+    }
+    if args.kernel.is_none() && args.config.is_none() && !c.kernel.exists() {
+        return Err(kiln_vmm::config::ConfigError::NoDefaultKernel(c.kernel).into());
+    }
+    if let Some(i) = &args.initrd {
+        c.initrd = Some(i.clone());
+    }
+    if c.initrd.is_none() {
+        anyhow::bail!("no initramfs: pass --initrd PATH");
+    }
+    if let Some(s) = &args.cmdline {
+        c.cmdline = s.clone();
+    }
+    if let Some(v) = args.vcpus {
+        c.vcpus = v;
+    }
+    if let Some(m) = args.mem_mib {
+        c.mem_mib = m;
+    }
+    c.hugepages |= args.hugepages;
+    if let Some(p) = &args.vsock_uds {
+        c.vsock = Some(VsockConfig {
+            guest_cid: args.guest_cid,
+            uds_path: p.clone(),
+        });
+    }
+    if let Some(p) = &args.serial_log {
+        c.serial = SerialOutput::File(p.clone());
+    }
+    if args.serial_stdio {
+        c.serial = SerialOutput::Stdio;
+    }
+    if args.no_rng {
+        c.rng = false;
+    }
+    if let Some(m) = &args.ready_marker {
+        c.ready_marker = m.clone();
+    }
+    if let Some(w) = args.watchdog_secs {
+        c.watchdog_secs = w;
+    }
+    c.tdx |= args.tdx;
+    Ok(c)
+}
+
+/// Asks the kernel to send SIGTERM when the parent dies, and checks that
+/// the parent did not die before that was in place.
+fn die_with_parent() -> anyhow::Result<()> {
+    // SAFETY: getppid and prctl(PR_SET_PDEATHSIG) have no memory effects.
+    let parent = unsafe { libc::getppid() };
+    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot watch the parent process");
+    }
+    // SAFETY: as above.
+    if unsafe { libc::getppid() } != parent {
+        anyhow::bail!("parent process exited before the VM started");
+    }
+    Ok(())
+}
