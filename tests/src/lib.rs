@@ -111,6 +111,72 @@ pub fn initramfs_with_init(dir: &Path, init: &Path) -> PathBuf {
     path
 }
 
+/// A minimal guest root filesystem: static busybox with its applets, an
+/// /etc/passwd with root and `app` (1000:1000), and `init` as /init.
+pub struct GuestRoot {
+    writer: Writer<Vec<u8>>,
+}
+
+/// busybox applets linked into /bin.
+const APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "id", "pwd", "ls", "sleep", "uname", "true", "false", "env", "printf",
+    "head", "wc", "sync", "kill", "ps", "mount", "dd", "yes",
+];
+
+impl GuestRoot {
+    pub fn new(init: &Path) -> Self {
+        let mut w = Writer::new(Vec::new());
+        for d in [
+            "bin", "dev", "etc", "home", "home/app", "kiln", "proc", "run", "sys", "tmp",
+        ] {
+            w.dir(d, Meta::root(0o755)).expect("cpio dir");
+        }
+        w.char_device("dev/console", Meta::root(0o600), 5, 1)
+            .expect("cpio console");
+        let busybox = std::fs::read("/bin/busybox")
+            .expect("/bin/busybox (busybox-static): run scripts/setup.sh");
+        w.file("bin/busybox", Meta::root(0o755), &busybox)
+            .expect("cpio busybox");
+        for a in APPLETS {
+            w.symlink(&format!("bin/{a}"), "busybox", Meta::root(0o777))
+                .expect("cpio applet");
+        }
+        w.file(
+            "etc/passwd",
+            Meta::root(0o644),
+            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+        )
+        .expect("cpio passwd");
+        w.file("etc/group", Meta::root(0o644), b"root:x:0:\napp:x:1000:\n")
+            .expect("cpio group");
+        let init = std::fs::read(init).expect("read init binary");
+        w.file("init", Meta::root(0o755), &init).expect("cpio init");
+        GuestRoot { writer: w }
+    }
+
+    /// Adds a file (e.g. `kiln/config.json`).
+    pub fn file(mut self, path: &str, data: &[u8]) -> Self {
+        self.writer
+            .file(path, Meta::root(0o644), data)
+            .expect("cpio file");
+        self
+    }
+
+    pub fn write(self, dir: &Path) -> PathBuf {
+        let bytes = self.writer.finish().expect("cpio finish");
+        let path = dir.join("rootfs.cpio");
+        std::fs::write(&path, bytes).expect("write initramfs");
+        path
+    }
+}
+
+/// The static agent binary, built once per test run.
+pub fn agent() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| static_guest_binary("kiln-agent", "kiln-agent"))
+        .clone()
+}
+
 /// A running `kiln-vmm`, killed on drop if still running.
 pub struct VmmProcess {
     child: Child,

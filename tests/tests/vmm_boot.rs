@@ -113,3 +113,26 @@ fn kernel_boots_with_serial_vsock_rng_smp_and_reboots_cleanly() {
     assert!(!uds.exists());
     assert!(dir.path().join("vm.sock_1234").exists());
 }
+
+#[test]
+fn bzimage_boots_through_the_64_bit_linux_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = initramfs_with_init(dir.path(), &guest_init());
+    let serial = dir.path().join("serial.log");
+    let bzimage = kernel().with_file_name("bzImage");
+    let vmm = VmmProcess::spawn(&[
+        "--kernel",
+        bzimage.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 reboot=k panic=-1 quiet -- bench",
+        "--serial-log",
+        serial.to_str().unwrap(),
+    ]);
+    let (status, stderr) = vmm.wait(BOOT_TIMEOUT);
+    let text = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}\nserial:\n{text}");
+    assert!(text.contains("KILN_READY"), "{text}");
+    assert!(stderr.contains("Linux64 entry"), "{stderr}");
+}

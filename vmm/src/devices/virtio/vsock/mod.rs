@@ -224,3 +224,201 @@ impl MutEventSubscriber for Vsock {
         self.process_rx(ops);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::packet::*;
+    use super::*;
+    use event_manager::{EventManager, SubscriberOps};
+    use std::os::unix::net::UnixListener;
+    use std::sync::Mutex;
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const RX_BUF: u64 = 0x10_0000;
+    const TX_BUF: u64 = 0x20_0000;
+
+    fn hdr(op: u16, len: u32) -> Header {
+        Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 5555,
+            dst_port: 1234,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc: 65536,
+            fwd_cnt: 0,
+        }
+    }
+
+    /// Guest-initiated connect, host data back, guest data forth: the
+    /// queue logic and the event loop, without KVM.
+    #[test]
+    fn guest_connects_to_a_host_socket_and_data_flows_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let listener = UnixListener::bind(format!("{}_1234", uds.display())).unwrap();
+        let mem = Memory::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let rx = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let tx = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+        let ev = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let rx_descs: Vec<RawDescriptor> = (0..4)
+            .map(|i| {
+                RawDescriptor::from(SplitDescriptor::new(
+                    RX_BUF + i * 4096,
+                    4096,
+                    VRING_DESC_F_WRITE as u16,
+                    0,
+                ))
+            })
+            .collect();
+        rx.add_desc_chains(&rx_descs, 0).unwrap();
+        mem.write_slice(&hdr(OP_REQUEST, 0).encode(), GuestAddress(TX_BUF))
+            .unwrap();
+        let mut request = hdr(OP_RW, 4);
+        request.fwd_cnt = 0;
+        let mut rw = request.encode().to_vec();
+        rw.extend_from_slice(b"ping");
+        mem.write_slice(&rw, GuestAddress(TX_BUF + 4096)).unwrap();
+        tx.add_desc_chains(
+            &[RawDescriptor::from(SplitDescriptor::new(
+                TX_BUF,
+                HDR_LEN as u32,
+                0,
+                0,
+            ))],
+            0,
+        )
+        .unwrap();
+
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(irqfd.try_clone().unwrap()));
+        let mut dev = Vsock::new(3, &uds).unwrap();
+        let queues = vec![
+            rx.create_queue().unwrap(),
+            tx.create_queue().unwrap(),
+            ev.create_queue().unwrap(),
+        ];
+        dev.activate(mem.clone(), queues, interrupt.clone())
+            .unwrap();
+        let tx_evt = dev.queue_events()[TX].try_clone().unwrap();
+        let dev = Arc::new(Mutex::new(dev));
+        let mut em: EventManager<Arc<Mutex<Vsock>>> = EventManager::new().unwrap();
+        em.add_subscriber(dev.clone());
+
+        // REQUEST -> the muxer connects to <uds>_1234 and answers RESPONSE.
+        tx_evt.write(1).unwrap();
+        em.run_with_timeout(100).unwrap();
+        let (mut host, _) = listener.accept().unwrap();
+        assert_eq!(rx.used().idx().load(), 1);
+        let mut raw = [0u8; HDR_LEN];
+        mem.read_slice(&mut raw, GuestAddress(RX_BUF)).unwrap();
+        let resp = Header::decode(&raw);
+        assert_eq!(
+            (resp.op, resp.src_port, resp.dst_port, resp.dst_cid),
+            (OP_RESPONSE, 1234, 5555, 3)
+        );
+        assert_eq!(interrupt.status() & 1, 1);
+        assert!(irqfd.read().unwrap() >= 1);
+
+        // Host bytes become an RW packet in the next rx buffer.
+        use std::io::{Read, Write};
+        host.write_all(b"hello").unwrap();
+        em.run_with_timeout(100).unwrap();
+        assert_eq!(rx.used().idx().load(), 2);
+        let mut pkt = [0u8; HDR_LEN + 5];
+        mem.read_slice(&mut pkt, GuestAddress(RX_BUF + 4096))
+            .unwrap();
+        let rw_hdr = Header::decode(pkt[..HDR_LEN].try_into().unwrap());
+        assert_eq!((rw_hdr.op, rw_hdr.len), (OP_RW, 5));
+        assert_eq!(&pkt[HDR_LEN..], b"hello");
+
+        // Guest RW -> bytes on the host stream.
+        tx.add_desc_chains(
+            &[RawDescriptor::from(SplitDescriptor::new(
+                TX_BUF + 4096,
+                rw.len() as u32,
+                0,
+                0,
+            ))],
+            1,
+        )
+        .unwrap();
+        tx_evt.write(1).unwrap();
+        em.run_with_timeout(100).unwrap();
+        let mut got = [0u8; 4];
+        host.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+        assert_eq!(dev.lock().unwrap().muxer().connection_count(), 1);
+
+        // The host closing its end turns into a SHUTDOWN for the guest.
+        drop(host);
+        em.run_with_timeout(100).unwrap();
+        assert_eq!(rx.used().idx().load(), 3);
+        mem.read_slice(&mut raw, GuestAddress(RX_BUF + 2 * 4096))
+            .unwrap();
+        let shut = Header::decode(&raw);
+        assert_eq!(
+            (shut.op, shut.flags),
+            (OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)
+        );
+    }
+
+    #[test]
+    fn request_to_a_port_nobody_listens_on_is_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let mem = Memory::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let rx = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let tx = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+        let ev = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        rx.add_desc_chains(
+            &[RawDescriptor::from(SplitDescriptor::new(
+                RX_BUF,
+                4096,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            ))],
+            0,
+        )
+        .unwrap();
+        mem.write_slice(&hdr(OP_REQUEST, 0).encode(), GuestAddress(TX_BUF))
+            .unwrap();
+        tx.add_desc_chains(
+            &[RawDescriptor::from(SplitDescriptor::new(
+                TX_BUF,
+                HDR_LEN as u32,
+                0,
+                0,
+            ))],
+            0,
+        )
+        .unwrap();
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let mut dev = Vsock::new(3, &uds).unwrap();
+        dev.activate(
+            mem.clone(),
+            vec![
+                rx.create_queue().unwrap(),
+                tx.create_queue().unwrap(),
+                ev.create_queue().unwrap(),
+            ],
+            interrupt,
+        )
+        .unwrap();
+        let tx_evt = dev.queue_events()[TX].try_clone().unwrap();
+        let mut em: EventManager<Arc<Mutex<Vsock>>> = EventManager::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(dev)));
+        tx_evt.write(1).unwrap();
+        em.run_with_timeout(100).unwrap();
+        let mut raw = [0u8; HDR_LEN];
+        mem.read_slice(&mut raw, GuestAddress(RX_BUF)).unwrap();
+        assert_eq!(Header::decode(&raw).op, OP_RST);
+        drop(em);
+        assert!(!uds.exists(), "socket removed with the device");
+    }
+}

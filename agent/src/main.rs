@@ -1,0 +1,297 @@
+//! `kiln-agent`, PID 1 of every kiln micro-VM.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_agent::image_config::{self, ImageConfig};
+use kiln_agent::system::{self, console};
+use kiln_agent::{usage, user, vsock, workload};
+use kiln_protocol::{read_frame, ExitStatus, Frame, Message, Workload, CONTROL_PORT};
+
+/// Console line that marks the agent ready (boot-time measurements look for it).
+const READY_MARKER: &str = "KILN_READY";
+/// How long to keep trying the host's control socket at boot.
+const CONNECT_ATTEMPTS: u32 = 20;
+/// Exit code for a command that could not be started, as in a shell.
+const NOT_RUNNABLE: i32 = 127;
+
+type Conn = Arc<Mutex<Option<File>>>;
+
+fn send(conn: &Conn, frame: &Frame) {
+    let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(f) = guard.as_mut() {
+        if f.write_all(&frame.encode()).is_err() {
+            // The host went away: keep running, fall back to the console.
+            *guard = None;
+        }
+    }
+}
+
+fn main() {
+    let is_init = std::process::id() == 1;
+    std::panic::set_hook(Box::new(move |info| {
+        console(&format!("KILN_AGENT_FATAL {info}"));
+        if is_init {
+            system::power_off();
+        }
+    }));
+    let boot = Instant::now();
+    if is_init {
+        system::mount_pseudo_filesystems();
+        system::set_hostname("kiln");
+        system::loopback_up();
+        if !system::seed_entropy() {
+            console("no /dev/hwrng: entropy not seeded");
+        }
+    }
+
+    let conn: Conn = Arc::new(Mutex::new(connect_host()));
+    let uptime_ms = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(boot.elapsed().as_millis() as u64, |s| (s * 1000.0) as u64);
+    send(
+        &conn,
+        &Frame::Control(Message::Ready {
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_ms,
+        }),
+    );
+    console(READY_MARKER);
+
+    let start = wait_for_start(&conn);
+    let status = run_workload(&conn, start);
+    console(&format!("workload ended: {status:?}"));
+    if is_init {
+        system::power_off();
+    }
+    std::process::exit(status.shell_code());
+}
+
+fn connect_host() -> Option<File> {
+    for attempt in 0..CONNECT_ATTEMPTS {
+        match vsock::connect(vsock::HOST_CID, CONTROL_PORT) {
+            Ok(f) => return Some(f),
+            Err(e) if attempt + 1 == CONNECT_ATTEMPTS => {
+                console(&format!(
+                    "no host control channel ({e}); output goes to the console"
+                ));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    None
+}
+
+struct StartRequest {
+    workload: Workload,
+    usage_interval: Duration,
+}
+
+/// Reads frames until the host says what to run (or runs the image's
+/// default when there is no host).
+fn wait_for_start(conn: &Conn) -> StartRequest {
+    let default = StartRequest {
+        workload: Workload::default(),
+        usage_interval: Duration::from_secs(1),
+    };
+    let reader = conn
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|f| f.try_clone().ok());
+    let Some(mut reader) = reader else {
+        return default;
+    };
+    loop {
+        match read_frame(&mut reader) {
+            Ok(Some(Ok(Frame::Control(Message::Start {
+                workload,
+                usage_interval_ms,
+                ..
+            })))) => {
+                return StartRequest {
+                    workload,
+                    usage_interval: Duration::from_millis(usage_interval_ms.max(100)),
+                }
+            }
+            Ok(Some(Ok(_))) => send(conn, &error("expected a start message")),
+            Ok(Some(Err(e))) => send(conn, &error(&e.to_string())),
+            Ok(None) | Err(_) => return default,
+        }
+    }
+}
+
+fn error(message: &str) -> Frame {
+    Frame::Control(Message::Error {
+        message: message.to_string(),
+    })
+}
+
+fn run_workload(conn: &Conn, start: StartRequest) -> ExitStatus {
+    let image = match ImageConfig::load(Path::new(image_config::CONFIG_PATH)) {
+        Ok(c) => c,
+        Err(e) => return not_runnable(conn, &e.to_string()),
+    };
+    let resolved = match image_config::resolve(&image, &start.workload) {
+        Ok(r) => r,
+        Err(e) => return not_runnable(conn, &e.to_string()),
+    };
+    let identity = match user::resolve(resolved.user.as_deref(), Path::new("/")) {
+        Ok(id) => id,
+        Err(e) => return not_runnable(conn, &e.to_string()),
+    };
+    let started = match workload::spawn(&resolved, &identity, start.workload.interactive) {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("cannot run {}: {e}", resolved.argv[0]);
+            return not_runnable(conn, &msg);
+        }
+    };
+    let pid = started.pid;
+    send(conn, &Frame::Control(Message::Started { pid: pid as u32 }));
+
+    let pumps = [
+        pump(started.stdout, conn.clone(), Frame::Stdout),
+        pump(started.stderr, conn.clone(), Frame::Stderr),
+    ];
+    listen_to_host(conn, pid, started.stdin);
+    let done = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(Mutex::new(0u64));
+    report_usage(
+        conn.clone(),
+        done.clone(),
+        peak.clone(),
+        start.usage_interval,
+    );
+
+    let status = loop {
+        if let Some(s) = workload::reap(pid) {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    done.store(true, Ordering::Release);
+    // Output written just before exit must arrive before the exit status;
+    // a daemonised grandchild holding the pipes must not block us forever.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for p in pumps {
+        while !p.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let final_usage = {
+        let mut peak = peak.lock().unwrap_or_else(|p| p.into_inner());
+        usage::sample(&mut peak, "exited")
+    };
+    send(conn, &Frame::Control(Message::Usage(final_usage.clone())));
+    send(
+        conn,
+        &Frame::Control(Message::Exited {
+            status,
+            usage: final_usage,
+        }),
+    );
+    status
+}
+
+/// Reports a workload that could not start the way a shell would.
+fn not_runnable(conn: &Conn, message: &str) -> ExitStatus {
+    console(message);
+    send(
+        conn,
+        &Frame::Stderr(format!("kiln-agent: {message}\n").into_bytes()),
+    );
+    let mut peak = 0;
+    let status = ExitStatus::Code(NOT_RUNNABLE);
+    send(
+        conn,
+        &Frame::Control(Message::Exited {
+            status,
+            usage: usage::sample(&mut peak, "exited"),
+        }),
+    );
+    status
+}
+
+/// Copies a pipe into frames (or to the console without a host).
+fn pump(
+    mut from: impl std::io::Read + Send + 'static,
+    conn: Conn,
+    wrap: fn(Vec<u8>) -> Frame,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let has_host = conn.lock().map(|g| g.is_some()).unwrap_or(false);
+                    if has_host {
+                        send(&conn, &wrap(buf[..n].to_vec()));
+                    } else {
+                        let _ = std::io::stderr().write_all(&buf[..n]);
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Applies the host's stdin, signal and shutdown requests.
+fn listen_to_host(conn: &Conn, pid: i32, mut stdin: Option<std::process::ChildStdin>) {
+    let reader = conn
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|f| f.try_clone().ok());
+    let Some(mut reader) = reader else {
+        return;
+    };
+    let conn = conn.clone();
+    std::thread::spawn(move || loop {
+        match read_frame(&mut reader) {
+            Ok(Some(Ok(frame))) => match frame {
+                Frame::Stdin(data) => {
+                    if let Some(s) = stdin.as_mut() {
+                        if s.write_all(&data).is_err() {
+                            stdin = None;
+                        }
+                    }
+                }
+                Frame::StdinEof => stdin = None,
+                Frame::Control(Message::Signal { signal }) => workload::signal_group(pid, signal),
+                Frame::Control(Message::Shutdown { grace_ms }) => {
+                    workload::signal_group(pid, libc::SIGTERM);
+                    std::thread::spawn(move || {
+                        std::thread::sleep(Duration::from_millis(grace_ms));
+                        workload::signal_group(pid, libc::SIGKILL);
+                    });
+                }
+                _ => send(&conn, &error("unexpected message while the workload runs")),
+            },
+            Ok(Some(Err(e))) => send(&conn, &error(&e.to_string())),
+            Ok(None) | Err(_) => return,
+        }
+    });
+}
+
+fn report_usage(conn: Conn, done: Arc<AtomicBool>, peak: Arc<Mutex<u64>>, every: Duration) {
+    std::thread::spawn(move || {
+        while !done.load(Ordering::Acquire) {
+            let sample = {
+                let mut peak = peak.lock().unwrap_or_else(|p| p.into_inner());
+                usage::sample(&mut peak, "running")
+            };
+            if done.load(Ordering::Acquire) {
+                return;
+            }
+            send(&conn, &Frame::Control(Message::Usage(sample)));
+            std::thread::sleep(every);
+        }
+    });
+}

@@ -1,0 +1,109 @@
+//! The agent as PID 1 in a real micro-VM: readiness, a workload run with
+//! the requested env, cwd and user, output and exit code over vsock, usage
+//! reports, and power-off when the workload ends. One VM for all of it.
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixListener;
+use std::time::Duration;
+
+use kiln_protocol::{read_frame, ExitStatus, Frame, Message, Workload, CONTROL_PORT};
+use kiln_tests::{agent, kernel, wait_for, GuestRoot, VmmProcess};
+
+#[test]
+fn agent_runs_the_workload_and_reports_over_vsock() {
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = GuestRoot::new(&agent())
+        .file(
+            "kiln/config.json",
+            br#"{"Cmd":["/bin/sh","-c","echo default"],"Env":["FROM_IMAGE=1","FOO=image"],"WorkingDir":"/"}"#,
+        )
+        .write(dir.path());
+    let uds = dir.path().join("vm.sock");
+    let serial = dir.path().join("serial.log");
+    let control = UnixListener::bind(format!("{}_{CONTROL_PORT}", uds.display())).unwrap();
+
+    let vmm = VmmProcess::spawn(&[
+        "--kernel",
+        kernel().to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--vcpus",
+        "2",
+        "--vsock-uds",
+        uds.to_str().unwrap(),
+        "--serial-log",
+        serial.to_str().unwrap(),
+    ]);
+    let serial_text = || std::fs::read_to_string(&serial).unwrap_or_default();
+
+    control.set_nonblocking(true).unwrap();
+    let (mut conn, _) = wait_for(Duration::from_secs(300), || control.accept().ok())
+        .unwrap_or_else(|| panic!("agent never connected; serial:\n{}", serial_text()));
+    conn.set_nonblocking(false).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let mut next = || match read_frame(&mut conn) {
+        Ok(Some(Ok(f))) => f,
+        other => panic!("bad frame {other:?}; serial:\n{}", serial_text()),
+    };
+    match next() {
+        Frame::Control(Message::Ready {
+            agent_version,
+            uptime_ms,
+        }) => {
+            assert_eq!(agent_version, env!("CARGO_PKG_VERSION"));
+            assert!(uptime_ms > 0);
+        }
+        other => panic!("expected ready, got {other:?}"),
+    }
+
+    let script = "echo out:$FOO:$FROM_IMAGE; echo err >&2; id -u; id -g; pwd; echo $HOME; \
+                  i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; echo last; exit 3";
+    let start = Frame::Control(Message::Start {
+        workload: Workload {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            env: vec!["FOO=bar".into()],
+            working_dir: Some("/tmp".into()),
+            user: Some("app".into()),
+            interactive: false,
+        },
+        authorized_keys: vec![],
+        usage_interval_ms: 200,
+        one_shot: true,
+    });
+    use std::io::Write;
+    writer.write_all(&start.encode()).unwrap();
+
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    let (status, usage) = loop {
+        match next() {
+            Frame::Stdout(d) => stdout.extend(d),
+            Frame::Stderr(d) => stderr.extend(d),
+            Frame::Control(Message::Started { pid }) => {
+                assert!(pid > 1);
+                *counts.entry("started").or_default() += 1;
+            }
+            Frame::Control(Message::Usage(u)) => {
+                assert!(u.uptime_ms > 0 && u.processes > 0 && u.mem_used_kib > 0);
+                *counts.entry("usage").or_default() += 1;
+            }
+            Frame::Control(Message::Exited { status, usage }) => break (status, usage),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    let stdout = String::from_utf8(stdout).unwrap();
+    assert_eq!(stdout, "out:bar:1\n1000\n1000\n/tmp\n/home/app\nlast\n");
+    assert_eq!(String::from_utf8(stderr).unwrap(), "err\n");
+    assert_eq!(status, ExitStatus::Code(3));
+    assert_eq!(counts.get("started"), Some(&1));
+    assert!(counts.get("usage").copied().unwrap_or(0) >= 1);
+    assert!(usage.cpu_user_ms + usage.cpu_system_ms > 0, "{usage:?}");
+    assert_eq!(usage.workload, "exited");
+
+    // One-shot: the agent powers the VM off and the VMM exits cleanly.
+    let (code, err) = vmm.wait(Duration::from_secs(120));
+    let text = serial_text();
+    assert_eq!(code.code(), Some(0), "{err}\n{text}");
+    assert!(text.contains("KILN_READY"), "{text}");
+}
