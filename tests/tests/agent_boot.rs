@@ -42,6 +42,7 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
     conn.set_nonblocking(false).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
+    let mut writer = conn.try_clone().unwrap();
     let mut next = || match read_frame(&mut conn) {
         Ok(Some(Ok(f))) => f,
         other => panic!("bad frame {other:?}; serial:\n{}", serial_text()),
