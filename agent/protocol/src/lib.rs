@@ -394,11 +394,7 @@ mod tests {
             }
             for chunk in input.chunks(1 + (xorshift(&mut seed) % 64) as usize) {
                 d.push(chunk);
-                loop {
-                    match d.next_frame() {
-                        Ok(Some(_)) | Err(_) => {}
-                        Ok(None) => break,
-                    }
+                while !matches!(d.next_frame(), Ok(None)) {
                     assert!(d.buffered() <= 4 + MAX_FRAME);
                 }
             }
