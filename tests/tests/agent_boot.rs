@@ -37,7 +37,7 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
     let serial_text = || std::fs::read_to_string(&serial).unwrap_or_default();
 
     control.set_nonblocking(true).unwrap();
-    let (mut conn, _) = wait_for(Duration::from_secs(300), || control.accept().ok())
+    let (mut conn, _) = wait_for(Duration::from_secs(600), || control.accept().ok())
         .unwrap_or_else(|| panic!("agent never connected; serial:\n{}", serial_text()));
     conn.set_nonblocking(false).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(120)))

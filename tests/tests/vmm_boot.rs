@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use kiln_tests::{guest_init, initramfs_with_init, kernel, wait_for, VmmProcess};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+// Generous: boots are slow on emulating hosts, slower still on a busy machine.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn read_line(s: &mut impl Read) -> String {
     let mut line = Vec::new();
