@@ -17,14 +17,16 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// The profile directory of the running test (target/debug), from the
-/// test executable's own path (target/debug/deps/NAME).
+/// The profile directory (target/debug or target/release) of the running
+/// executable: tests live in PROFILE/deps, binaries in PROFILE.
 fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .expect("test executable lives in target/PROFILE/deps")
+    let exe = std::env::current_exe().expect("own executable path");
+    let dir = exe.parent().expect("executable has a directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().unwrap_or(dir).to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// A workspace binary built for the host (cargo builds them before tests).

@@ -173,17 +173,25 @@ fn reboot() -> ! {
     }
 }
 
+/// The first init argument (after `--` on the kernel command line), read
+/// from /proc/cmdline so it does not depend on how argv reached us.
+fn mode() -> String {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let mut words = cmdline.split_whitespace().skip_while(|w| *w != "--");
+    words.nth(1).unwrap_or_default().to_string()
+}
+
 fn main() {
-    // `-- bench` on the kernel command line: the boot benchmark only wants
-    // the marker, then the VM gone.
-    if std::env::args().nth(1).as_deref() == Some("bench") {
+    mount("proc", "/proc", "proc");
+    let mode = mode();
+    // `-- bench`: the boot benchmark only wants the marker, then the VM gone.
+    if mode == "bench" {
         say("KILN_READY");
         reboot();
     }
     mount("devtmpfs", "/dev", "devtmpfs");
-    mount("proc", "/proc", "proc");
     say("KILN_READY");
-    if std::env::args().nth(1).as_deref() == Some("demo") {
+    if mode == "demo" {
         demo();
         reboot();
     }
