@@ -7,9 +7,15 @@
 //! root, and must treat every image as hostile input.
 
 pub mod assemble;
+pub mod build;
+pub mod cache;
 pub mod compress;
 pub mod cpio;
 pub mod digest;
 pub mod image;
 pub mod initramfs;
 pub mod layers;
+pub mod lock;
+pub mod reference;
+pub mod registry;
+pub mod source;

@@ -2,6 +2,8 @@
 //! possible), an in-memory layer set, and a readable view of the output.
 #![allow(dead_code)]
 
+pub mod tools;
+
 use kiln_image::assemble::{assemble, AssembleError, Assembled, Recipe};
 use kiln_image::compress::Compression;
 use kiln_image::cpio;

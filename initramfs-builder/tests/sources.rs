@@ -1,0 +1,319 @@
+//! The three sources against real tools: an umoci-made OCI layout, the
+//! same image as a skopeo docker-archive, and pushed with skopeo to a real
+//! docker-registry on 127.0.0.1. All must give the same rootfs.
+
+mod common;
+
+use common::tools::{sh, umoci_image, Registry};
+use common::*;
+use kiln_image::build::{build, BuildError, Built, Input, Options};
+use kiln_image::cache::Cache;
+use kiln_image::compress::Compression;
+use kiln_image::cpio;
+use kiln_image::image::AgentConfig;
+use kiln_image::source::SourceError;
+use std::path::Path;
+
+fn options(input: Input, agent: &Path) -> Options {
+    Options {
+        input,
+        agent: agent.to_path_buf(),
+        compression: Compression::None,
+        max_expanded: 1 << 30,
+        insecure: Vec::new(),
+        docker_config: Some("/nonexistent/config.json".into()),
+        refresh: false,
+        output: None,
+    }
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    agent: std::path::PathBuf,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = dir.path().join("agent");
+        std::fs::write(&agent, AGENT).unwrap();
+        Env { dir, agent }
+    }
+    fn cache(&self, name: &str) -> Cache {
+        Cache::open(&self.dir.path().join(name)).unwrap()
+    }
+    fn build(&self, cache: &Cache, input: Input) -> Result<Built, BuildError> {
+        build(cache, &options(input, &self.agent), &mut |_| {})
+    }
+}
+
+fn entries(b: &Built) -> Vec<cpio::Entry> {
+    cpio::parse(&std::fs::read(&b.path).unwrap()).unwrap()
+}
+
+/// Every file in the cache, for before/after comparisons.
+fn cache_files(root: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    for sub in ["blobs", "builds", "refs"] {
+        let mut stack = vec![root.join(sub)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    v.push(e.path().strip_prefix(root).unwrap().display().to_string());
+                }
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+fn check_rootfs(e: &[cpio::Entry]) {
+    let out = by_path(e);
+    assert_eq!(out["init"].data, AGENT);
+    assert_eq!(out["bin/sh"].data, b"busybox");
+    assert_eq!(out["bin/sh"].mode, 0o120777);
+    assert_eq!(out["etc/hostname"].ino, out["etc/hostname.hard"].ino);
+    assert_eq!(out["etc/hostname"].nlink, 2);
+    let f = &out["home/user/file"];
+    assert_eq!((f.mode, f.uid, f.gid), (0o100640, 1000, 1000));
+    assert_eq!(f.data, b"secret\n");
+    assert!(out.contains_key("etc/keep") && out.contains_key("etc/new"));
+    for gone in ["gone", "gone/sub/x", "etc/drop"] {
+        assert!(!out.contains_key(gone), "whiteout of {gone} not applied");
+    }
+    let cfg: AgentConfig = serde_json::from_slice(&out["kiln/config.json"].data).unwrap();
+    assert_eq!(cfg.cmd, ["sh", "-c", "ls /"]);
+    assert!(cfg.env.contains(&"A=b".to_string()));
+    assert_eq!(
+        (cfg.working_dir.as_str(), cfg.user.as_str()),
+        ("/srv", "1000:1000")
+    );
+}
+
+#[test]
+fn layout_archive_and_registry_give_the_same_rootfs() {
+    let env = Env::new();
+    let layout = umoci_image(env.dir.path());
+    let archive = env.dir.path().join("docker.tar");
+    let oci_archive = env.dir.path().join("oci.tar");
+    sh(&format!(
+        "skopeo copy -q oci:{l}:t docker-archive:{a}:test/img:t && skopeo copy -q oci:{l}:t oci-archive:{o}:t",
+        l = layout.display(),
+        a = archive.display(),
+        o = oci_archive.display()
+    ));
+    let registry = Registry::start();
+    // zstd layers in the registry, gzip in the layout, plain in the archive.
+    registry.push(&layout, "t", "test/img", "--dest-compress-format zstd");
+
+    let from_layout = env
+        .build(
+            &env.cache("a"),
+            Input::OciLayout(format!("{}:t", layout.display())),
+        )
+        .unwrap();
+    let from_oci_archive = env
+        .build(
+            &env.cache("b"),
+            Input::OciLayout(oci_archive.display().to_string()),
+        )
+        .unwrap();
+    let from_archive = env
+        .build(&env.cache("c"), Input::DockerArchive(archive))
+        .unwrap();
+    let reference = format!("{}/test/img:t", registry.addr);
+    let from_registry = env
+        .build(&env.cache("d"), Input::Registry(reference))
+        .unwrap();
+
+    let l = entries(&from_layout);
+    check_rootfs(&l);
+    for other in [&from_oci_archive, &from_archive, &from_registry] {
+        assert_eq!(listing(&l), listing(&entries(other)));
+        assert_eq!(other.digest, from_layout.digest, "same image identity");
+        assert!(!other.cached);
+    }
+    // Same image, agent and options: the same bytes whatever the source.
+    assert_eq!(from_registry.measurement, from_layout.measurement);
+    assert_eq!(from_archive.measurement, from_layout.measurement);
+}
+
+#[test]
+fn registry_index_picks_amd64_and_warm_rebuild_needs_no_network() {
+    let env = Env::new();
+    let layout = umoci_image(env.dir.path());
+    add_arm64_sibling(&layout);
+    let mut registry = Registry::start();
+    registry.push(&layout, "multi", "test/multi", "--all");
+    let cache = env.cache("home");
+    let reference = format!("{}/test/multi:multi", registry.addr);
+    let cold = env
+        .build(&cache, Input::Registry(reference.clone()))
+        .unwrap();
+    assert!(!cold.cached);
+    check_rootfs(&entries(&cold));
+    let before = cache_files(cache.root());
+
+    // No registry any more: the warm build must not need it.
+    registry.stop();
+    let warm = env
+        .build(&cache, Input::Registry(reference.clone()))
+        .unwrap();
+    assert!(warm.cached);
+    assert_eq!(
+        (warm.measurement, warm.path),
+        (cold.measurement.clone(), cold.path)
+    );
+    assert_eq!(cache_files(cache.root()), before);
+    // Other options rebuild from stored blobs, still offline.
+    let mut opts = options(Input::Registry(reference), &env.agent);
+    opts.compression = Compression::Zstd;
+    let zstd = build(&cache, &opts, &mut |_| {}).unwrap();
+    assert!(!zstd.cached);
+    assert_ne!(zstd.measurement, cold.measurement);
+}
+
+/// Turns tag `t` into an index tagged `multi` holding the amd64 image and
+/// an arm64 one listed first (same layers, its own config).
+fn add_arm64_sibling(layout: &Path) {
+    use kiln_image::digest::Digest;
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let amd = index["manifests"][0].clone();
+    let blob = |d: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let put = |bytes: &[u8]| {
+        let d = Digest::of(bytes);
+        std::fs::write(layout.join("blobs/sha256").join(d.hex()), bytes).unwrap();
+        d
+    };
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(amd["digest"].as_str().unwrap())).unwrap())
+            .unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(blob(manifest["config"]["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    config["architecture"] = "arm64".into();
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    let config_digest = put(&config_bytes);
+    let mut arm = manifest.clone();
+    arm["config"]["digest"] = config_digest.to_string().into();
+    arm["config"]["size"] = config_bytes.len().into();
+    let arm_bytes = serde_json::to_vec(&arm).unwrap();
+    let arm_digest = put(&arm_bytes);
+    let entry = |d: &Digest, size: usize, arch: &str| {
+        serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": d.to_string(), "size": size,
+            "platform": {"os": "linux", "architecture": arch}})
+    };
+    let amd_digest = Digest::parse(amd["digest"].as_str().unwrap()).unwrap();
+    let idx = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [entry(&arm_digest, arm_bytes.len(), "arm64"),
+                      entry(&amd_digest, amd["size"].as_u64().unwrap() as usize, "amd64")]});
+    let idx_bytes = serde_json::to_vec(&idx).unwrap();
+    let idx_digest = put(&idx_bytes);
+    let top = serde_json::json!({"schemaVersion": 2, "manifests": [amd,
+        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": idx_digest.to_string(),
+         "size": idx_bytes.len(), "annotations": {"org.opencontainers.image.ref.name": "multi"}}]});
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+}
+
+#[test]
+fn layout_index_with_several_platforms_resolves_to_amd64() {
+    let env = Env::new();
+    let layout = umoci_image(env.dir.path());
+    add_arm64_sibling(&layout);
+    let b = env
+        .build(
+            &env.cache("c"),
+            Input::OciLayout(format!("{}:multi", layout.display())),
+        )
+        .unwrap();
+    check_rootfs(&entries(&b));
+    // Two images in the layout: a tag is required.
+    let err = env
+        .build(
+            &env.cache("c"),
+            Input::OciLayout(layout.display().to_string()),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BuildError::Source(SourceError::Ambiguous { count: 2, .. })
+        ),
+        "{err:?}"
+    );
+    let err = env
+        .build(
+            &env.cache("c"),
+            Input::OciLayout(format!("{}:nope", layout.display())),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, BuildError::Source(SourceError::NoTag { .. })),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn registry_digest_mismatch_is_refused_and_the_cache_is_untouched() {
+    let env = Env::new();
+    let layout = umoci_image(env.dir.path());
+    let registry = Registry::start();
+    registry.push(&layout, "t", "test/bad", "");
+    // Corrupt the biggest blob (the busybox layer) in the registry's storage.
+    sh(&format!(
+        "f=$(find {} -path '*/blobs/sha256/*/data' -printf '%s %p\\n' | sort -n | tail -1 | cut -d' ' -f2); \
+         printf 'XXXX' | dd of=$f bs=1 seek=100 conv=notrunc status=none",
+        registry.storage.display()
+    ));
+    let cache = env.cache("home");
+    let before = cache_files(cache.root());
+    let err = env
+        .build(
+            &cache,
+            Input::Registry(format!("{}/test/bad:t", registry.addr)),
+        )
+        .unwrap_err();
+    let text = format!("{:?}", err);
+    assert!(
+        matches!(
+            err,
+            BuildError::Source(SourceError::Registry(
+                kiln_image::registry::client::RegistryError::DigestMismatch { what: "blob", .. }
+            ))
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        cache_files(cache.root()),
+        before,
+        "a failed build changed the cache"
+    );
+    assert!(std::fs::read_dir(cache.root().join("tmp"))
+        .unwrap()
+        .next()
+        .is_none());
+}
+
+#[test]
+fn missing_agent_is_a_clear_error() {
+    let env = Env::new();
+    let layout = umoci_image(env.dir.path());
+    let mut opts = options(
+        Input::OciLayout(format!("{}:t", layout.display())),
+        &env.agent,
+    );
+    opts.agent = env.dir.path().join("no-agent");
+    let err = build(&env.cache("x"), &opts, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, BuildError::AgentMissing(_)), "{err:?}");
+}
