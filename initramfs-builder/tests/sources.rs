@@ -317,3 +317,125 @@ fn missing_agent_is_a_clear_error() {
     let err = build(&env.cache("x"), &opts, &mut |_| {}).unwrap_err();
     assert!(matches!(err, BuildError::AgentMissing(_)), "{err:?}");
 }
+
+#[test]
+fn builds_in_different_dirs_at_different_times_are_byte_identical() {
+    let env = Env::new();
+    let layout = umoci_image(env.dir.path());
+    let copy = env.dir.path().join("copy");
+    sh(&format!("cp -r {} {}", layout.display(), copy.display()));
+    for c in [
+        Compression::None,
+        Compression::Gzip,
+        Compression::Zstd,
+        Compression::Lz4,
+    ] {
+        let mut a = options(
+            Input::OciLayout(format!("{}:t", layout.display())),
+            &env.agent,
+        );
+        a.compression = c;
+        let first = build(&env.cache(&format!("one-{c}")), &a, &mut |_| {}).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let mut b = options(
+            Input::OciLayout(format!("{}:t", copy.display())),
+            &env.agent,
+        );
+        b.compression = c;
+        let second = build(&env.cache(&format!("two-{c}")), &b, &mut |_| {}).unwrap();
+        assert_ne!(first.path, second.path);
+        assert_eq!(
+            std::fs::read(&first.path).unwrap(),
+            std::fs::read(&second.path).unwrap(),
+            "{c} output differs"
+        );
+        assert_eq!(first.measurement, second.measurement);
+    }
+}
+
+/// Writes an OCI layout holding one image made of `layers` (blobs as
+/// given, diff_ids from `tars`).
+fn hand_made_layout(dir: &Path, blobs: &[Vec<u8>], tars: &[Vec<u8>]) {
+    use kiln_image::digest::Digest;
+    let b = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&b).unwrap();
+    let put = |bytes: &[u8]| {
+        let d = Digest::of(bytes);
+        std::fs::write(b.join(d.hex()), bytes).unwrap();
+        (d.to_string(), bytes.len())
+    };
+    let diff_ids: Vec<String> = tars.iter().map(|t| Digest::of(t).to_string()).collect();
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux",
+        "config": {"Cmd": ["/bin/sh"]}, "rootfs": {"type": "layers", "diff_ids": diff_ids}});
+    let (cd, cs) = put(&serde_json::to_vec(&config).unwrap());
+    let layers: Vec<_> = blobs
+        .iter()
+        .map(|l| {
+            let (d, s) = put(l);
+            serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": s})
+        })
+        .collect();
+    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+        "layers": layers});
+    let (md, ms) = put(&serde_json::to_vec(&manifest).unwrap());
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms}]});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
+#[test]
+fn a_hostile_layer_fails_the_build_and_leaves_the_cache_as_it_was() {
+    let env = Env::new();
+    let cache = env.cache("home");
+    // A good build first, so the cache is not empty.
+    let good = Layer::default().dir("etc").file("etc/ok", b"ok");
+    let good_dir = env.dir.path().join("good");
+    hand_made_layout(&good_dir, &[good.gzip()], &[good.tar()]);
+    env.build(&cache, Input::OciLayout(good_dir.display().to_string()))
+        .unwrap();
+    let before = cache_files(cache.root());
+
+    let evil = Layer::default()
+        .dir("etc")
+        .symlink("etc/x", "../../..")
+        .file("etc/x/root/.ssh/authorized_keys", b"k");
+    let evil_dir = env.dir.path().join("evil");
+    hand_made_layout(
+        &evil_dir,
+        &[good.gzip(), evil.zstd()],
+        &[good.tar(), evil.tar()],
+    );
+    let err = env
+        .build(&cache, Input::OciLayout(evil_dir.display().to_string()))
+        .unwrap_err();
+    match err {
+        BuildError::Assemble(a) => match a.layer_error() {
+            Some(kiln_image::layers::LayerError::Entry {
+                layer,
+                entry,
+                source,
+            }) => {
+                assert_eq!(
+                    *layer,
+                    kiln_image::digest::Digest::of(&evil.zstd()).to_string()
+                );
+                assert_eq!(entry, "etc/x/root/.ssh/authorized_keys");
+                assert!(matches!(
+                    source,
+                    kiln_image::layers::EntryError::Tree(
+                        kiln_image::layers::tree::TreeError::SymlinkEscape(_)
+                    )
+                ));
+            }
+            other => panic!("unexpected {other:?}"),
+        },
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(cache_files(cache.root()), before);
+    assert!(std::fs::read_dir(cache.root().join("tmp"))
+        .unwrap()
+        .next()
+        .is_none());
+}
