@@ -99,3 +99,51 @@ fn build_ls_rm_prune() {
     assert!(!fail.status.success());
     assert!(String::from_utf8_lossy(&fail.stderr).contains("agent binary"));
 }
+
+#[test]
+fn two_concurrent_builds_of_one_image_are_safe() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let layout = image(dir.path());
+    // A bigger agent makes the build window wide enough to overlap.
+    let agent = dir.path().join("agent");
+    std::fs::copy("/bin/busybox", &agent).unwrap();
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([
+                "image",
+                "build",
+                "--json",
+                "--compression",
+                "gzip",
+                "--oci-layout",
+                &layout,
+            ])
+            .arg("--agent")
+            .arg(&agent)
+            .env("KILN_HOME", &home)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let results: Vec<serde_json::Value> = [a, b]
+        .into_iter()
+        .map(|c| serde_json::from_str(&ok(c.wait_with_output().unwrap())).unwrap())
+        .collect();
+    assert_eq!(results[0]["measurement"], results[1]["measurement"]);
+    assert_eq!(results[0]["path"], results[1]["path"]);
+    let fresh = results.iter().filter(|r| r["cached"] == false).count();
+    assert_eq!(fresh, 1, "exactly one process builds: {results:?}");
+    let bytes = std::fs::read(results[0]["path"].as_str().unwrap()).unwrap();
+    assert_eq!(bytes.len() as u64, results[0]["size"]);
+    let builds = std::fs::read_dir(home.join("images/builds"))
+        .unwrap()
+        .count();
+    assert_eq!(builds, 2, "one initramfs and its record");
+    assert_eq!(
+        std::fs::read_dir(home.join("images/tmp")).unwrap().count(),
+        0
+    );
+}
