@@ -24,7 +24,7 @@ pub enum InitramfsError {
 }
 
 /// kiln's own entries: moves the image's `/init` aside (it must not be
-/// overwritten silently) and makes room for `/kiln`. Returns where the
+/// overwritten silently), makes room for `/kiln` and adds `/dev/console`. Returns where the
 /// image's init went, for the agent config.
 pub fn make_room(tree: &mut Tree) -> Option<String> {
     let init = tree.take("init");
@@ -41,6 +41,27 @@ pub fn make_room(tree: &mut Tree) -> Option<String> {
             },
         );
     }
+    // The kernel opens /dev/console for PID 1 before anything is mounted;
+    // images ship an empty /dev.
+    if !matches!(tree.get("dev"), Some(n) if n.kind == Kind::Dir) {
+        tree.take("dev");
+        tree.put(
+            "dev",
+            Node {
+                kind: Kind::Dir,
+                meta: Meta::root(0o755),
+                layer: 0,
+            },
+        );
+    }
+    tree.put(
+        "dev/console",
+        Node {
+            kind: Kind::CharDev(5, 1),
+            meta: Meta::root(0o600),
+            layer: 0,
+        },
+    );
     for reserved in [CONFIG_PATH, IMAGE_INIT_PATH] {
         if tree.take(reserved).is_some() {
             tracing::warn!(path = reserved, "image path is reserved by kiln; dropped");

@@ -124,6 +124,10 @@ fn agent_is_init_and_the_images_init_and_config_are_kept() {
     assert_eq!(out["init"].data, AGENT);
     assert_eq!(out["init"].mode, 0o100755);
     assert_eq!(out["kiln/image-init"].data, b"../bin/busybox");
+    assert_eq!(
+        (out["dev/console"].mode, out["dev/console"].rdev),
+        (0o20600, (5, 1))
+    );
     let cfg: AgentConfig = serde_json::from_slice(&out["kiln/config.json"].data).unwrap();
     assert_eq!(cfg.entrypoint, ["/bin/sh"]);
     assert_eq!(cfg.cmd, ["-c", "echo hi"]);
