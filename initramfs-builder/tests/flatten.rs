@@ -71,7 +71,8 @@ fn hardlinks_symlinks_modes_and_owners_are_preserved() {
             b"",
         )
         .owned("home/u/f", 0o640, 1000, 100, b"secret")
-        .raw(tar::EntryType::Char, b"null", b"", 0o666, (0, 0), b"");
+        .raw(tar::EntryType::Char, b"null", b"", 0o666, (0, 0), b"")
+        .hardlink("bin/sh2", "bin/sh");
     // A hardlink in a later layer to a file from a lower one.
     let l2 = Layer::default().hardlink("bin/cat", "bin/busybox");
     let entries = build(vec![l1.tar(), l2.tar()]).unwrap();
@@ -96,6 +97,11 @@ fn hardlinks_symlinks_modes_and_owners_are_preserved() {
         (0o100640, 1000, 100, &b"secret"[..])
     );
     assert_eq!(out["null"].mode, 0o20666);
+    // A hardlink to a symlink is a second symlink.
+    assert_eq!(
+        (out["bin/sh2"].mode, &out["bin/sh2"].data[..]),
+        (0o120777, &b"busybox"[..])
+    );
 }
 
 #[test]

@@ -96,7 +96,7 @@ fn escaping_whiteouts_are_refused() {
 }
 
 #[test]
-fn hardlinks_to_missing_or_non_files_are_refused() {
+fn hardlinks_to_missing_paths_or_directories_are_refused() {
     let l = Layer::default().dir("d").hardlink("x", "d");
     let e = entry_err(vec![l.tar()], "x");
     assert!(matches!(e, EntryError::Tree(TreeError::HardlinkTarget(_))));

@@ -40,7 +40,7 @@ pub enum TreeError {
     SymlinkLoop(String),
     #[error("{0:?} is not a directory")]
     NotADirectory(String),
-    #[error("hardlink target {0:?} is not a regular file in the image")]
+    #[error("hardlink target {0:?} is missing or a directory")]
     HardlinkTarget(String),
 }
 
@@ -168,7 +168,9 @@ impl Tree {
     }
 
     /// Looks up a hardlink target (a root-relative path, resolved through
-    /// directory symlinks but not a final one) and returns its file kind.
+    /// directory symlinks but not a final one). Regular files share their
+    /// content (a link group); links to symlinks or devices, which Linux
+    /// allows, become copies.
     pub fn hardlink_source(&mut self, comps: &[&str]) -> Result<(Kind, Meta), TreeError> {
         let target = comps.join("/");
         let Some((name, dir)) = comps.split_last() else {
@@ -178,12 +180,7 @@ impl Tree {
             return Err(TreeError::HardlinkTarget(target));
         };
         match self.nodes.get(&join(&dir, name)) {
-            Some(
-                n @ Node {
-                    kind: Kind::File { .. },
-                    ..
-                },
-            ) => Ok((n.kind.clone(), n.meta)),
+            Some(n) if n.kind != Kind::Dir => Ok((n.kind.clone(), n.meta)),
             _ => Err(TreeError::HardlinkTarget(target)),
         }
     }
