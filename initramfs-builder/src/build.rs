@@ -7,7 +7,7 @@ use crate::cache::{build_key, BuildRecord, Cache, CacheError, RefRecord};
 use crate::compress::Compression;
 use crate::digest::{self, Digest};
 use crate::image::AgentConfig;
-use crate::layers::LayerSet;
+use crate::layers::{Expected, LayerSet};
 use crate::lock::Mode;
 use crate::reference::{Reference, ReferenceError};
 use crate::registry::RegistrySource;
@@ -305,7 +305,16 @@ impl Source {
                         .iter()
                         .filter_map(|l| l.blob.as_ref().map(|d| d.hex().to_string()))
                         .collect(),
-                    expect: r.layers.clone(),
+                    // Downloads are checked as they arrive and the store
+                    // only holds checked blobs.
+                    expect: r
+                        .layers
+                        .iter()
+                        .map(|l| Expected {
+                            blob_verified: true,
+                            ..l.clone()
+                        })
+                        .collect(),
                 })
             }
             Source::Archive(a) => Box::new(a.layers(r)),

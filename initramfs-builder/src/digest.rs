@@ -88,6 +88,7 @@ pub struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
     count: u64,
+    enabled: bool,
 }
 
 impl<R: Read> HashingReader<R> {
@@ -96,7 +97,14 @@ impl<R: Read> HashingReader<R> {
             inner,
             hasher: Sha256::new(),
             count: 0,
+            enabled: true,
         }
+    }
+
+    /// Turns hashing off (counting and draining stay): for bytes already
+    /// verified. The digest returned by `finish` is then meaningless.
+    pub fn set_enabled(&mut self, on: bool) {
+        self.enabled = on;
     }
 
     /// Reads whatever is left (so the digest covers the whole stream) and
@@ -114,7 +122,9 @@ impl<R: Read> HashingReader<R> {
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        if self.enabled {
+            self.hasher.update(&buf[..n]);
+        }
         self.count += n as u64;
         Ok(n)
     }

@@ -6,7 +6,7 @@ use crate::cpio::{self, Meta, Writer};
 use crate::image::AgentConfig;
 use crate::layers::cap::Capped;
 use crate::layers::tree::{Content, Kind, Node, Tree};
-use crate::layers::{decompress, EntryError, LayerError, LayerSet};
+use crate::layers::{decompress, readahead, EntryError, LayerError, LayerSet};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
@@ -164,7 +164,24 @@ fn copy_layer_files<W: Write>(
         source,
     })?;
     let (_, decoder) = decompress::open(blob).map_err(|e| corrupt("", e))?;
-    let mut archive = tar::Archive::new(Capped::new(decoder, limit));
+    let (copied, _) = readahead::run(decoder, |input| {
+        copy_entries(w, Capped::new(input, limit), &name, wanted)
+    });
+    copied
+}
+
+fn copy_entries<W: Write>(
+    w: &mut Writer<W>,
+    input: impl Read,
+    name: &str,
+    wanted: &[(u64, &FileOut<'_>)],
+) -> Result<(), InitramfsError> {
+    let corrupt = |after: &str, source: io::Error| LayerError::Corrupt {
+        layer: name.to_string(),
+        after: after.to_string(),
+        source,
+    };
+    let mut archive = tar::Archive::new(input);
     let entries = archive.entries().map_err(|e| corrupt("", e))?;
     let mut next = wanted.iter().peekable();
     for (index, entry) in entries.enumerate() {
@@ -178,7 +195,7 @@ fn copy_layer_files<W: Write>(
         }
         if entry.size() != f.size {
             return Err(LayerError::Entry {
-                layer: name,
+                layer: name.to_string(),
                 entry: String::from_utf8_lossy(&entry.path_bytes()).into_owned(),
                 source: EntryError::Changed,
             }
@@ -189,7 +206,7 @@ fn copy_layer_files<W: Write>(
     }
     if let Some((_, f)) = next.peek() {
         return Err(LayerError::Entry {
-            layer: name,
+            layer: name.to_string(),
             entry: f.paths.first().map(|p| p.to_string()).unwrap_or_default(),
             source: EntryError::Changed,
         }

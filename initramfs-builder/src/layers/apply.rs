@@ -4,7 +4,7 @@
 use super::cap::{self, Capped};
 use super::tree::{Content, Kind, Node, Tree};
 use super::whiteout::{self, Whiteout};
-use super::{decompress, path, EntryError, Expected, LayerError};
+use super::{decompress, path, readahead, EntryError, Expected, LayerError};
 use crate::cpio::Meta;
 use crate::digest::HashingReader;
 use std::io::{self, Read};
@@ -16,7 +16,7 @@ pub fn apply(
     tree: &mut Tree,
     layer: usize,
     expect: &Expected,
-    blob: impl Read,
+    blob: impl Read + Send,
     remaining: u64,
     limit: u64,
 ) -> Result<u64, LayerError> {
@@ -36,32 +36,39 @@ pub fn apply(
             }
         }
     };
+    let check_blob = expect.blob.is_some() && !expect.blob_verified;
     let mut blob_hash = HashingReader::new(blob);
+    blob_hash.set_enabled(check_blob);
     let (_, decoder) = decompress::open(&mut blob_hash).map_err(|e| corrupt("", e))?;
-    let mut diff = HashingReader::new(Capped::new(decoder, remaining));
     let mut last = String::new();
-    {
-        let mut archive = tar::Archive::new(&mut diff);
-        let entries = archive.entries().map_err(|e| corrupt("", e))?;
-        for (index, entry) in entries.enumerate() {
-            let mut entry = entry.map_err(|e| corrupt(&last, e))?;
-            last = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-            let at = |source: EntryError| LayerError::Entry {
-                layer: name.clone(),
-                entry: last.clone(),
-                source,
-            };
-            // Name the entry that crosses the limit before its bytes are read.
-            let end = entry.raw_file_position().saturating_add(entry.size());
-            if end > remaining {
-                return Err(at(EntryError::TooLarge { limit }));
+    // Inflate on a helper thread while this one parses and hashes.
+    let (scanned, decoder) = readahead::run(decoder, |input| {
+        let mut diff = HashingReader::new(Capped::new(input, remaining));
+        {
+            let mut archive = tar::Archive::new(&mut diff);
+            let entries = archive.entries().map_err(|e| corrupt("", e))?;
+            for (index, entry) in entries.enumerate() {
+                let mut entry = entry.map_err(|e| corrupt(&last, e))?;
+                last = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+                let at = |source: EntryError| LayerError::Entry {
+                    layer: name.clone(),
+                    entry: last.clone(),
+                    source,
+                };
+                // Name the entry that crosses the limit before its bytes are read.
+                let end = entry.raw_file_position().saturating_add(entry.size());
+                if end > remaining {
+                    return Err(at(EntryError::TooLarge { limit }));
+                }
+                apply_entry(tree, layer, index as u64, &mut entry).map_err(at)?;
             }
-            apply_entry(tree, layer, index as u64, &mut entry).map_err(at)?;
         }
-    }
-    let (diff_id, size) = diff.finish().map_err(|e| corrupt(&last, e))?;
+        diff.finish().map_err(|e| corrupt(&last, e))
+    });
+    drop(decoder);
+    let (diff_id, size) = scanned?;
     let (blob_digest, _) = blob_hash.finish().map_err(|e| corrupt(&last, e))?;
-    if let Some(expected) = &expect.blob {
+    if let (true, Some(expected)) = (check_blob, &expect.blob) {
         if *expected != blob_digest {
             return Err(LayerError::DigestMismatch {
                 layer: name,

@@ -14,7 +14,7 @@ const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
 const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
 
 /// Wraps `r` in the decoder its first bytes call for.
-pub fn open<'a, R: Read + 'a>(r: R) -> io::Result<(Codec, Box<dyn Read + 'a>)> {
+pub fn open<'a, R: Read + Send + 'a>(r: R) -> io::Result<(Codec, Box<dyn Read + Send + 'a>)> {
     let mut r = BufReader::with_capacity(64 * 1024, r);
     let head = r.fill_buf()?;
     if head.starts_with(GZIP_MAGIC) {

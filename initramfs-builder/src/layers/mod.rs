@@ -6,6 +6,7 @@ pub mod apply;
 pub mod cap;
 pub mod decompress;
 pub mod path;
+pub mod readahead;
 pub mod tree;
 pub mod whiteout;
 
@@ -23,7 +24,7 @@ pub trait LayerSet {
     /// What to check layer `i` against.
     fn expect(&self, i: usize) -> Expected;
     /// The layer blob exactly as stored (still compressed).
-    fn open(&mut self, i: usize) -> Result<Box<dyn Read + '_>, BoxError>;
+    fn open(&mut self, i: usize) -> Result<Box<dyn Read + Send + '_>, BoxError>;
 }
 
 /// Digests one layer must match; the first present one names it in errors.
@@ -33,6 +34,9 @@ pub struct Expected {
     pub blob: Option<Digest>,
     /// Digest of the uncompressed tar (the config's `diff_ids`).
     pub diff_id: Option<Digest>,
+    /// The stored blob was checked against `blob` when it was stored (the
+    /// cache's own blobs): hashing it again is wasted work.
+    pub blob_verified: bool,
 }
 
 impl Expected {

@@ -76,13 +76,16 @@ impl Client {
             || insecure
                 .iter()
                 .any(|h| h == host || h == &reference.registry);
-        let tls = native_tls::TlsConnector::new().map_err(RegistryError::Tls)?;
-        let agent = ureq::AgentBuilder::new()
-            .tls_connector(Arc::new(tls))
+        let mut builder = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(30))
             .timeout_read(Duration::from_secs(300))
-            .redirects(5)
-            .build();
+            .redirects(5);
+        // Loading the system's CA store is skipped when nothing needs it.
+        if !plain_http {
+            let tls = native_tls::TlsConnector::new().map_err(RegistryError::Tls)?;
+            builder = builder.tls_connector(Arc::new(tls));
+        }
+        let agent = builder.build();
         let scheme = if plain_http { "http" } else { "https" };
         Ok(Client {
             agent,

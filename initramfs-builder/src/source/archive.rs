@@ -75,6 +75,7 @@ impl DockerArchive {
             .map(|d| Expected {
                 blob: None,
                 diff_id: Some(d.clone()),
+                blob_verified: false,
             })
             .collect();
         Ok(Resolved {

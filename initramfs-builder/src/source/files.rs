@@ -9,7 +9,7 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 pub trait Files {
-    fn open(&self, name: &str) -> io::Result<Box<dyn Read + '_>>;
+    fn open(&self, name: &str) -> io::Result<Box<dyn Read + Send + '_>>;
 
     /// A small member (JSON), read whole.
     fn read_small(&self, name: &str, max: u64) -> Result<Vec<u8>, SourceError> {
@@ -35,7 +35,7 @@ pub trait Files {
 pub struct DirFiles(pub PathBuf);
 
 impl Files for DirFiles {
-    fn open(&self, name: &str) -> io::Result<Box<dyn Read + '_>> {
+    fn open(&self, name: &str) -> io::Result<Box<dyn Read + Send + '_>> {
         Ok(Box::new(File::open(self.0.join(name))?))
     }
 }
@@ -44,7 +44,7 @@ impl Files for DirFiles {
 pub struct FirstOf(pub Vec<PathBuf>);
 
 impl Files for FirstOf {
-    fn open(&self, name: &str) -> io::Result<Box<dyn Read + '_>> {
+    fn open(&self, name: &str) -> io::Result<Box<dyn Read + Send + '_>> {
         for d in &self.0 {
             match File::open(d.join(name)) {
                 Ok(f) => return Ok(Box::new(f)),
@@ -141,7 +141,7 @@ fn normalize(dir: &str, target: &str) -> String {
 }
 
 impl Files for TarFiles {
-    fn open(&self, name: &str) -> io::Result<Box<dyn Read + '_>> {
+    fn open(&self, name: &str) -> io::Result<Box<dyn Read + Send + '_>> {
         let mut name = clean(name);
         for _ in 0..8 {
             match self.members.get(&name) {
@@ -159,13 +159,13 @@ impl Files for TarFiles {
 }
 
 impl<T: Files + ?Sized> Files for Box<T> {
-    fn open(&self, name: &str) -> io::Result<Box<dyn Read + '_>> {
+    fn open(&self, name: &str) -> io::Result<Box<dyn Read + Send + '_>> {
         (**self).open(name)
     }
 }
 
 impl<T: Files + ?Sized> Files for &T {
-    fn open(&self, name: &str) -> io::Result<Box<dyn Read + '_>> {
+    fn open(&self, name: &str) -> io::Result<Box<dyn Read + Send + '_>> {
         (**self).open(name)
     }
 }

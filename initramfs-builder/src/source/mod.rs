@@ -73,7 +73,7 @@ impl<F: Files> LayerSet for FileLayers<F> {
     fn expect(&self, i: usize) -> Expected {
         self.expect[i].clone()
     }
-    fn open(&mut self, i: usize) -> Result<Box<dyn Read + '_>, BoxError> {
+    fn open(&mut self, i: usize) -> Result<Box<dyn Read + Send + '_>, BoxError> {
         Ok(self.files.open(&self.paths[i])?)
     }
 }

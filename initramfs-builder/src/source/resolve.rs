@@ -53,6 +53,7 @@ pub fn resolve(
                     .map(|(l, d)| Expected {
                         blob: Some(l.digest.clone()),
                         diff_id: Some(d.clone()),
+                        blob_verified: false,
                     })
                     .collect();
                 return Ok(Resolved {

@@ -140,6 +140,7 @@ impl MemLayers {
             .map(|b| Expected {
                 blob: Some(Digest::of(b)),
                 diff_id: None,
+                blob_verified: false,
             })
             .collect();
         MemLayers { blobs, expect }
@@ -153,7 +154,7 @@ impl LayerSet for MemLayers {
     fn expect(&self, i: usize) -> Expected {
         self.expect[i].clone()
     }
-    fn open(&mut self, i: usize) -> Result<Box<dyn Read + '_>, BoxError> {
+    fn open(&mut self, i: usize) -> Result<Box<dyn Read + Send + '_>, BoxError> {
         Ok(Box::new(&self.blobs[i][..]))
     }
 }
