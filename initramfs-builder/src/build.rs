@@ -146,6 +146,7 @@ pub fn build(
             &resolved,
             cache,
             &staged,
+            opts.max_expanded,
             &mut |layer, of, digest, bytes, _| {
                 progress(Event::Download {
                     layer,
@@ -293,11 +294,12 @@ impl Source {
         r: &Resolved,
         cache: &Cache,
         staged: &Path,
+        limit: u64,
         progress: &mut DownloadProgress<'_>,
     ) -> Result<Box<dyn LayerSet + 's>, SourceError> {
         Ok(match self {
             Source::Registry(reg) => {
-                reg.fetch_layers(r, &cache.blobs_dir(), staged, progress)?;
+                reg.fetch_layers(r, &cache.blobs_dir(), staged, limit, progress)?;
                 Box::new(FileLayers {
                     files: FirstOf(vec![staged.to_path_buf(), cache.blobs_dir()]),
                     paths: r

@@ -306,6 +306,71 @@ fn registry_digest_mismatch_is_refused_and_the_cache_is_untouched() {
 }
 
 #[test]
+fn registry_manifest_digest_mismatch_is_refused() {
+    let env = Env::new();
+    let layout = umoci_image(env.dir.path());
+    let registry = Registry::start();
+    registry.push(&layout, "t", "test/man", "");
+    let link = registry
+        .storage
+        .join("docker/registry/v2/repositories/test/man/_manifests/tags/t/current/link");
+    let digest = std::fs::read_to_string(link).unwrap();
+    let hex = digest.trim().trim_start_matches("sha256:");
+    let data = registry.storage.join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
+    // Same length, different bytes: the registry serves it unchanged.
+    let mut manifest = std::fs::read(&data).unwrap();
+    let pos = manifest.iter().position(|&b| b == b'{').unwrap();
+    manifest.insert(pos + 1, b' ');
+    manifest.pop();
+    std::fs::write(&data, manifest).unwrap();
+    let err = env
+        .build(
+            &env.cache("home"),
+            Input::Registry(format!("{}/test/man@{}", registry.addr, digest.trim())),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BuildError::Source(SourceError::Registry(
+                kiln_image::registry::client::RegistryError::DigestMismatch {
+                    what: "manifest",
+                    ..
+                }
+            ))
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn registry_layers_declared_over_the_limit_are_not_downloaded() {
+    let env = Env::new();
+    let layout = umoci_image(env.dir.path());
+    let registry = Registry::start();
+    registry.push(&layout, "t", "test/big", "");
+    let cache = env.cache("home");
+    let before = cache_files(cache.root());
+    let mut opts = options(
+        Input::Registry(format!("{}/test/big:t", registry.addr)),
+        &env.agent,
+    );
+    opts.max_expanded = 100_000;
+    let err = build(&cache, &opts, &mut |_| {}).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BuildError::Source(SourceError::TooLarge { max: 100_000, .. })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(cache_files(cache.root()), before);
+}
+
+#[test]
 fn missing_agent_is_a_clear_error() {
     let env = Env::new();
     let layout = umoci_image(env.dir.path());

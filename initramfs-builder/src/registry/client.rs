@@ -238,9 +238,12 @@ impl Client {
 
     /// Streams a blob into `out`, checking its digest on the way;
     /// `progress` gets the running byte count.
+    /// A hostile registry cannot stream more than `max` bytes (when the
+    /// manifest declared a size) before being cut off.
     pub fn blob(
         &mut self,
         digest: &Digest,
+        max: Option<u64>,
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64),
     ) -> Result<u64, RegistryError> {
@@ -258,6 +261,9 @@ impl Client {
                 break;
             }
             out.write_all(&buf[..n]).map_err(read)?;
+            if let Some(max) = max.filter(|m| r.count() > *m) {
+                return Err(RegistryError::TooLarge { url, max });
+            }
             progress(r.count());
         }
         let (actual, n) = r.finish().map_err(read)?;

@@ -106,7 +106,8 @@ impl RegistrySource {
                     inner: &mut buf,
                     left: MAX_JSON,
                 };
-                self.client()?.blob(d, &mut limited, &mut |_| {})?;
+                self.client()?
+                    .blob(d, Some(MAX_JSON), &mut limited, &mut |_| {})?;
                 buf
             }
         };
@@ -115,13 +116,23 @@ impl RegistrySource {
     }
 
     /// Downloads every layer not already in the store into `staged`.
+    /// Layers that claim more than `limit` bytes together are refused
+    /// before any download (compression never makes a tar larger).
     pub fn fetch_layers(
         &mut self,
         r: &Resolved,
         store: &Path,
         staged: &Path,
+        limit: u64,
         progress: &mut FetchProgress<'_>,
     ) -> Result<(), SourceError> {
+        let declared: u64 = r.layer_sizes.iter().fold(0, |a, b| a.saturating_add(*b));
+        if declared > limit {
+            return Err(SourceError::TooLarge {
+                what: "the image's layers".to_string(),
+                max: limit,
+            });
+        }
         let n = r.layers.len();
         for (i, layer) in r.layers.iter().enumerate() {
             let Some(d) = &layer.blob else { continue };
@@ -132,8 +143,9 @@ impl RegistrySource {
             let partial = staged.join(format!("{}.partial", d.hex()));
             let io = |e| SourceError::Io(partial.display().to_string(), e);
             let mut f = io::BufWriter::new(fs::File::create(&partial).map_err(io)?);
+            let max = r.layer_sizes.get(i).copied().filter(|s| *s > 0);
             self.client()?
-                .blob(d, &mut f, &mut |done| progress(i, n, d, done, 0))?;
+                .blob(d, max, &mut f, &mut |done| progress(i, n, d, done, 0))?;
             let f = f.into_inner().map_err(|e| io(e.into_error()))?;
             f.sync_all().map_err(io)?;
             fs::rename(&partial, &dest).map_err(io)?;

@@ -79,6 +79,7 @@ impl DockerArchive {
             })
             .collect();
         Ok(Resolved {
+            layer_sizes: vec![0; entry.layers.len()],
             manifest: None,
             config_digest: Digest::of(&config_bytes),
             config,

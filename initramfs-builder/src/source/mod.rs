@@ -57,6 +57,9 @@ pub struct Resolved {
     pub config_digest: Digest,
     pub config: ConfigFile,
     pub layers: Vec<Expected>,
+    /// Stored size of each layer blob as the manifest declares it (0 when
+    /// the source does not say): downloads may not exceed it.
+    pub layer_sizes: Vec<u64>,
 }
 
 /// Layers as named members of a `Files` store.

@@ -57,6 +57,7 @@ pub fn resolve(
                     })
                     .collect();
                 return Ok(Resolved {
+                    layer_sizes: m.layers.iter().map(|l| l.size).collect(),
                     manifest: Some(digest),
                     config_digest: m.config.digest,
                     config,
