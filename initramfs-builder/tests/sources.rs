@@ -371,6 +371,44 @@ fn registry_layers_declared_over_the_limit_are_not_downloaded() {
 }
 
 #[test]
+fn compressed_docker_archives_are_refused_and_extra_tags_are_fine() {
+    let env = Env::new();
+    umoci_image(env.dir.path());
+    let d = env.dir.path().display();
+    sh(&format!(
+        "cd {d}; skopeo copy -q oci:oci:t docker-archive:one.tar:a/b:t; gzip -k one.tar; \
+         skopeo copy -q --additional-tag a/c:u oci:oci:t docker-archive:multi.tar:a/b:t"
+    ));
+    let cache = env.cache("home");
+    let err = env
+        .build(
+            &cache,
+            Input::DockerArchive(env.dir.path().join("one.tar.gz")),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, BuildError::Source(SourceError::CompressedArchive)),
+        "{err:?}"
+    );
+    // One image under two tags is still one image.
+    env.build(
+        &cache,
+        Input::DockerArchive(env.dir.path().join("multi.tar")),
+    )
+    .unwrap();
+    let err = env
+        .build(
+            &cache,
+            Input::DockerArchive(env.dir.path().join("missing.tar")),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, BuildError::Source(SourceError::Io(..))),
+        "{err:?}"
+    );
+}
+
+#[test]
 fn missing_agent_is_a_clear_error() {
     let env = Env::new();
     let layout = umoci_image(env.dir.path());
