@@ -11,10 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Wall time and peak RSS (KiB) of one child process.
+/// Wall time, CPU time (user + system) and peak RSS (KiB) of one child
+/// process. CPU time is the steadier figure on a busy host.
 #[derive(Clone, Copy, Default)]
 struct Run {
     wall: Duration,
+    cpu: Duration,
     maxrss_kib: i64,
 }
 
@@ -22,6 +24,7 @@ impl Run {
     fn then(self, o: Run) -> Run {
         Run {
             wall: self.wall + o.wall,
+            cpu: self.cpu + o.cpu,
             maxrss_kib: self.maxrss_kib.max(o.maxrss_kib),
         }
     }
@@ -49,8 +52,10 @@ fn measure(cmd: &mut Command) -> Result<Run> {
         }
         bail!("{cmd:?} failed: {err}");
     }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     Ok(Run {
         wall,
+        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
         maxrss_kib: usage.ru_maxrss,
     })
 }
@@ -132,8 +137,8 @@ fn run(kiln: &Path, w: &Path, agent: &Path, addr: &str, big: &[PathBuf]) -> Resu
         std::thread::sleep(Duration::from_millis(50));
     }
     println!(
-        "{:<10} {:<22} {:>10} {:>12} {:>12}",
-        "image", "method", "wall ms", "peak RSS MiB", "output MiB"
+        "{:<8} {:<29} {:>9} {:>9} {:>13} {:>11}",
+        "image", "method", "wall ms", "CPU ms", "peak RSS MiB", "output MiB"
     );
     for (name, extra) in [("busybox", Vec::new()), ("big", big.to_vec())] {
         let layout = make_image(w, name, &extra)?;
@@ -181,15 +186,17 @@ fn run(kiln: &Path, w: &Path, agent: &Path, addr: &str, big: &[PathBuf]) -> Resu
             ("kiln warm", warm, out_size),
         ] {
             println!(
-                "{name:<10} {method:<22} {:>10.1} {:>12.1} {:>12.1}",
+                "{name:<8} {method:<29} {:>9.1} {:>9.1} {:>13.1} {:>11.1}",
                 r.wall.as_secs_f64() * 1000.0,
+                r.cpu.as_secs_f64() * 1000.0,
                 r.maxrss_kib as f64 / 1024.0,
                 mib(size)
             );
         }
         println!(
-            "{name:<10} cold/pipeline = {:.2}",
-            cold.wall.as_secs_f64() / pipeline.wall.as_secs_f64()
+            "{name:<8} cold/pipeline: wall {:.2}, CPU {:.2}",
+            cold.wall.as_secs_f64() / pipeline.wall.as_secs_f64(),
+            cold.cpu.as_secs_f64() / pipeline.cpu.as_secs_f64()
         );
         std::fs::remove_dir_all(&p)?;
     }
