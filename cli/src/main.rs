@@ -81,7 +81,15 @@ fn kiln_home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/lib/kiln"))
 }
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        // One line, the whole cause chain: `kiln: what failed: why: …`.
+        eprintln!("kiln: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")

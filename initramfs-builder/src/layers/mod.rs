@@ -50,11 +50,11 @@ impl Expected {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EntryError {
-    #[error("bad name")]
+    #[error("unsafe name")]
     Path(#[from] path::PathError),
-    #[error("bad whiteout")]
+    #[error("unsafe whiteout")]
     Whiteout(#[from] whiteout::EscapingWhiteout),
-    #[error("refused")]
+    #[error("unsafe entry")]
     Tree(#[from] tree::TreeError),
     #[error("expanded image content exceeds the limit of {limit} bytes")]
     TooLarge { limit: u64 },
