@@ -16,6 +16,8 @@ packages=(
   linux-source-6.12 flex bison libelf-dev bc build-essential xz-utils libssl-dev
   # initramfs tooling and guest userland for tests
   cpio zstd busybox-static
+  # image builder tests: a real registry, daemonless image tools, lz4 -d
+  docker-registry skopeo umoci lz4
   # the boot-time peer for benchmarks
   qemu-system-x86
   # tests: setpriv (util-linux), OpenSSH client

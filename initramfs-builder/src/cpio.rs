@@ -11,6 +11,8 @@ pub const S_IFDIR: u32 = 0o040000;
 pub const S_IFREG: u32 = 0o100000;
 pub const S_IFLNK: u32 = 0o120000;
 pub const S_IFCHR: u32 = 0o020000;
+pub const S_IFBLK: u32 = 0o060000;
+pub const S_IFIFO: u32 = 0o010000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CpioError {
@@ -18,6 +20,8 @@ pub enum CpioError {
     BadPath(String),
     #[error("cpio entry {0:?} is larger than 4 GiB")]
     TooLarge(String),
+    #[error("data for {0:?} ended early")]
+    ShortData(String),
     #[error("cannot write cpio archive")]
     Io(#[from] io::Error),
 }
@@ -83,6 +87,62 @@ impl<W: Write> Writer<W> {
             0,
             (major, minor),
         )
+        .map(|_| ())
+    }
+
+    pub fn block_device(
+        &mut self,
+        path: &str,
+        meta: Meta,
+        major: u32,
+        minor: u32,
+    ) -> Result<(), CpioError> {
+        self.header(
+            path,
+            S_IFBLK | (meta.mode & 0o7777),
+            meta,
+            1,
+            0,
+            (major, minor),
+        )
+        .map(|_| ())
+    }
+
+    pub fn fifo(&mut self, path: &str, meta: Meta) -> Result<(), CpioError> {
+        self.header(path, S_IFIFO | (meta.mode & 0o7777), meta, 1, 0, (0, 0))
+            .map(|_| ())
+    }
+
+    /// A regular file whose `size` bytes are streamed from `data`, under
+    /// one or more hardlinked `paths`. All names share one inode; the data
+    /// goes with the first, later names have size 0: the kernel's unpacker
+    /// (init/initramfs.c) creates the first and links the rest to it.
+    pub fn file_from(
+        &mut self,
+        paths: &[&str],
+        meta: Meta,
+        size: u64,
+        data: &mut dyn io::Read,
+    ) -> Result<(), CpioError> {
+        let Some((first, rest)) = paths.split_first() else {
+            return Ok(());
+        };
+        let size32 = u32::try_from(size).map_err(|_| CpioError::TooLarge(first.to_string()))?;
+        let nlink =
+            u32::try_from(paths.len()).map_err(|_| CpioError::TooLarge(first.to_string()))?;
+        let mode = S_IFREG | (meta.mode & 0o7777);
+        let ino = self.header(first, mode, meta, nlink, size32, (0, 0))?;
+        let copied = io::copy(&mut io::Read::take(data, size), &mut self.out)?;
+        self.written += copied;
+        if copied != size {
+            return Err(CpioError::ShortData(first.to_string()));
+        }
+        self.pad()?;
+        for p in rest {
+            let name = checked_name(p)?;
+            self.raw_header(name, ino, mode, meta, nlink, 0, (0, 0))?;
+        }
+        Ok(())
     }
 
     fn entry(
@@ -108,14 +168,17 @@ impl<W: Write> Writer<W> {
         nlink: u32,
         size: u32,
         rdev: (u32, u32),
-    ) -> Result<(), CpioError> {
-        let name = path.trim_start_matches("./");
-        if name.is_empty() || name.starts_with('/') || name.split('/').any(|c| c == "..") {
-            return Err(CpioError::BadPath(path.to_string()));
-        }
+    ) -> Result<u32, CpioError> {
+        let name = checked_name(path)?;
         let ino = self.next_ino;
         self.next_ino += 1;
-        self.raw_header(name, ino, mode, meta, nlink, size, rdev)
+        self.raw_header(name, ino, mode, meta, nlink, size, rdev)?;
+        Ok(ino)
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -164,6 +227,72 @@ impl<W: Write> Writer<W> {
     }
 }
 
+/// One entry read back from a newc archive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub path: String,
+    pub ino: u32,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub rdev: (u32, u32),
+    pub data: Vec<u8>,
+}
+
+/// Reads a whole newc archive back (tests and inspection; the kernel is
+/// the real reader). Stops at the trailer.
+pub fn parse(mut b: &[u8]) -> Result<Vec<Entry>, CpioError> {
+    let bad = || CpioError::Io(io::Error::new(io::ErrorKind::InvalidData, "malformed newc"));
+    let mut out = Vec::new();
+    let mut offset = 0usize;
+    loop {
+        if b.len() < 110 || &b[..6] != MAGIC.as_bytes() {
+            return Err(bad());
+        }
+        let field = |i: usize| {
+            std::str::from_utf8(&b[6 + 8 * i..14 + 8 * i])
+                .ok()
+                .and_then(|s| u32::from_str_radix(s, 16).ok())
+                .ok_or_else(bad)
+        };
+        let (ino, mode, uid, gid, nlink) = (field(0)?, field(1)?, field(2)?, field(3)?, field(4)?);
+        let size = field(6)? as usize;
+        let rdev = (field(9)?, field(10)?);
+        let namesize = field(11)? as usize;
+        let name_end = 110 + namesize;
+        let name = b.get(110..name_end - 1).ok_or_else(bad)?;
+        let name = String::from_utf8(name.to_vec()).map_err(|_| bad())?;
+        let data_start = (offset + name_end).next_multiple_of(4) - offset;
+        let data_end = data_start + size;
+        let data = b.get(data_start..data_end).ok_or_else(bad)?.to_vec();
+        let next = (offset + data_end).next_multiple_of(4) - offset;
+        if name == TRAILER {
+            return Ok(out);
+        }
+        out.push(Entry {
+            path: name,
+            ino,
+            mode,
+            uid,
+            gid,
+            nlink,
+            rdev,
+            data,
+        });
+        b = b.get(next..).ok_or_else(bad)?;
+        offset += next;
+    }
+}
+
+fn checked_name(path: &str) -> Result<&str, CpioError> {
+    let name = path.trim_start_matches("./");
+    if name.is_empty() || name.starts_with('/') || name.split('/').any(|c| c == "..") {
+        return Err(CpioError::BadPath(path.to_string()));
+    }
+    Ok(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +325,38 @@ mod tests {
         assert!(a.starts_with(b"070701"));
         let trailer = a.windows(10).position(|w| w == b"TRAILER!!!");
         assert!(trailer.is_some());
+    }
+
+    #[test]
+    fn hardlinks_share_an_inode_with_data_first() {
+        let mut w = Writer::new(Vec::new());
+        w.file_from(&["a", "b"], Meta::root(0o644), 3, &mut &b"xyz"[..])
+            .unwrap();
+        let out = w.finish().unwrap();
+        // Header fields: magic(6) ino(8) mode(8) uid gid nlink mtime filesize ...
+        let field = |off: usize, i: usize| {
+            let s = std::str::from_utf8(&out[off + 6 + 8 * i..off + 14 + 8 * i]).unwrap();
+            u32::from_str_radix(s, 16).unwrap()
+        };
+        let second = out.windows(6).skip(1).position(|w| w == b"070701").unwrap() + 1;
+        assert_eq!(field(0, 0), field(second, 0), "same inode");
+        assert_eq!((field(0, 4), field(second, 4)), (2, 2), "nlink");
+        assert_eq!((field(0, 6), field(second, 6)), (3, 0), "data on the first");
+        let mut short = Writer::new(Vec::new());
+        assert!(matches!(
+            short.file_from(&["a"], Meta::root(0o644), 5, &mut &b"xy"[..]),
+            Err(CpioError::ShortData(_))
+        ));
+    }
+
+    #[test]
+    fn parse_reads_back_what_was_written() {
+        let entries = parse(&sample()).unwrap();
+        let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["dev", "dev/console", "init", "bin", "home/u/f"]);
+        assert_eq!(entries[4].data, b"abc");
+        assert_eq!((entries[4].uid, entries[4].gid), (1000, 100));
+        assert_eq!(entries[1].rdev, (5, 1));
     }
 
     #[test]

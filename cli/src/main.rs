@@ -1,0 +1,242 @@
+//! kiln: the command line. For now `kiln image build|ls|rm|prune`; the
+//! logic lives in the libraries, this file only parses and prints.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use kiln_image::build::{self, Event, Input, Options};
+use kiln_image::cache::Cache;
+use kiln_image::compress::Compression;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "KVM micro-VMs from OCI images")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build and manage initramfs images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Turn an OCI/Docker image into a cached, deterministic initramfs.
+    Build(BuildArgs),
+    /// List built initramfs files.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove builds by reference, image digest or build key.
+    Rm {
+        #[arg(required = true)]
+        what: Vec<String>,
+    },
+    /// Delete blobs no build needs and leftover temporary files.
+    Prune,
+}
+
+#[derive(Args)]
+struct BuildArgs {
+    /// Registry reference (alpine:3.20, 127.0.0.1:5000/x:1, …@sha256:…).
+    #[arg(required_unless_present_any = ["docker_archive", "oci_layout"])]
+    reference: Option<String>,
+    /// Build from a `docker save` tarball instead.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["reference", "oci_layout"])]
+    docker_archive: Option<PathBuf>,
+    /// Build from an OCI layout directory or OCI archive (PATH[:TAG]).
+    #[arg(long, value_name = "PATH[:TAG]", conflicts_with = "reference")]
+    oci_layout: Option<String>,
+    /// The agent binary to install as /init [default: $KILN_HOME/bin/kiln-agent].
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
+    /// none | gzip | zstd | lz4 (none boots fastest on kiln hosts).
+    #[arg(long, default_value = "none")]
+    compression: Compression,
+    /// Also write the initramfs to FILE.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Refuse images whose layers expand to more than this many bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = kiln_image::assemble::DEFAULT_MAX_EXPANDED)]
+    max_size: u64,
+    /// A registry (host[:port]) to reach over plain HTTP (repeatable).
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    insecure: Vec<String>,
+    /// Look the tag up again even if the cache knows it.
+    #[arg(long)]
+    refresh: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn kiln_home() -> PathBuf {
+    std::env::var_os("KILN_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/kiln"))
+}
+
+fn main() {
+    if let Err(e) = run() {
+        // One line, the whole cause chain: `kiln: what failed: why: …`.
+        eprintln!("kiln: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let home = kiln_home();
+    let Command::Image(cmd) = cli.command;
+    let cache = Cache::open(&home.join("images"))
+        .with_context(|| format!("opening the image cache in {}", home.display()))?;
+    match cmd {
+        ImageCommand::Build(args) => image_build(&cache, &home, args),
+        ImageCommand::Ls { json } => image_ls(&cache, json),
+        ImageCommand::Rm { what } => {
+            for w in what {
+                let removed = cache.remove(&w)?;
+                if removed.is_empty() {
+                    bail!("no build matches {w:?}");
+                }
+                for r in removed {
+                    println!("removed {} ({})", r.key, r.source);
+                }
+            }
+            Ok(())
+        }
+        ImageCommand::Prune => {
+            let freed = cache.prune()?;
+            println!("freed {}", human(freed));
+            Ok(())
+        }
+    }
+}
+
+fn image_build(cache: &Cache, home: &std::path::Path, a: BuildArgs) -> Result<()> {
+    let input = match (a.reference, a.docker_archive, a.oci_layout) {
+        (_, Some(f), _) => Input::DockerArchive(f),
+        (_, _, Some(l)) => Input::OciLayout(l),
+        (Some(r), _, _) => Input::Registry(r),
+        (None, None, None) => bail!("give an image reference, --docker-archive or --oci-layout"),
+    };
+    let opts = Options {
+        input,
+        agent: a.agent.unwrap_or_else(|| home.join("bin/kiln-agent")),
+        compression: a.compression,
+        max_expanded: a.max_size,
+        insecure: a.insecure,
+        docker_config: None,
+        refresh: a.refresh,
+        output: a.output,
+    };
+    let tty = std::io::stderr().is_terminal();
+    let mut progress = |e: Event<'_>| {
+        if !tty {
+            return;
+        }
+        let mut err = std::io::stderr();
+        let _ = match e {
+            Event::Download {
+                layer,
+                of,
+                digest,
+                bytes,
+            } => write!(
+                err,
+                "\r\x1b[Kpull  layer {}/{of} {:.19} {}",
+                layer + 1,
+                digest.to_string(),
+                human(bytes)
+            ),
+            Event::Flatten { layer, of } => write!(err, "\r\x1b[Kflatten layer {}/{of}", layer + 1),
+            Event::Write => write!(err, "\r\x1b[K"),
+        };
+    };
+    let built = build::build(cache, &opts, &mut progress)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "digest": built.digest,
+                "size": built.size,
+                "measurement": built.measurement,
+                "path": built.path,
+                "cached": built.cached,
+                "compression": built.compression,
+            })
+        );
+    } else {
+        println!(
+            "{} {} ({}, image {}{})",
+            built.measurement,
+            built.path.display(),
+            human(built.size),
+            built.digest,
+            if built.cached { ", cached" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+fn image_ls(cache: &Cache, json: bool) -> Result<()> {
+    let builds = cache.list()?;
+    let refs = cache.refs()?;
+    if json {
+        let v: Vec<_> = builds
+            .iter()
+            .map(|b| {
+                let names: Vec<&str> = refs
+                    .iter()
+                    .filter(|r| r.image == b.image)
+                    .map(|r| r.reference.as_str())
+                    .collect();
+                serde_json::json!({
+                    "key": b.key, "digest": b.image, "source": b.source, "references": names,
+                    "compression": b.compression, "size": b.size,
+                    "measurement": b.measurement, "path": cache.build_path(b),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+        return Ok(());
+    }
+    for b in builds {
+        println!(
+            "{:.12}  {:<6} {:>10}  {:.19}  {}",
+            b.key,
+            b.compression.to_string(),
+            human(b.size),
+            b.image.to_string(),
+            b.source
+        );
+    }
+    Ok(())
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,320 @@
+//! The content-addressed image store under `$KILN_HOME/images`:
+//!
+//! - `blobs/sha256/<hex>`: manifests, configs and layers, by digest;
+//! - `builds/<key>.<ext>` and `builds/<key>.json`: built initramfs files
+//!   keyed by image + agent + options, and their records;
+//! - `refs/<hash>.json`: which image a registry reference resolved to, so
+//!   a warm rebuild needs no network;
+//! - `tmp/`: staging; nothing is visible in the store until renamed in.
+//!
+//! Builds hold `lock` shared and `locks/<key>` exclusive; `rm` and
+//! `prune` hold `lock` exclusive.
+
+use crate::compress::Compression;
+use crate::digest::Digest;
+use crate::lock::{Lock, Mode};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// Bumped when the initramfs layout changes, so old builds are not reused.
+const FORMAT: &str = "kiln-initramfs/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("image cache {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("corrupt cache record {0}")]
+    Record(String),
+}
+
+fn io_err(path: &Path) -> impl Fn(io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// What a built initramfs is and how it was made.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BuildRecord {
+    pub key: String,
+    /// Image identity: the config digest.
+    pub image: Digest,
+    pub manifest: Option<Digest>,
+    /// Where it was built from (first build).
+    pub source: String,
+    pub agent: Digest,
+    pub compression: Compression,
+    pub size: u64,
+    pub measurement: String,
+    pub file: String,
+    /// Blobs this build was made from (kept by `prune`).
+    pub blobs: Vec<Digest>,
+}
+
+/// A registry reference and what it resolved to.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefRecord {
+    pub reference: String,
+    pub manifest: Digest,
+    pub image: Digest,
+}
+
+pub struct Cache {
+    root: PathBuf,
+}
+
+/// A build's private scratch space; dropped (and deleted) unless committed.
+pub struct Staging {
+    dir: tempfile::TempDir,
+}
+
+impl Staging {
+    pub fn blobs(&self) -> PathBuf {
+        self.dir.path().join("blobs")
+    }
+    pub fn output(&self) -> PathBuf {
+        self.dir.path().join("initramfs")
+    }
+}
+
+/// The cache key of a build: everything that decides its bytes.
+pub fn build_key(image: &Digest, agent: &Digest, compression: Compression) -> String {
+    let text = format!("{FORMAT}\nimage {image}\nagent {agent}\ncompression {compression}\n");
+    Digest::of(text.as_bytes()).hex().to_string()
+}
+
+/// Writes `bytes` to `path` atomically (temp file in the same directory,
+/// fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+impl Cache {
+    pub fn open(root: &Path) -> Result<Cache, CacheError> {
+        for sub in ["blobs/sha256", "builds", "refs", "tmp", "locks"] {
+            let p = root.join(sub);
+            fs::create_dir_all(&p).map_err(io_err(&p))?;
+        }
+        Ok(Cache {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn lock(&self, mode: Mode) -> Result<Lock, CacheError> {
+        let p = self.root.join("lock");
+        Lock::acquire(&p, mode).map_err(io_err(&p))
+    }
+
+    pub fn key_lock(&self, key: &str) -> Result<Lock, CacheError> {
+        let p = self.root.join("locks").join(key);
+        Lock::acquire(&p, Mode::Exclusive).map_err(io_err(&p))
+    }
+
+    pub fn staging(&self) -> Result<Staging, CacheError> {
+        let tmp = self.root.join("tmp");
+        let dir = tempfile::Builder::new()
+            .prefix("build-")
+            .tempdir_in(&tmp)
+            .map_err(io_err(&tmp))?;
+        let blobs = dir.path().join("blobs");
+        fs::create_dir(&blobs).map_err(io_err(&blobs))?;
+        Ok(Staging { dir })
+    }
+
+    pub fn blobs_dir(&self) -> PathBuf {
+        self.root.join("blobs/sha256")
+    }
+
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.blobs_dir().join(d.hex())
+    }
+
+    fn ref_path(&self, reference: &str) -> PathBuf {
+        self.root
+            .join("refs")
+            .join(format!("{}.json", Digest::of(reference.as_bytes()).hex()))
+    }
+
+    pub fn lookup_ref(&self, reference: &str) -> Option<RefRecord> {
+        let bytes = fs::read(self.ref_path(reference)).ok()?;
+        let r: RefRecord = serde_json::from_slice(&bytes).ok()?;
+        (r.reference == reference).then_some(r)
+    }
+
+    fn record_path(&self, key: &str) -> PathBuf {
+        self.root.join("builds").join(format!("{key}.json"))
+    }
+
+    pub fn build_path(&self, record: &BuildRecord) -> PathBuf {
+        self.root.join("builds").join(&record.file)
+    }
+
+    /// A finished build, if present and whole.
+    pub fn build(&self, key: &str) -> Option<BuildRecord> {
+        let bytes = fs::read(self.record_path(key)).ok()?;
+        let r: BuildRecord = serde_json::from_slice(&bytes).ok()?;
+        let meta = fs::metadata(self.build_path(&r)).ok()?;
+        (meta.len() == r.size).then_some(r)
+    }
+
+    /// Moves a successful build into the store: staged blobs first, then
+    /// the initramfs, then its record (the commit point), then refs.
+    pub fn commit(
+        &self,
+        staging: Staging,
+        record: Option<&BuildRecord>,
+        refs: &[RefRecord],
+    ) -> Result<(), CacheError> {
+        let staged = staging.blobs();
+        for e in fs::read_dir(&staged).map_err(io_err(&staged))? {
+            let e = e.map_err(io_err(&staged))?;
+            let dest = self.blobs_dir().join(e.file_name());
+            if !dest.exists() {
+                fs::rename(e.path(), &dest).map_err(io_err(&dest))?;
+            }
+        }
+        if let Some(r) = record {
+            let out = staging.output();
+            out_sync(&out).map_err(io_err(&out))?;
+            let dest = self.build_path(r);
+            fs::rename(&out, &dest).map_err(io_err(&dest))?;
+            let json = serde_json::to_vec_pretty(r).unwrap_or_default();
+            let rp = self.record_path(&r.key);
+            write_atomic(&rp, &json).map_err(io_err(&rp))?;
+        }
+        for r in refs {
+            let p = self.ref_path(&r.reference);
+            let json = serde_json::to_vec_pretty(r).unwrap_or_default();
+            write_atomic(&p, &json).map_err(io_err(&p))?;
+        }
+        Ok(())
+    }
+
+    pub fn list(&self) -> Result<Vec<BuildRecord>, CacheError> {
+        let dir = self.root.join("builds");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let e = e.map_err(io_err(&dir))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(key) = name.strip_suffix(".json") {
+                if let Some(r) = self.build(key) {
+                    out.push(r);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    pub fn refs(&self) -> Result<Vec<RefRecord>, CacheError> {
+        let dir = self.root.join("refs");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let e = e.map_err(io_err(&dir))?;
+            if let Ok(bytes) = fs::read(e.path()) {
+                if let Ok(r) = serde_json::from_slice::<RefRecord>(&bytes) {
+                    out.push(r);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.reference.cmp(&b.reference));
+        Ok(out)
+    }
+
+    /// Removes builds whose key, image digest or reference matches
+    /// `what` (the reference's mapping goes too). Returns what went.
+    pub fn remove(&self, what: &str) -> Result<Vec<BuildRecord>, CacheError> {
+        let _g = self.lock(Mode::Exclusive)?;
+        let refs = self.refs()?;
+        let canonical = crate::reference::Reference::parse(what)
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        let images: Vec<Digest> = refs
+            .iter()
+            .filter(|r| r.reference == what || r.reference == canonical)
+            .map(|r| r.image.clone())
+            .collect();
+        let mut removed = Vec::new();
+        for b in self.list()? {
+            let hit = b.key == what
+                || b.image.to_string() == what
+                || b.image.hex() == what
+                || images.contains(&b.image);
+            if hit {
+                remove_if_exists(&self.record_path(&b.key))?;
+                remove_if_exists(&self.build_path(&b))?;
+                removed.push(b);
+            }
+        }
+        for r in refs {
+            if removed.iter().any(|b| b.image == r.image) || r.reference == canonical {
+                remove_if_exists(&self.ref_path(&r.reference))?;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Deletes blobs no build needs, refs to images with no build and no
+    /// blobs, and leftover staging. Returns bytes freed.
+    pub fn prune(&self) -> Result<u64, CacheError> {
+        let _g = self.lock(Mode::Exclusive)?;
+        let keep: std::collections::BTreeSet<String> = self
+            .list()?
+            .into_iter()
+            .flat_map(|b| {
+                let mut v: Vec<String> = b.blobs.iter().map(|d| d.hex().to_string()).collect();
+                v.push(b.image.hex().to_string());
+                v.extend(b.manifest.map(|m| m.hex().to_string()));
+                v
+            })
+            .collect();
+        let mut freed = 0;
+        let blobs = self.blobs_dir();
+        for e in fs::read_dir(&blobs).map_err(io_err(&blobs))? {
+            let e = e.map_err(io_err(&blobs))?;
+            if !keep.contains(&*e.file_name().to_string_lossy()) {
+                freed += e.metadata().map(|m| m.len()).unwrap_or(0);
+                remove_if_exists(&e.path())?;
+            }
+        }
+        for r in self.refs()? {
+            if !keep.contains(r.manifest.hex()) {
+                remove_if_exists(&self.ref_path(&r.reference))?;
+            }
+        }
+        // No build runs while the exclusive lock is held: staging is stale.
+        let tmp = self.root.join("tmp");
+        for e in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
+            let e = e.map_err(io_err(&tmp))?;
+            fs::remove_dir_all(e.path()).map_err(io_err(&e.path()))?;
+        }
+        Ok(freed)
+    }
+}
+
+fn out_sync(p: &Path) -> io::Result<()> {
+    fs::File::open(p)?.sync_all()
+}
+
+fn remove_if_exists(p: &Path) -> Result<(), CacheError> {
+    match fs::remove_file(p) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(p)(e)),
+        _ => Ok(()),
+    }
+}

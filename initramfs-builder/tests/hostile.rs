@@ -1,0 +1,212 @@
+//! Hostile layers: every refusal names the layer digest and the entry,
+//! with the specific reason.
+
+mod common;
+
+use common::*;
+use kiln_image::assemble::AssembleError;
+use kiln_image::compress::Compression;
+use kiln_image::digest::Digest;
+use kiln_image::layers::path::PathError;
+use kiln_image::layers::tree::TreeError;
+use kiln_image::layers::{EntryError, LayerError};
+use tar::EntryType;
+
+/// The layer error behind a failed build.
+fn layer_err(r: Result<impl std::fmt::Debug, AssembleError>) -> LayerError {
+    let e = r.expect_err("hostile layer accepted");
+    match e {
+        AssembleError::Layer(l) => l,
+        AssembleError::Initramfs(kiln_image::initramfs::InitramfsError::Layer(l)) => l,
+        other => panic!("unexpected error {other:?}"),
+    }
+}
+
+/// Asserts an entry error, naming `blob`'s digest and `entry`.
+fn entry_err(blobs: Vec<Vec<u8>>, entry: &str) -> EntryError {
+    let names: Vec<String> = blobs.iter().map(|b| Digest::of(b).to_string()).collect();
+    match layer_err(build(blobs)) {
+        LayerError::Entry {
+            layer,
+            entry: e,
+            source,
+        } => {
+            assert!(names.contains(&layer), "error names {layer}");
+            assert_eq!(e, entry);
+            source
+        }
+        other => panic!("expected an entry error, got {other:?}"),
+    }
+}
+
+#[test]
+fn absolute_paths_are_refused() {
+    let l = Layer::default().file("/etc/passwd", b"x");
+    let e = entry_err(vec![l.tar()], "/etc/passwd");
+    assert!(matches!(e, EntryError::Path(PathError::Absolute)));
+}
+
+#[test]
+fn dot_dot_traversal_is_refused() {
+    let l = Layer::default().dir("a").file("a/../../etc/shadow", b"x");
+    let e = entry_err(vec![l.tar()], "a/../../etc/shadow");
+    assert!(matches!(e, EntryError::Path(PathError::Traversal)));
+    let link = Layer::default()
+        .file("f", b"")
+        .hardlink("g", "../../etc/shadow");
+    let e = entry_err(vec![link.tar()], "g");
+    assert!(matches!(e, EntryError::Path(PathError::Traversal)));
+}
+
+#[test]
+fn writes_through_symlinks_that_leave_the_root_are_refused() {
+    let l1 = Layer::default()
+        .symlink("up", "../../..")
+        .symlink("root", "/..");
+    let l2 = Layer::default().file("up/etc/cron.d/x", b"x");
+    let e = entry_err(vec![l1.tar(), l2.tar()], "up/etc/cron.d/x");
+    assert!(matches!(e, EntryError::Tree(TreeError::SymlinkEscape(_))));
+    let l3 = Layer::default().file("root/x", b"x");
+    let e = entry_err(vec![l1.tar(), l3.tar()], "root/x");
+    assert!(matches!(e, EntryError::Tree(TreeError::SymlinkEscape(_))));
+    // Within one layer too, and through a chain of links.
+    let chain = Layer::default()
+        .symlink("a", "b")
+        .symlink("b", "c/..")
+        .dir("c")
+        .symlink("c/d", "../..")
+        .file("a/c/d/x", b"x");
+    let e = entry_err(vec![chain.tar()], "a/c/d/x");
+    assert!(matches!(e, EntryError::Tree(TreeError::SymlinkEscape(_))));
+    let looped = Layer::default().symlink("l", "l").file("l/x", b"");
+    let e = entry_err(vec![looped.tar()], "l/x");
+    assert!(matches!(e, EntryError::Tree(TreeError::SymlinkLoop(_))));
+}
+
+#[test]
+fn escaping_whiteouts_are_refused() {
+    let l1 = Layer::default().dir("a").file("a/f", b"");
+    let l2 = Layer::default().file("a/.wh..", b"");
+    let e = entry_err(vec![l1.tar(), l2.tar()], "a/.wh..");
+    assert!(matches!(e, EntryError::Whiteout(_)));
+    let via_link = Layer::default().symlink("out", "../x");
+    let l3 = Layer::default().file("out/.wh.passwd", b"");
+    let e = entry_err(vec![via_link.tar(), l3.tar()], "out/.wh.passwd");
+    assert!(matches!(e, EntryError::Tree(TreeError::SymlinkEscape(_))));
+}
+
+#[test]
+fn hardlinks_to_missing_paths_or_directories_are_refused() {
+    let l = Layer::default().dir("d").hardlink("x", "d");
+    let e = entry_err(vec![l.tar()], "x");
+    assert!(matches!(e, EntryError::Tree(TreeError::HardlinkTarget(_))));
+    let l = Layer::default().hardlink("x", "nowhere");
+    let e = entry_err(vec![l.tar()], "x");
+    assert!(matches!(e, EntryError::Tree(TreeError::HardlinkTarget(_))));
+}
+
+#[test]
+fn decompression_bombs_over_the_limit_are_refused() {
+    // 16 MiB of zeros gzip to ~16 KiB; the limit is 1 MiB.
+    let bomb = Layer::default().file("zeros", &vec![0u8; 16 << 20]);
+    let blob = bomb.gzip();
+    assert!(blob.len() < 1 << 20);
+    let name = Digest::of(&blob).to_string();
+    let r = build_with(&mut MemLayers::new(vec![blob]), Compression::None, 1 << 20);
+    match layer_err(r) {
+        LayerError::Entry {
+            layer,
+            entry,
+            source: EntryError::TooLarge { limit },
+        } => {
+            assert_eq!((layer, entry.as_str(), limit), (name, "zeros", 1 << 20));
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    // The limit is on the whole image: two layers each under it, together over.
+    let half = Layer::default().file("h", &vec![1u8; 600 << 10]);
+    let r = build_with(
+        &mut MemLayers::new(vec![half.gzip(), half.zstd()]),
+        Compression::None,
+        1 << 20,
+    );
+    assert!(matches!(
+        layer_err(r).entry_error(),
+        Some(EntryError::TooLarge { .. })
+    ));
+    // Zeros after the tar's end are counted too.
+    let mut padded = Layer::default().file("a", b"a").tar();
+    padded.extend(vec![0u8; 2 << 20]);
+    let r = build_with(
+        &mut MemLayers::new(vec![padded]),
+        Compression::None,
+        1 << 20,
+    );
+    assert!(matches!(
+        layer_err(r).entry_error(),
+        Some(EntryError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn truncated_and_corrupt_archives_are_refused() {
+    let l = Layer::default()
+        .file("a", &[1u8; 10_000])
+        .file("b", &[2u8; 10_000]);
+    let gz = l.gzip();
+    let cut = gz[..gz.len() / 2].to_vec();
+    let name = Digest::of(&cut).to_string();
+    match layer_err(build(vec![cut])) {
+        LayerError::Corrupt { layer, .. } => assert_eq!(layer, name),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    let tar = l.tar();
+    let cut = tar[..700].to_vec();
+    assert!(matches!(
+        layer_err(build(vec![cut])),
+        LayerError::Corrupt { .. }
+    ));
+    let mut garbage = l.zstd();
+    let mid = garbage.len() / 2;
+    garbage[mid] ^= 0xff;
+    garbage[mid + 1] ^= 0xff;
+    assert!(matches!(
+        layer_err(build(vec![garbage])),
+        LayerError::Corrupt { .. }
+    ));
+    // A tar header with a bad checksum.
+    let mut bad = l.tar();
+    bad[148] = b'9';
+    assert!(matches!(
+        layer_err(build(vec![bad])),
+        LayerError::Corrupt { .. }
+    ));
+}
+
+#[test]
+fn digest_mismatches_are_refused() {
+    let l = Layer::default().file("a", b"a");
+    let mut layers = MemLayers::new(vec![l.gzip()]);
+    let claimed = Digest::of(b"something else");
+    layers.expect[0].blob = Some(claimed.clone());
+    match layer_err(build_with(&mut layers, Compression::None, 1 << 30)) {
+        LayerError::DigestMismatch { layer, actual } => {
+            assert_eq!(layer, claimed.to_string());
+            assert_eq!(actual, Digest::of(&l.gzip()));
+        }
+        other => panic!("expected DigestMismatch, got {other:?}"),
+    }
+    let mut layers = MemLayers::new(vec![l.gzip()]);
+    layers.expect[0].diff_id = Some(claimed);
+    assert!(matches!(
+        layer_err(build_with(&mut layers, Compression::None, 1 << 30)),
+        LayerError::DiffIdMismatch { actual, .. } if actual == Digest::of(&l.tar())
+    ));
+}
+
+#[test]
+fn non_utf8_names_are_refused_not_mangled() {
+    let l = Layer::default().raw(EntryType::Regular, b"caf\xe9", b"", 0o644, (0, 0), b"");
+    let e = entry_err(vec![l.tar()], "caf\u{fffd}");
+    assert!(matches!(e, EntryError::Path(PathError::NotUtf8)));
+}
