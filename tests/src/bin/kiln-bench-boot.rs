@@ -103,8 +103,10 @@ fn main() {
         let mut q = Command::new("qemu-system-x86_64");
         q.args(["-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on"])
             .args(["-enable-kvm", "-cpu"])
+            // On PVM hosts QEMU's `-cpu host` aborts setting
+            // IA32_ARCH_CAPABILITIES, and needs the same masks kiln applies.
             .arg(if pvm {
-                "host,-cx16,kvm-pv-unhalt=off,kvm-pv-ipi=off,kvm-pv-sched-yield=off"
+                "host,-cx16,-arch-capabilities,kvm-pv-unhalt=off,kvm-pv-ipi=off,kvm-pv-sched-yield=off"
             } else {
                 "host"
             })
