@@ -6,14 +6,17 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::pin::Pin;
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kiln_protocol::ExitStatus;
-use russh::server::Handle;
-use russh::{ChannelId, Sig};
+use russh::server::{Handle, Msg};
+use russh::{ChannelId, ChannelStream, Sig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::runtime::Handle as Runtime;
 
 use crate::reaper;
@@ -159,5 +162,87 @@ fn signal_name(signal: i32) -> Sig {
         libc::SIGTERM => Sig::TERM,
         libc::SIGUSR1 => Sig::USR1,
         other => Sig::Custom(other.to_string()),
+    }
+}
+
+/// The stream a subsystem (sftp) runs on. When the subsystem ends and drops
+/// it, the channel reports exit status 0 before it closes, as sshd does for
+/// its sftp-server; OpenSSH's `scp` treats a missing status as failure.
+pub struct SubsystemStream {
+    inner: Option<Pin<Box<ChannelStream<Msg>>>>,
+    channel: ChannelId,
+    ssh: Handle,
+}
+
+impl SubsystemStream {
+    pub fn new(stream: ChannelStream<Msg>, channel: ChannelId, ssh: Handle) -> Self {
+        SubsystemStream {
+            inner: Some(Box::pin(stream)),
+            channel,
+            ssh,
+        }
+    }
+
+    fn inner(&mut self) -> std::io::Result<Pin<&mut ChannelStream<Msg>>> {
+        self.inner
+            .as_mut()
+            .map(|s| s.as_mut())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected))
+    }
+}
+
+impl AsyncRead for SubsystemStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.inner() {
+            Ok(s) => s.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for SubsystemStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.inner() {
+            Ok(s) => s.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.inner() {
+            Ok(s) => s.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.inner() {
+            Ok(s) => s.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl Drop for SubsystemStream {
+    fn drop(&mut self) {
+        let (Some(inner), Ok(rt)) = (self.inner.take(), Runtime::try_current()) else {
+            return;
+        };
+        let (ssh, channel) = (self.ssh.clone(), self.channel);
+        // Status and EOF go first on the session's queue; dropping the
+        // stream afterwards queues the close.
+        rt.spawn(async move {
+            let _ = ssh.exit_status_request(channel, 0).await;
+            let _ = ssh.eof(channel).await;
+            drop(inner);
+        });
     }
 }

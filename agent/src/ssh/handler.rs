@@ -9,7 +9,7 @@ use russh::keys::PublicKey;
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, Pty};
 
-use crate::ssh::channel_io::{self, Input, Running};
+use crate::ssh::channel_io::{self, Input, Running, SubsystemStream};
 use crate::ssh::keys::is_authorized;
 use crate::ssh::process::{self, Login, Request};
 use crate::ssh::pty::{self, WindowSize};
@@ -227,7 +227,8 @@ impl russh::server::Handler for Client {
             Some((c, sftp)) => {
                 session.channel_success(channel)?;
                 // Runs on its own task until the client closes the channel.
-                russh_sftp::server::run(c.into_stream(), sftp).await;
+                let stream = SubsystemStream::new(c.into_stream(), channel, session.handle());
+                russh_sftp::server::run(stream, sftp).await;
                 Ok(())
             }
             None => session.channel_failure(channel),

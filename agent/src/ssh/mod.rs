@@ -1,7 +1,8 @@
 //! The SSH server: listens on vsock port [`SSH_PORT`] in the guest (the
 //! host forwards a TCP port to it) and serves sessions to holders of the
-//! grant's keys. It runs on its own thread with a small async runtime; if
-//! it cannot start, the agent logs why and goes on without it.
+//! grant's keys. Accepts block on one thread; sessions run on a small
+//! async runtime on another. If it cannot start, the agent logs why and
+//! goes on without it.
 
 mod channel_io;
 mod handler;
@@ -35,9 +36,19 @@ pub enum SshError {
     Runtime(#[source] std::io::Error),
 }
 
-/// Starts serving SSH for `authorized_keys` (OpenSSH public key lines) and
-/// returns once the server is listening.
+/// Starts serving SSH on vsock port [`SSH_PORT`] for `authorized_keys`
+/// (OpenSSH public key lines) and returns once the server is listening.
 pub fn start(authorized_keys: &[String]) -> Result<(), SshError> {
+    let listener = vsock::listen(SSH_PORT).map_err(SshError::Listen)?;
+    start_on(authorized_keys, move || vsock::accept(&listener))
+}
+
+/// Serves SSH on the connected streams `accept` returns (any SOCK_STREAM
+/// descriptor; tests use TCP on loopback where vsock is not available).
+pub fn start_on(
+    authorized_keys: &[String],
+    accept: impl FnMut() -> std::io::Result<File> + Send + 'static,
+) -> Result<(), SshError> {
     let (allowed, bad) = keys::parse_authorized(authorized_keys);
     for line in bad {
         console(&format!("ssh: ignoring unusable authorized key {line:?}"));
@@ -46,15 +57,19 @@ pub fn start(authorized_keys: &[String]) -> Result<(), SshError> {
         return Err(SshError::NoKeys);
     }
     let config = Arc::new(config(keys::host_key()?));
-    let listener = vsock::listen(SSH_PORT).map_err(SshError::Listen)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(SshError::Runtime)?;
     let allowed = Arc::new(allowed);
+    let handle = rt.handle().clone();
     std::thread::Builder::new()
         .name("ssh".into())
-        .spawn(move || serve(rt, listener, config, allowed))
+        .spawn(move || rt.block_on(std::future::pending::<()>()))
+        .map_err(SshError::Runtime)?;
+    std::thread::Builder::new()
+        .name("ssh-accept".into())
+        .spawn(move || accept_loop(accept, handle, config, allowed))
         .map_err(SshError::Runtime)?;
     Ok(())
 }
@@ -73,34 +88,27 @@ fn config(host_key: russh::keys::PrivateKey) -> Config {
     }
 }
 
-fn serve(
-    rt: tokio::runtime::Runtime,
-    listener: OwnedFd,
+/// Blocking accepts on a plain thread; each connection becomes a task on
+/// the runtime thread.
+fn accept_loop(
+    mut accept: impl FnMut() -> std::io::Result<File>,
+    rt: tokio::runtime::Handle,
     config: Arc<Config>,
     allowed: Arc<Vec<PublicKey>>,
 ) {
-    let handle = rt.handle().clone();
-    let listener = Arc::new(listener);
-    rt.block_on(async move {
-        loop {
-            let l = listener.clone();
-            match tokio::task::spawn_blocking(move || vsock::accept(&l)).await {
-                Ok(Ok(conn)) => {
-                    let client = handler::Client::new(allowed.clone(), handle.clone());
-                    tokio::spawn(serve_connection(config.clone(), conn, client));
-                }
-                Ok(Err(e)) => {
-                    // E.g. out of descriptors: back off rather than spin.
-                    console(&format!("ssh: accept: {e}"));
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => {
-                    console(&format!("ssh: accept task: {e}"));
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+    loop {
+        match accept() {
+            Ok(conn) => {
+                let client = handler::Client::new(allowed.clone(), rt.clone());
+                rt.spawn(serve_connection(config.clone(), conn, client));
+            }
+            Err(e) => {
+                // E.g. out of descriptors: back off rather than spin.
+                console(&format!("ssh: accept: {e}"));
+                std::thread::sleep(Duration::from_millis(200));
             }
         }
-    });
+    }
 }
 
 /// A vsock stream as a tokio stream: any connected SOCK_STREAM descriptor
