@@ -34,6 +34,14 @@ fn send(conn: &Conn, frame: &Frame) {
 fn main() {
     let is_init = std::process::id() == 1;
     std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        if let Some(name) = thread.name().filter(|n| n.starts_with("ssh")) {
+            // An SSH connection's failure must not end the VM: that task or
+            // thread unwinds (tokio contains task panics) and only its
+            // session is lost.
+            console(&format!("ssh: internal error on thread {name}: {info}"));
+            return;
+        }
         console(&format!("KILN_AGENT_FATAL {info}"));
         if is_init {
             system::power_off();

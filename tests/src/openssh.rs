@@ -100,9 +100,14 @@ impl Client {
     }
 
     pub fn scp(&self, from: &str, to: &str) -> Output {
+        self.scp_with(&[], from, to)
+    }
+
+    /// scp with extra flags (e.g. `-v` to diagnose a failure).
+    pub fn scp_with(&self, extra: &[&str], from: &str, to: &str) -> Output {
         let mut cmd = Command::new("scp");
         self.options(&mut cmd, "-P");
-        cmd.args([from, to]);
+        cmd.args(extra).args([from, to]);
         run(cmd, b"")
     }
 

@@ -125,10 +125,20 @@ fn openssh_client_reaches_the_agent_over_vsock() {
     let local = dir.path().join("payload.bin");
     std::fs::write(&local, &payload).unwrap();
     let out = client.scp(local.to_str().unwrap(), "root@127.0.0.1:/tmp/in.bin");
-    assert!(out.status.success(), "scp in: {out:?}");
+    assert!(out.status.success(), "scp in: {out:?}\n{}", serial_text());
     let back = dir.path().join("back.bin");
     let out = client.scp("root@127.0.0.1:/tmp/in.bin", back.to_str().unwrap());
-    assert!(out.status.success(), "scp out: {out:?}");
+    if !out.status.success() {
+        let again = client.scp_with(
+            &["-v"],
+            "root@127.0.0.1:/tmp/in.bin",
+            back.to_str().unwrap(),
+        );
+        panic!(
+            "scp out: {out:?}\nwith -v: {again:?}\nserial:\n{}",
+            serial_text()
+        );
+    }
     assert!(
         std::fs::read(&back).unwrap() == payload,
         "scp round trip differs"
@@ -139,7 +149,7 @@ fn openssh_client_reaches_the_agent_over_vsock() {
         local.display()
     );
     let out = client.sftp(&batch);
-    assert!(out.status.success(), "sftp: {out:?}");
+    assert!(out.status.success(), "sftp: {out:?}\n{}", serial_text());
     assert!(text(&out.stdout).contains("d/moved"), "{out:?}");
 
     let stranger = Client::new(&wrong, port, "root");

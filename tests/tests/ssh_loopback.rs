@@ -37,6 +37,11 @@ fn openssh_client_against_the_agent_server_on_loopback() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(text(&out.stdout), format!("Linux\n{user}:{user}\nin\n"));
 
+    // Far more input than the channel's message queue holds.
+    let big = vec![b'x'; 8 << 20];
+    let out = client.ssh(&[], "wc -c", &big);
+    assert_eq!(text(&out.stdout).trim(), (8 << 20).to_string(), "{out:?}");
+
     let out = client.ssh(&[], "echo oops >&2; exit 7", b"");
     assert_eq!(out.status.code(), Some(7), "{out:?}");
     assert_eq!(text(&out.stderr), "oops\n");

@@ -50,7 +50,7 @@ pub fn run(p: Process, channel: ChannelId, ssh: Handle, rt: Runtime) -> Running 
             let leader = Arc::new(leader);
             let (r, w) = (leader.clone(), leader.clone());
             // A pty has no half-close: EOF from the client is ignored, as sshd does.
-            std::thread::spawn(move || write_input(inbox, &*w, false));
+            spawn(move || write_input(inbox, &*w, false));
             let reader = pump(r, None, channel, ssh.clone(), rt.clone());
             (Some(leader), vec![reader])
         }
@@ -59,14 +59,34 @@ pub fn run(p: Process, channel: ChannelId, ssh: Handle, rt: Runtime) -> Running 
             stdout,
             stderr,
         } => {
-            std::thread::spawn(move || write_input(inbox, stdin, true));
+            spawn(move || write_input(inbox, stdin, true));
             let out = pump(stdout, None, channel, ssh.clone(), rt.clone());
             let err = pump(stderr, Some(1), channel, ssh.clone(), rt.clone());
             (None, vec![out, err])
         }
     };
-    std::thread::spawn(move || finish(pid, readers, channel, ssh, rt));
+    spawn(move || {
+        finish(
+            pid,
+            readers.into_iter().flatten().collect(),
+            channel,
+            ssh,
+            rt,
+        )
+    });
     Running { pid, input, pty }
+}
+
+/// A session thread, named so the agent's panic hook knows it belongs to
+/// SSH (a panic there must not end the VM). `None` if no thread could start.
+fn spawn(f: impl FnOnce() + Send + 'static) -> Option<JoinHandle<()>> {
+    match std::thread::Builder::new().name("ssh-io".into()).spawn(f) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            crate::system::console(&format!("ssh: cannot start a session thread: {e}"));
+            None
+        }
+    }
 }
 
 fn write_input<W: Write>(inbox: mpsc::Receiver<Input>, mut to: W, close_on_eof: bool) {
@@ -90,8 +110,8 @@ fn pump<R: Read + Send + 'static>(
     channel: ChannelId,
     ssh: Handle,
     rt: Runtime,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
+) -> Option<JoinHandle<()>> {
+    spawn(move || {
         let mut buf = vec![0u8; 32 * 1024];
         loop {
             let n = match from.read(&mut buf) {

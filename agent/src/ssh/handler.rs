@@ -59,6 +59,9 @@ impl Client {
         if state.running.is_some() {
             return session.channel_failure(channel);
         }
+        // Input reaches the program through `data()`; an unread channel
+        // queue would fill up and stall the whole connection.
+        state.channel = None;
         let req = Request {
             command,
             pty: state.pty.as_ref().map(|(t, s)| (t.as_str(), *s)),
