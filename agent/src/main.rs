@@ -31,8 +31,35 @@ fn send(conn: &Conn, frame: &Frame) {
     }
 }
 
+/// glibc features the agent must not use (see `without_avx`).
+const NO_AVX: &str =
+    "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX_Fast_Unaligned_Load";
+
+/// On PVM hosts CPUID passes AVX through to guest user code while the guest
+/// kernel runs with `noxsave` and so does not preserve the upper halves of
+/// the YMM registers across context switches. glibc's AVX memcpy then
+/// corrupts data in a busy multi-threaded process (seen as SFTP stream
+/// corruption over SSH). As PID 1, re-exec once with glibc's AVX variants
+/// turned off; if that fails, carry on as we are.
+fn without_avx() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("GLIBC_TUNABLES").is_some() {
+        return;
+    }
+    let mut args = std::env::args_os();
+    let Some(me) = args.next() else { return };
+    let e = std::process::Command::new(me)
+        .args(args)
+        .env("GLIBC_TUNABLES", NO_AVX)
+        .exec();
+    console(&format!("re-exec without AVX failed: {e}"));
+}
+
 fn main() {
     let is_init = std::process::id() == 1;
+    if is_init {
+        without_avx();
+    }
     std::panic::set_hook(Box::new(move |info| {
         let thread = std::thread::current();
         if let Some(name) = thread.name().filter(|n| n.starts_with("ssh")) {
