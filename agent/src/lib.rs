@@ -7,6 +7,8 @@
 //! binary and reads only the kernel's interfaces and its own files.
 
 pub mod image_config;
+pub mod reaper;
+pub mod ssh;
 pub mod system;
 pub mod usage;
 pub mod user;

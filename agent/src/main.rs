@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kiln_agent::image_config::{self, ImageConfig};
 use kiln_agent::system::{self, console};
-use kiln_agent::{usage, user, vsock, workload};
+use kiln_agent::{ssh, usage, user, vsock, workload};
 use kiln_protocol::{read_frame, ExitStatus, Frame, Message, Workload, CONTROL_PORT};
 
 /// Console line that marks the agent ready (boot-time measurements look for it).
@@ -31,9 +31,44 @@ fn send(conn: &Conn, frame: &Frame) {
     }
 }
 
+/// glibc features the agent must not use (see `without_avx`).
+const NO_AVX: &str =
+    "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX_Fast_Unaligned_Load";
+
+/// On PVM hosts CPUID passes AVX through to guest user code while the guest
+/// kernel runs with `noxsave` and so does not preserve the upper halves of
+/// the YMM registers across context switches. glibc's AVX memcpy then
+/// corrupts data in a busy multi-threaded process (seen as SFTP stream
+/// corruption over SSH). As PID 1, re-exec once with glibc's AVX variants
+/// turned off; if that fails, carry on as we are.
+fn without_avx() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("GLIBC_TUNABLES").is_some() {
+        return;
+    }
+    let mut args = std::env::args_os();
+    let Some(me) = args.next() else { return };
+    let e = std::process::Command::new(me)
+        .args(args)
+        .env("GLIBC_TUNABLES", NO_AVX)
+        .exec();
+    console(&format!("re-exec without AVX failed: {e}"));
+}
+
 fn main() {
     let is_init = std::process::id() == 1;
+    if is_init {
+        without_avx();
+    }
     std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        if let Some(name) = thread.name().filter(|n| n.starts_with("ssh")) {
+            // An SSH connection's failure must not end the VM: that task or
+            // thread unwinds (tokio contains task panics) and only its
+            // session is lost.
+            console(&format!("ssh: internal error on thread {name}: {info}"));
+            return;
+        }
         console(&format!("KILN_AGENT_FATAL {info}"));
         if is_init {
             system::power_off();
@@ -64,8 +99,28 @@ fn main() {
     console(READY_MARKER);
 
     let start = wait_for_start(&conn);
-    let status = run_workload(&conn, start);
+    // SSH is a convenience next to the workload: without it the VM still runs.
+    if !start.authorized_keys.is_empty() {
+        match ssh::start(&start.authorized_keys) {
+            Ok(()) => console("ssh: listening on vsock port 22"),
+            Err(e) => console(&format!("ssh: not serving: {e}")),
+        }
+    }
+    let one_shot = start.one_shot;
+    let host = Arc::new(HostRequests::default());
+    let status = run_workload(&conn, start, host.clone());
     console(&format!("workload ended: {status:?}"));
+    if !one_shot {
+        // The VM stays up (e.g. for SSH) until the host asks it to stop.
+        console("not one-shot: waiting for the host's shutdown request");
+        if !host.listening.load(Ordering::Acquire) {
+            listen_to_host(&conn, None, None, host.clone());
+        }
+        while !host.shutdown.load(Ordering::Acquire) {
+            workload::reap(0);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     if is_init {
         system::power_off();
     }
@@ -87,9 +142,20 @@ fn connect_host() -> Option<File> {
     None
 }
 
+/// What the control-channel reader tells the main thread.
+#[derive(Default)]
+struct HostRequests {
+    /// The host asked for a shutdown.
+    shutdown: AtomicBool,
+    /// A reader thread owns the control channel.
+    listening: AtomicBool,
+}
+
 struct StartRequest {
     workload: Workload,
     usage_interval: Duration,
+    authorized_keys: Vec<String>,
+    one_shot: bool,
 }
 
 /// Reads frames until the host says what to run (or runs the image's
@@ -98,6 +164,8 @@ fn wait_for_start(conn: &Conn) -> StartRequest {
     let default = StartRequest {
         workload: Workload::default(),
         usage_interval: Duration::from_secs(1),
+        authorized_keys: Vec::new(),
+        one_shot: true,
     };
     let reader = conn
         .lock()
@@ -112,11 +180,14 @@ fn wait_for_start(conn: &Conn) -> StartRequest {
             Ok(Some(Ok(Frame::Control(Message::Start {
                 workload,
                 usage_interval_ms,
-                ..
+                authorized_keys,
+                one_shot,
             })))) => {
                 return StartRequest {
                     workload,
                     usage_interval: Duration::from_millis(usage_interval_ms.max(100)),
+                    authorized_keys,
+                    one_shot,
                 }
             }
             Ok(Some(Ok(_))) => send(conn, &error("expected a start message")),
@@ -132,7 +203,7 @@ fn error(message: &str) -> Frame {
     })
 }
 
-fn run_workload(conn: &Conn, start: StartRequest) -> ExitStatus {
+fn run_workload(conn: &Conn, start: StartRequest, host: Arc<HostRequests>) -> ExitStatus {
     let image = match ImageConfig::load(Path::new(image_config::CONFIG_PATH)) {
         Ok(c) => c,
         Err(e) => return not_runnable(conn, &e.to_string()),
@@ -159,7 +230,7 @@ fn run_workload(conn: &Conn, start: StartRequest) -> ExitStatus {
         pump(started.stdout, conn.clone(), Frame::Stdout),
         pump(started.stderr, conn.clone(), Frame::Stderr),
     ];
-    listen_to_host(conn, pid, started.stdin);
+    listen_to_host(conn, Some(pid), started.stdin, host);
     let done = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(Mutex::new(0u64));
     report_usage(
@@ -243,7 +314,14 @@ fn pump(
 }
 
 /// Applies the host's stdin, signal and shutdown requests.
-fn listen_to_host(conn: &Conn, pid: i32, mut stdin: Option<std::process::ChildStdin>) {
+/// `host.shutdown` is raised on the host's shutdown request (it also ends a
+/// VM kept up after its workload). `pid` is the workload, if one started.
+fn listen_to_host(
+    conn: &Conn,
+    pid: Option<i32>,
+    mut stdin: Option<std::process::ChildStdin>,
+    host: Arc<HostRequests>,
+) {
     let reader = conn
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -252,7 +330,13 @@ fn listen_to_host(conn: &Conn, pid: i32, mut stdin: Option<std::process::ChildSt
     let Some(mut reader) = reader else {
         return;
     };
+    host.listening.store(true, Ordering::Release);
     let conn = conn.clone();
+    let signal = move |sig| {
+        if let Some(pid) = pid {
+            workload::signal_group(pid, sig);
+        }
+    };
     std::thread::spawn(move || loop {
         match read_frame(&mut reader) {
             Ok(Some(Ok(frame))) => match frame {
@@ -264,12 +348,13 @@ fn listen_to_host(conn: &Conn, pid: i32, mut stdin: Option<std::process::ChildSt
                     }
                 }
                 Frame::StdinEof => stdin = None,
-                Frame::Control(Message::Signal { signal }) => workload::signal_group(pid, signal),
+                Frame::Control(Message::Signal { signal: sig }) => signal(sig),
                 Frame::Control(Message::Shutdown { grace_ms }) => {
-                    workload::signal_group(pid, libc::SIGTERM);
+                    host.shutdown.store(true, Ordering::Release);
+                    signal(libc::SIGTERM);
                     std::thread::spawn(move || {
                         std::thread::sleep(Duration::from_millis(grace_ms));
-                        workload::signal_group(pid, libc::SIGKILL);
+                        signal(libc::SIGKILL);
                     });
                 }
                 _ => send(&conn, &error("unexpected message while the workload runs")),

@@ -57,22 +57,7 @@ pub fn spawn(r: &Resolved, id: &Identity, interactive: bool) -> std::io::Result<
 
 /// Reaps every exited child; returns the status of `watched` if it was among them.
 pub fn reap(watched: i32) -> Option<ExitStatus> {
-    let mut found = None;
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid with a valid out-pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid <= 0 {
-            return found;
-        }
-        if pid == watched {
-            found = Some(if libc::WIFSIGNALED(status) {
-                ExitStatus::Signal(libc::WTERMSIG(status))
-            } else {
-                ExitStatus::Code(libc::WEXITSTATUS(status))
-            });
-        }
-    }
+    crate::reaper::reap_all(watched)
 }
 
 /// Sends `signal` to the workload's process group (its session).

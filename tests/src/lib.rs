@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use kiln_image::cpio::{Meta, Writer};
 
+pub mod openssh;
+
 /// The workspace root (parent of this crate).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -122,14 +124,14 @@ pub struct GuestRoot {
 /// busybox applets linked into /bin.
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "id", "pwd", "ls", "sleep", "uname", "true", "false", "env", "printf",
-    "head", "wc", "sync", "kill", "ps", "mount", "dd", "yes",
+    "head", "wc", "sync", "kill", "ps", "mount", "dd", "yes", "tty", "stty",
 ];
 
 impl GuestRoot {
     pub fn new(init: &Path) -> Self {
         let mut w = Writer::new(Vec::new());
         for d in [
-            "bin", "dev", "etc", "home", "home/app", "kiln", "proc", "run", "sys", "tmp",
+            "bin", "dev", "etc", "home", "home/app", "kiln", "proc", "root", "run", "sys", "tmp",
         ] {
             w.dir(d, Meta::root(0o755)).expect("cpio dir");
         }

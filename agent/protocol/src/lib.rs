@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod forward;
+
 /// Protocol version carried in every control message.
 pub const VERSION: u32 = 1;
 /// Largest frame accepted (kind byte + payload).

@@ -1,0 +1,125 @@
+//! Driving the stock OpenSSH client (`ssh`, `scp`, `sftp`, `ssh-keygen`)
+//! in tests, each command bounded by a timeout.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+/// Longest any one client command may take (guest exec is slow here).
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub fn keygen(dir: &Path, name: &str) -> PathBuf {
+    let key = dir.join(name);
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .output()
+        .expect("ssh-keygen (openssh-client): run scripts/setup.sh");
+    assert!(out.status.success(), "{out:?}");
+    key
+}
+
+/// Runs `cmd` with `stdin`, killing it after [`CLIENT_TIMEOUT`].
+pub fn run(mut cmd: Command, stdin: &[u8]) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn client");
+    let pid = child.id() as i32;
+    if let Some(mut s) = child.stdin.take() {
+        let data = stdin.to_vec();
+        std::thread::spawn(move || {
+            let _ = s.write_all(&data);
+        });
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(CLIENT_TIMEOUT) {
+        Ok(out) => out.expect("client output"),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("{cmd:?} still running after {CLIENT_TIMEOUT:?}");
+        }
+    }
+}
+
+/// The stock OpenSSH client tools against 127.0.0.1:`port` as `user`.
+pub struct Client {
+    key: PathBuf,
+    port: u16,
+    user: String,
+}
+
+impl Client {
+    pub fn new(key: &Path, port: u16, user: &str) -> Self {
+        Client {
+            key: key.to_path_buf(),
+            port,
+            user: user.to_string(),
+        }
+    }
+
+    /// `user@127.0.0.1:path` for scp.
+    pub fn remote(&self, path: &str) -> String {
+        format!("{}@127.0.0.1:{path}", self.user)
+    }
+
+    fn options(&self, cmd: &mut Command, port_flag: &str) {
+        cmd.arg("-i")
+            .arg(&self.key)
+            .args([port_flag, &self.port.to_string()])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "ConnectTimeout=60",
+            ]);
+    }
+
+    pub fn ssh(&self, extra: &[&str], remote: &str, stdin: &[u8]) -> Output {
+        let mut cmd = Command::new("ssh");
+        self.options(&mut cmd, "-p");
+        cmd.args(extra)
+            .arg(format!("{}@127.0.0.1", self.user))
+            .arg(remote);
+        run(cmd, stdin)
+    }
+
+    pub fn scp(&self, from: &str, to: &str) -> Output {
+        self.scp_with(&[], from, to)
+    }
+
+    /// scp with extra flags (e.g. `-v` to diagnose a failure).
+    pub fn scp_with(&self, extra: &[&str], from: &str, to: &str) -> Output {
+        let mut cmd = Command::new("scp");
+        self.options(&mut cmd, "-P");
+        cmd.args(extra).args([from, to]);
+        run(cmd, b"")
+    }
+
+    pub fn sftp(&self, batch: &str) -> Output {
+        let mut cmd = Command::new("sftp");
+        self.options(&mut cmd, "-P");
+        cmd.args(["-b", "-"])
+            .arg(format!("{}@127.0.0.1", self.user));
+        run(cmd, batch.as_bytes())
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
