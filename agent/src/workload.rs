@@ -32,6 +32,7 @@ pub fn spawn(r: &Resolved, id: &Identity, interactive: bool) -> std::io::Result<
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    inherit_glibc_tunables(&mut cmd, r.env.iter().map(|(k, _)| k.as_str()));
     if !r.env.iter().any(|(k, _)| k == "HOME") {
         cmd.env("HOME", &id.home);
     }
@@ -53,6 +54,17 @@ pub fn spawn(r: &Resolved, id: &Identity, interactive: bool) -> std::io::Result<
         stderr,
     })
     // `child` is dropped without waiting: the reaper collects it.
+}
+
+/// Passes the agent's own `GLIBC_TUNABLES` (set by PID 1 to keep glibc off
+/// AVX, whose register state the guest kernel cannot preserve on PVM hosts)
+/// to a child whose environment does not set it.
+pub fn inherit_glibc_tunables<'a>(cmd: &mut Command, mut child_env: impl Iterator<Item = &'a str>) {
+    if let Some(t) = std::env::var_os("GLIBC_TUNABLES") {
+        if !child_env.any(|k| k == "GLIBC_TUNABLES") {
+            cmd.env("GLIBC_TUNABLES", t);
+        }
+    }
 }
 
 /// Reaps every exited child; returns the status of `watched` if it was among them.

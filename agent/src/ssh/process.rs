@@ -132,11 +132,13 @@ pub fn spawn(login: &Login, req: &Request) -> Result<Process, SpawnError> {
     } else {
         "/"
     };
+    let env = environment(login, req);
     cmd.env_clear()
-        .envs(environment(login, req))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(home)
         .uid(id.uid)
         .gid(id.gid);
+    crate::workload::inherit_glibc_tunables(&mut cmd, env.iter().map(|(k, _)| k.as_str()));
 
     let with_pty = req.pty.is_some();
     let leader = match req.pty {
