@@ -181,6 +181,84 @@ pub fn agent() -> PathBuf {
         .clone()
 }
 
+/// A micro-VM whose agent (PID 1) has connected its control channel.
+pub struct AgentVm {
+    vmm: VmmProcess,
+    uds: PathBuf,
+    serial: PathBuf,
+    conn: std::os::unix::net::UnixStream,
+}
+
+impl AgentVm {
+    /// Boots `initrd` (2 vCPUs, vsock at `dir/vm.sock`) and waits for the
+    /// agent to connect to the host control port.
+    pub fn boot(dir: &Path, initrd: &Path) -> Self {
+        let uds = dir.join("vm.sock");
+        let serial = dir.join("serial.log");
+        let port = kiln_protocol::CONTROL_PORT;
+        let control = std::os::unix::net::UnixListener::bind(format!("{}_{port}", uds.display()))
+            .expect("bind control socket");
+        let vmm = VmmProcess::spawn(&[
+            "--kernel",
+            kernel().to_str().unwrap_or_default(),
+            "--initrd",
+            initrd.to_str().unwrap_or_default(),
+            "--vcpus",
+            "2",
+            "--vsock-uds",
+            uds.to_str().unwrap_or_default(),
+            "--serial-log",
+            serial.to_str().unwrap_or_default(),
+        ]);
+        control.set_nonblocking(true).expect("nonblocking listener");
+        let serial_text = || std::fs::read_to_string(&serial).unwrap_or_default();
+        // Generous: boots are slow on emulating hosts, slower on a busy machine.
+        let (conn, _) = wait_for(Duration::from_secs(600), || control.accept().ok())
+            .unwrap_or_else(|| panic!("agent never connected; serial:\n{}", serial_text()));
+        conn.set_nonblocking(false).expect("blocking stream");
+        conn.set_read_timeout(Some(Duration::from_secs(120)))
+            .expect("read timeout");
+        AgentVm {
+            vmm,
+            uds,
+            serial,
+            conn,
+        }
+    }
+
+    /// The VM's vsock socket (for forwarders).
+    pub fn uds(&self) -> &Path {
+        &self.uds
+    }
+
+    /// The guest console so far.
+    pub fn serial(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// The next frame from the agent; panics (with the console) on anything else.
+    pub fn next_frame(&mut self) -> kiln_protocol::Frame {
+        match kiln_protocol::read_frame(&mut self.conn) {
+            Ok(Some(Ok(f))) => f,
+            other => panic!("bad frame {other:?}; serial:\n{}", self.serial()),
+        }
+    }
+
+    pub fn send(&mut self, frame: &kiln_protocol::Frame) {
+        use std::io::Write;
+        self.conn
+            .write_all(&frame.encode())
+            .expect("write to the agent");
+    }
+
+    /// Waits for the VMM to exit; returns its status, stderr and the console.
+    pub fn wait(self, timeout: Duration) -> (ExitStatus, String, String) {
+        let (status, stderr) = self.vmm.wait(timeout);
+        let serial = std::fs::read_to_string(&self.serial).unwrap_or_default();
+        (status, stderr, serial)
+    }
+}
+
 /// A running `kiln-vmm`, killed on drop if still running.
 pub struct VmmProcess {
     child: Child,

@@ -3,11 +3,10 @@
 //! reports, and power-off when the workload ends. One VM for all of it.
 
 use std::collections::HashMap;
-use std::os::unix::net::UnixListener;
 use std::time::Duration;
 
-use kiln_protocol::{read_frame, ExitStatus, Frame, Message, Workload, CONTROL_PORT};
-use kiln_tests::{agent, kernel, wait_for, GuestRoot, VmmProcess};
+use kiln_protocol::{ExitStatus, Frame, Message, Workload};
+use kiln_tests::{agent, AgentVm, GuestRoot};
 
 #[test]
 fn agent_runs_the_workload_and_reports_over_vsock() {
@@ -18,36 +17,8 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
             br#"{"Cmd":["/bin/sh","-c","echo default"],"Env":["FROM_IMAGE=1","FOO=image"],"WorkingDir":"/"}"#,
         )
         .write(dir.path());
-    let uds = dir.path().join("vm.sock");
-    let serial = dir.path().join("serial.log");
-    let control = UnixListener::bind(format!("{}_{CONTROL_PORT}", uds.display())).unwrap();
-
-    let vmm = VmmProcess::spawn(&[
-        "--kernel",
-        kernel().to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--vcpus",
-        "2",
-        "--vsock-uds",
-        uds.to_str().unwrap(),
-        "--serial-log",
-        serial.to_str().unwrap(),
-    ]);
-    let serial_text = || std::fs::read_to_string(&serial).unwrap_or_default();
-
-    control.set_nonblocking(true).unwrap();
-    let (mut conn, _) = wait_for(Duration::from_secs(600), || control.accept().ok())
-        .unwrap_or_else(|| panic!("agent never connected; serial:\n{}", serial_text()));
-    conn.set_nonblocking(false).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(120)))
-        .unwrap();
-    let mut writer = conn.try_clone().unwrap();
-    let mut next = || match read_frame(&mut conn) {
-        Ok(Some(Ok(f))) => f,
-        other => panic!("bad frame {other:?}; serial:\n{}", serial_text()),
-    };
-    match next() {
+    let mut vm = AgentVm::boot(dir.path(), &initrd);
+    match vm.next_frame() {
         Frame::Control(Message::Ready {
             agent_version,
             uptime_ms,
@@ -72,13 +43,12 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
         usage_interval_ms: 200,
         one_shot: true,
     });
-    use std::io::Write;
-    writer.write_all(&start.encode()).unwrap();
+    vm.send(&start);
 
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     let mut counts: HashMap<&str, usize> = HashMap::new();
     let (status, usage) = loop {
-        match next() {
+        match vm.next_frame() {
             Frame::Stdout(d) => stdout.extend(d),
             Frame::Stderr(d) => stderr.extend(d),
             Frame::Control(Message::Started { pid }) => {
@@ -103,8 +73,7 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
     assert_eq!(usage.workload, "exited");
 
     // One-shot: the agent powers the VM off and the VMM exits cleanly.
-    let (code, err) = vmm.wait(Duration::from_secs(120));
-    let text = serial_text();
+    let (code, err, text) = vm.wait(Duration::from_secs(120));
     assert_eq!(code.code(), Some(0), "{err}\n{text}");
     assert!(text.contains("KILN_READY"), "{text}");
 }

@@ -3,14 +3,13 @@
 //! output, environment and exit status, an interactive PTY session, scp in
 //! and out, sftp, and a wrong key refused. One VM serves every assertion.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixListener;
+use std::io::Read;
 use std::time::{Duration, Instant};
 
 use kiln_protocol::forward::Forwarder;
-use kiln_protocol::{read_frame, Frame, Message, Workload, CONTROL_PORT, SSH_PORT};
+use kiln_protocol::{Frame, Message, Workload, SSH_PORT};
 use kiln_tests::openssh::{keygen, text, Client};
-use kiln_tests::{agent, kernel, wait_for, GuestRoot, VmmProcess};
+use kiln_tests::{agent, AgentVm, GuestRoot};
 
 #[test]
 fn openssh_client_reaches_the_agent_over_vsock() {
@@ -25,50 +24,26 @@ fn openssh_client_reaches_the_agent_over_vsock() {
             br#"{"Cmd":["/bin/sh","-c","echo workload-done"],"Env":["FROM_IMAGE=1"]}"#,
         )
         .write(dir.path());
-    let uds = dir.path().join("vm.sock");
-    let serial = dir.path().join("serial.log");
-    let control = UnixListener::bind(format!("{}_{CONTROL_PORT}", uds.display())).unwrap();
-    let vmm = VmmProcess::spawn(&[
-        "--kernel",
-        kernel().to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--vcpus",
-        "2",
-        "--vsock-uds",
-        uds.to_str().unwrap(),
-        "--serial-log",
-        serial.to_str().unwrap(),
-    ]);
-    let serial_text = || std::fs::read_to_string(&serial).unwrap_or_default();
-
-    control.set_nonblocking(true).unwrap();
-    let (mut conn, _) = wait_for(Duration::from_secs(600), || control.accept().ok())
-        .unwrap_or_else(|| panic!("agent never connected; serial:\n{}", serial_text()));
-    conn.set_nonblocking(false).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(120)))
-        .unwrap();
-    let mut writer = conn.try_clone().unwrap();
-    let mut next = || match read_frame(&mut conn) {
-        Ok(Some(Ok(f))) => f,
-        other => panic!("bad frame {other:?}; serial:\n{}", serial_text()),
-    };
-    assert!(matches!(next(), Frame::Control(Message::Ready { .. })));
+    let mut vm = AgentVm::boot(dir.path(), &initrd);
+    assert!(matches!(
+        vm.next_frame(),
+        Frame::Control(Message::Ready { .. })
+    ));
     let start = Frame::Control(Message::Start {
         workload: Workload::default(),
         authorized_keys: vec![public],
         usage_interval_ms: 1000,
         one_shot: false,
     });
-    writer.write_all(&start.encode()).unwrap();
+    vm.send(&start);
     // The workload ends at once; the VM must stay up for SSH.
     loop {
-        if let Frame::Control(Message::Exited { .. }) = next() {
+        if let Frame::Control(Message::Exited { .. }) = vm.next_frame() {
             break;
         }
     }
 
-    let fwd = Forwarder::start("127.0.0.1:0", &uds, SSH_PORT, |e| {
+    let fwd = Forwarder::start("127.0.0.1:0", vm.uds(), SSH_PORT, |e| {
         eprintln!("forwarder: {e}")
     })
     .unwrap();
@@ -93,7 +68,7 @@ fn openssh_client_reaches_the_agent_over_vsock() {
     assert!(
         out.status.success() && text(&out.stdout).starts_with("Linux kiln "),
         "{out:?}\nserial:\n{}",
-        serial_text()
+        vm.serial()
     );
     eprintln!("ssh connect-to-first-byte {first_byte:?}; `ssh uname -a` {uname_time:?}");
 
@@ -125,7 +100,7 @@ fn openssh_client_reaches_the_agent_over_vsock() {
     let local = dir.path().join("payload.bin");
     std::fs::write(&local, &payload).unwrap();
     let out = client.scp(local.to_str().unwrap(), "root@127.0.0.1:/tmp/in.bin");
-    assert!(out.status.success(), "scp in: {out:?}\n{}", serial_text());
+    assert!(out.status.success(), "scp in: {out:?}\n{}", vm.serial());
     let back = dir.path().join("back.bin");
     let out = client.scp("root@127.0.0.1:/tmp/in.bin", back.to_str().unwrap());
     if !out.status.success() {
@@ -136,7 +111,7 @@ fn openssh_client_reaches_the_agent_over_vsock() {
         );
         panic!(
             "scp out: {out:?}\nwith -v: {again:?}\nserial:\n{}",
-            serial_text()
+            vm.serial()
         );
     }
     assert!(
@@ -149,7 +124,7 @@ fn openssh_client_reaches_the_agent_over_vsock() {
         local.display()
     );
     let out = client.sftp(&batch);
-    assert!(out.status.success(), "sftp: {out:?}\n{}", serial_text());
+    assert!(out.status.success(), "sftp: {out:?}\n{}", vm.serial());
     assert!(text(&out.stdout).contains("d/moved"), "{out:?}");
 
     let stranger = Client::new(&wrong, port, "root");
@@ -159,7 +134,7 @@ fn openssh_client_reaches_the_agent_over_vsock() {
 
     drop(fwd);
     let bye = Frame::Control(Message::Shutdown { grace_ms: 1000 });
-    writer.write_all(&bye.encode()).unwrap();
-    let (status, err) = vmm.wait(Duration::from_secs(120));
-    assert_eq!(status.code(), Some(0), "{err}\n{}", serial_text());
+    vm.send(&bye);
+    let (status, err, serial) = vm.wait(Duration::from_secs(120));
+    assert_eq!(status.code(), Some(0), "{err}\n{serial}");
 }
