@@ -55,6 +55,15 @@ fn without_avx() {
     console(&format!("re-exec without AVX failed: {e}"));
 }
 
+/// A second handle on the control connection for a reading thread, if
+/// there is a connection.
+fn reader_of(conn: &Conn) -> Option<File> {
+    conn.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|f| f.try_clone().ok())
+}
+
 fn main() {
     let is_init = std::process::id() == 1;
     if is_init {
@@ -167,11 +176,7 @@ fn wait_for_start(conn: &Conn) -> StartRequest {
         authorized_keys: Vec::new(),
         one_shot: true,
     };
-    let reader = conn
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .and_then(|f| f.try_clone().ok());
+    let reader = reader_of(conn);
     let Some(mut reader) = reader else {
         return default;
     };
@@ -322,11 +327,7 @@ fn listen_to_host(
     mut stdin: Option<std::process::ChildStdin>,
     host: Arc<HostRequests>,
 ) {
-    let reader = conn
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .and_then(|f| f.try_clone().ok());
+    let reader = reader_of(conn);
     let Some(mut reader) = reader else {
         return;
     };

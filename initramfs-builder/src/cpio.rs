@@ -79,15 +79,7 @@ impl<W: Write> Writer<W> {
         major: u32,
         minor: u32,
     ) -> Result<(), CpioError> {
-        self.header(
-            path,
-            S_IFCHR | (meta.mode & 0o7777),
-            meta,
-            1,
-            0,
-            (major, minor),
-        )
-        .map(|_| ())
+        self.device(path, S_IFCHR, meta, (major, minor))
     }
 
     pub fn block_device(
@@ -97,15 +89,19 @@ impl<W: Write> Writer<W> {
         major: u32,
         minor: u32,
     ) -> Result<(), CpioError> {
-        self.header(
-            path,
-            S_IFBLK | (meta.mode & 0o7777),
-            meta,
-            1,
-            0,
-            (major, minor),
-        )
-        .map(|_| ())
+        self.device(path, S_IFBLK, meta, (major, minor))
+    }
+
+    /// A device node of type `kind` (S_IFCHR or S_IFBLK): header only.
+    fn device(
+        &mut self,
+        path: &str,
+        kind: u32,
+        meta: Meta,
+        rdev: (u32, u32),
+    ) -> Result<(), CpioError> {
+        self.header(path, kind | (meta.mode & 0o7777), meta, 1, 0, rdev)
+            .map(|_| ())
     }
 
     pub fn fifo(&mut self, path: &str, meta: Meta) -> Result<(), CpioError> {
