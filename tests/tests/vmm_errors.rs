@@ -104,9 +104,16 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing() {
 #[test]
 fn kvm_permission_error_is_explained() {
     // As an unprivileged user, /dev/kvm (root-only here) cannot be opened.
+    // The binary is copied where that user can reach it, wherever the
+    // checkout lives.
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let vmm = dir.path().join("kiln-vmm");
+    std::fs::copy(bin("kiln-vmm"), &vmm).unwrap();
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(bin("kiln-vmm"))
+        .arg(&vmm)
         .args([
             "--kernel",
             kernel().to_str().unwrap(),
