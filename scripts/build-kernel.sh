@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Builds kiln's guest kernel (vmlinux for PVH boot, and a bzImage) from Debian's
-# linux-source-6.12, kernel/config.fragment and kernel/patches/*.patch.
+# linux-source-6.12, vmm/guest-kernel/config.fragment and
+# vmm/guest-kernel/patches/*.patch.
 # The result is cached outside the repo, keyed by a hash of every input, and
 # installed at $KILN_HOME/kernel/{vmlinux,bzImage} where kiln-vmm finds it.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
+recipe="$repo/vmm/guest-kernel"
 cache_root=${KILN_CACHE:-/var/cache/kiln}
 kiln_home=${KILN_HOME:-/var/lib/kiln}
 source_tar=/usr/src/linux-source-6.12.tar.xz
@@ -15,8 +17,8 @@ source_tar=/usr/src/linux-source-6.12.tar.xz
 source_version=$(dpkg-query -W -f='${Version}' linux-source-6.12)
 key=$( {
   echo "linux-source-6.12 $source_version"
-  cat "$repo/kernel/config.fragment"
-  cat "$repo"/kernel/patches/*.patch
+  cat "$recipe/config.fragment"
+  cat "$recipe"/patches/*.patch
   # The recipe itself is an input too.
   sed -n '/^# --- recipe ---$/,$p' "$0"
 } | sha256sum | cut -c1-16)
@@ -48,11 +50,11 @@ trap 'rm -rf "$work"' EXIT
 echo "build-kernel: building $key in $work (about 6-7 min on 2 cores)"
 tar -xf "$source_tar" -C "$work"
 src="$work/linux-source-6.12"
-for p in "$repo"/kernel/patches/*.patch; do
+for p in "$recipe"/patches/*.patch; do
   patch -d "$src" -p1 --quiet --forward <"$p"
 done
 make -C "$src" -s tinyconfig
-"$src/scripts/kconfig/merge_config.sh" -m -O "$src" "$src/.config" "$repo/kernel/config.fragment" >/dev/null
+"$src/scripts/kconfig/merge_config.sh" -m -O "$src" "$src/.config" "$recipe/config.fragment" >/dev/null
 make -C "$src" -s olddefconfig
 # Every line of the fragment must have survived olddefconfig: a silently
 # dropped option is a kernel that differs from the recipe.
@@ -63,7 +65,7 @@ while IFS= read -r line; do
     "# CONFIG_"*" is not set") opt=${line#\# }; opt=${opt%% *}
       if grep -q "^$opt=" "$src/.config"; then echo "build-kernel: not disabled: $opt" >&2; missing=1; fi ;;
   esac
-done <"$repo/kernel/config.fragment"
+done <"$recipe/config.fragment"
 [ "$missing" = 0 ] || exit 1
 make -C "$src" -s -j"$(nproc)" vmlinux bzImage
 tmp_out="$out.tmp.$$"
