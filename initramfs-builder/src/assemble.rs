@@ -2,7 +2,7 @@
 //! kiln's entries, write the cpio (pass two), compress, and measure.
 
 use crate::compress::{Compression, Encoder};
-use crate::digest::to_hex;
+use crate::digest::{to_hex, HashingWriter};
 use crate::image::AgentConfig;
 use crate::initramfs::{self, InitramfsError};
 use crate::layers::{self, LayerError, LayerSet};
@@ -52,25 +52,6 @@ pub struct Recipe<'a> {
     pub max_expanded: u64,
 }
 
-/// Hashes (SHA-384) and counts the final, compressed bytes.
-struct Measure<W> {
-    inner: W,
-    hasher: Sha384,
-    count: u64,
-}
-
-impl<W: Write> Write for Measure<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.count += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 pub fn assemble<W: Write>(
     layers: &mut dyn LayerSet,
     recipe: Recipe<'_>,
@@ -84,11 +65,9 @@ pub fn assemble<W: Write>(
     let mut config = recipe.config;
     config.image_init = initramfs::make_room(&mut tree);
     tracing::debug!(paths = tree.len(), "flattened");
-    let measure = Measure {
-        inner: BufWriter::with_capacity(256 * 1024, out),
-        hasher: Sha384::new(),
-        count: 0,
-    };
+    // The measurement covers the final, compressed bytes.
+    let measure: HashingWriter<_, Sha384> =
+        HashingWriter::with_hasher(BufWriter::with_capacity(256 * 1024, out));
     let enc = Encoder::new(recipe.compression, measure).map_err(AssembleError::Write)?;
     let enc = initramfs::write(
         &tree,
@@ -100,12 +79,12 @@ pub fn assemble<W: Write>(
     )?;
     let mut measure = enc.finish().map_err(AssembleError::Write)?;
     measure.flush().map_err(AssembleError::Write)?;
+    let (buffered, hasher, size) = measure.into_parts();
     let assembled = Assembled {
-        size: measure.count,
-        measurement: format!("sha384:{}", to_hex(&measure.hasher.finalize())),
+        size,
+        measurement: format!("sha384:{}", to_hex(&hasher.finalize())),
     };
-    let out = measure
-        .inner
+    let out = buffered
         .into_inner()
         .map_err(|e| AssembleError::Write(e.into_error()))?;
     Ok((out, assembled))

@@ -130,20 +130,17 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Hashes everything written through it.
-pub struct HashingWriter<W> {
+/// Hashes (SHA-256 unless another hasher is chosen) and counts everything
+/// written through it.
+pub struct HashingWriter<W, H = Sha256> {
     inner: W,
-    hasher: Sha256,
+    hasher: H,
     count: u64,
 }
 
 impl<W: Write> HashingWriter<W> {
     pub fn new(inner: W) -> Self {
-        HashingWriter {
-            inner,
-            hasher: Sha256::new(),
-            count: 0,
-        }
+        Self::with_hasher(inner)
     }
 
     pub fn finish(self) -> (W, Digest, u64) {
@@ -151,7 +148,22 @@ impl<W: Write> HashingWriter<W> {
     }
 }
 
-impl<W: Write> Write for HashingWriter<W> {
+impl<W: Write, H: sha2::Digest> HashingWriter<W, H> {
+    pub fn with_hasher(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: H::new(),
+            count: 0,
+        }
+    }
+
+    /// The sink, the hasher and the number of bytes written.
+    pub fn into_parts(self) -> (W, H, u64) {
+        (self.inner, self.hasher, self.count)
+    }
+}
+
+impl<W: Write, H: sha2::Digest> Write for HashingWriter<W, H> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
