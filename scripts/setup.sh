@@ -48,4 +48,6 @@ kiln_home=${KILN_HOME:-/var/lib/kiln}
 RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$repo/target/guest" \
   cargo build --quiet --release --target x86_64-unknown-linux-gnu -p kiln-agent --bin kiln-agent
 install -D -m 0755 "$repo/target/guest/x86_64-unknown-linux-gnu/release/kiln-agent" "$kiln_home/bin/kiln-agent"
+
+"$repo/scripts/build-demo-image.sh" "$kiln_home/demo/oci"
 echo "setup: done"

@@ -33,10 +33,43 @@ pub struct ImageConfig {
     pub user: Option<String>,
 }
 
-/// Either the bare config object or an OCI image config with a `config` key.
+/// The file kiln's image builder writes (`kiln_image::image::AgentConfig`):
+/// lower-case names, empty meaning unset.
+#[derive(Deserialize)]
+struct Built {
+    /// The image's identity; required, so other shapes do not match.
+    #[allow(dead_code)]
+    image: String,
+    entrypoint: Vec<String>,
+    cmd: Vec<String>,
+    #[serde(default)]
+    env: Vec<String>,
+    #[serde(default)]
+    working_dir: String,
+    #[serde(default)]
+    user: String,
+}
+
+impl From<Built> for ImageConfig {
+    fn from(b: Built) -> Self {
+        let some_vec = |v: Vec<String>| (!v.is_empty()).then_some(v);
+        let some_str = |s: String| (!s.is_empty()).then_some(s);
+        ImageConfig {
+            entrypoint: some_vec(b.entrypoint),
+            cmd: some_vec(b.cmd),
+            env: some_vec(b.env),
+            working_dir: some_str(b.working_dir),
+            user: some_str(b.user),
+        }
+    }
+}
+
+/// The builder's file, an OCI image config with a `config` key, or the
+/// bare config object (tried in that order).
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Stored {
+    Built(Built),
     Wrapped { config: ImageConfig },
     Bare(ImageConfig),
 }
@@ -54,6 +87,7 @@ impl ImageConfig {
 
     pub fn parse(text: &str) -> Result<Self, String> {
         match serde_json::from_str::<Stored>(text).map_err(|e| e.to_string())? {
+            Stored::Built(b) => Ok(b.into()),
             Stored::Wrapped { config } | Stored::Bare(config) => Ok(config),
         }
     }
@@ -167,6 +201,21 @@ mod tests {
     #[test]
     fn wrapped_config_defaults_and_nothing_to_run() {
         let image = ImageConfig::parse(r#"{"config":{"Cmd":["sh"]}}"#).unwrap();
+        // As kiln's image builder writes it.
+        let built = ImageConfig::parse(
+            r#"{"image":"sha256:ab","entrypoint":[],"cmd":["/bin/sh","-c","x"],"env":["PATH=/bin"],"working_dir":"","user":"","image_init":null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            built,
+            ImageConfig {
+                entrypoint: None,
+                cmd: Some(vec!["/bin/sh".into(), "-c".into(), "x".into()]),
+                env: Some(vec!["PATH=/bin".into()]),
+                working_dir: None,
+                user: None,
+            }
+        );
         let r = resolve(&image, &Workload::default()).unwrap();
         assert_eq!(r.argv, ["sh"]);
         assert!(r.env.iter().any(|(k, v)| k == "PATH" && v.contains("/bin")));
@@ -178,5 +227,40 @@ mod tests {
         assert!(ImageConfig::parse("[1,2]").is_err());
         let dir = std::env::temp_dir().join("kiln-agent-no-such-config.json");
         assert_eq!(ImageConfig::load(&dir).unwrap(), ImageConfig::default());
+    }
+}
+
+#[cfg(test)]
+mod builder_contract {
+    use super::*;
+    use kiln_image::digest::Digest;
+    use kiln_image::image::{AgentConfig, RunConfig};
+
+    /// The agent reads exactly what kiln's image builder writes.
+    #[test]
+    fn reads_the_builders_config_file() {
+        let run = RunConfig {
+            entrypoint: Some(vec!["/bin/app".into()]),
+            cmd: Some(vec!["--serve".into()]),
+            env: Some(vec!["A=1".into()]),
+            working_dir: Some("/srv".into()),
+            user: Some("app".into()),
+        };
+        let written = serde_json::to_string(&AgentConfig::new(Digest::of(b"x"), &run)).unwrap();
+        let read = ImageConfig::parse(&written).unwrap();
+        assert_eq!(
+            read,
+            ImageConfig {
+                entrypoint: run.entrypoint.clone(),
+                cmd: run.cmd.clone(),
+                env: run.env.clone(),
+                working_dir: run.working_dir.clone(),
+                user: run.user.clone(),
+            }
+        );
+        let bare =
+            serde_json::to_string(&AgentConfig::new(Digest::of(b"x"), &RunConfig::default()))
+                .unwrap();
+        assert_eq!(ImageConfig::parse(&bare).unwrap(), ImageConfig::default());
     }
 }

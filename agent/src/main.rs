@@ -14,10 +14,14 @@ use kiln_protocol::{read_frame, ExitStatus, Frame, Message, Workload, CONTROL_PO
 
 /// Console line that marks the agent ready (boot-time measurements look for it).
 const READY_MARKER: &str = "KILN_READY";
+/// Kernel parameter that makes the agent fail fatally once ready.
+const FAULT_PANIC: &str = "kiln.fault=panic";
 /// How long to keep trying the host's control socket at boot.
 const CONNECT_ATTEMPTS: u32 = 20;
-/// Exit code for a command that could not be started, as in a shell.
-const NOT_RUNNABLE: i32 = 127;
+/// Exit codes for a command that could not be started, as in a shell:
+/// the program does not exist, or it exists but cannot be run.
+const NOT_FOUND: i32 = 127;
+const NOT_EXECUTABLE: i32 = 126;
 
 type Conn = Arc<Mutex<Option<File>>>;
 
@@ -106,11 +110,15 @@ fn main() {
         }),
     );
     console(READY_MARKER);
+    if is_init && system::kernel_cmdline_has(FAULT_PANIC) {
+        // Lets tests prove how a fatal agent error ends the VM.
+        panic!("fault injected by {FAULT_PANIC}");
+    }
 
     let start = wait_for_start(&conn);
     // SSH is a convenience next to the workload: without it the VM still runs.
     if !start.authorized_keys.is_empty() {
-        match ssh::start(&start.authorized_keys) {
+        match ssh::start(&start.authorized_keys, start.ssh_host_key.as_deref()) {
             Ok(()) => console("ssh: listening on vsock port 22"),
             Err(e) => console(&format!("ssh: not serving: {e}")),
         }
@@ -140,10 +148,13 @@ fn connect_host() -> Option<File> {
     for attempt in 0..CONNECT_ATTEMPTS {
         match vsock::connect(vsock::HOST_CID, CONTROL_PORT) {
             Ok(f) => return Some(f),
-            Err(e) if attempt + 1 == CONNECT_ATTEMPTS => {
+            // No vsock device at all (drivers probe before init runs):
+            // waiting cannot help.
+            Err(e) if attempt + 1 == CONNECT_ATTEMPTS || e.raw_os_error() == Some(libc::ENODEV) => {
                 console(&format!(
                     "no host control channel ({e}); output goes to the console"
                 ));
+                return None;
             }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
@@ -164,6 +175,7 @@ struct StartRequest {
     workload: Workload,
     usage_interval: Duration,
     authorized_keys: Vec<String>,
+    ssh_host_key: Option<String>,
     one_shot: bool,
 }
 
@@ -174,6 +186,7 @@ fn wait_for_start(conn: &Conn) -> StartRequest {
         workload: Workload::default(),
         usage_interval: Duration::from_secs(1),
         authorized_keys: Vec::new(),
+        ssh_host_key: None,
         one_shot: true,
     };
     let reader = reader_of(conn);
@@ -186,12 +199,14 @@ fn wait_for_start(conn: &Conn) -> StartRequest {
                 workload,
                 usage_interval_ms,
                 authorized_keys,
+                ssh_host_key,
                 one_shot,
             })))) => {
                 return StartRequest {
                     workload,
                     usage_interval: Duration::from_millis(usage_interval_ms.max(100)),
                     authorized_keys,
+                    ssh_host_key,
                     one_shot,
                 }
             }
@@ -211,21 +226,26 @@ fn error(message: &str) -> Frame {
 fn run_workload(conn: &Conn, start: StartRequest, host: Arc<HostRequests>) -> ExitStatus {
     let image = match ImageConfig::load(Path::new(image_config::CONFIG_PATH)) {
         Ok(c) => c,
-        Err(e) => return not_runnable(conn, &e.to_string()),
+        Err(e) => return not_runnable(conn, &e.to_string(), NOT_EXECUTABLE),
     };
     let resolved = match image_config::resolve(&image, &start.workload) {
         Ok(r) => r,
-        Err(e) => return not_runnable(conn, &e.to_string()),
+        Err(e) => return not_runnable(conn, &e.to_string(), NOT_EXECUTABLE),
     };
     let identity = match user::resolve(resolved.user.as_deref(), Path::new("/")) {
         Ok(id) => id,
-        Err(e) => return not_runnable(conn, &e.to_string()),
+        Err(e) => return not_runnable(conn, &e.to_string(), NOT_EXECUTABLE),
     };
     let started = match workload::spawn(&resolved, &identity, start.workload.interactive) {
         Ok(s) => s,
         Err(e) => {
             let msg = format!("cannot run {}: {e}", resolved.argv[0]);
-            return not_runnable(conn, &msg);
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                NOT_FOUND
+            } else {
+                NOT_EXECUTABLE
+            };
+            return not_runnable(conn, &msg, code);
         }
     };
     let pid = started.pid;
@@ -276,14 +296,16 @@ fn run_workload(conn: &Conn, start: StartRequest, host: Arc<HostRequests>) -> Ex
 }
 
 /// Reports a workload that could not start the way a shell would.
-fn not_runnable(conn: &Conn, message: &str) -> ExitStatus {
+fn not_runnable(conn: &Conn, message: &str, code: i32) -> ExitStatus {
     console(message);
     send(
         conn,
-        &Frame::Stderr(format!("kiln-agent: {message}\n").into_bytes()),
+        &Frame::Control(Message::NotStarted {
+            message: message.to_string(),
+        }),
     );
     let mut peak = 0;
-    let status = ExitStatus::Code(NOT_RUNNABLE);
+    let status = ExitStatus::Code(code);
     send(
         conn,
         &Frame::Control(Message::Exited {

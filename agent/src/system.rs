@@ -131,3 +131,8 @@ pub fn power_off() -> ! {
         std::thread::sleep(std::time::Duration::from_secs(3600));
     }
 }
+
+/// Whether the kernel command line has `param` as one of its words.
+pub fn kernel_cmdline_has(param: &str) -> bool {
+    std::fs::read_to_string("/proc/cmdline").is_ok_and(|c| c.split_whitespace().any(|w| w == param))
+}

@@ -1,1 +1,5 @@
-//! kiln-bridge: grants, the Backend trait and the Fleet router. Not written yet (issue 6); this crate is an empty placeholder.
+//! kiln-bridge: drives micro-VMs for grants. It starts `kiln-vmm`
+//! processes and talks to their agents; it must not talk to KVM itself.
+//! Grants, the Backend trait and the Fleet router are still to come (issue 6).
+
+pub mod machine;

@@ -1,16 +1,28 @@
-//! kiln: the command line. For now `kiln image build|ls|rm|prune`; the
-//! logic lives in the libraries, this file only parses and prints.
+//! kiln: the command line. The logic lives in the libraries; this binary
+//! parses, prints, and turns outcomes into exit codes.
 
-use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
-use kiln_image::build::{self, Event, Input, Options};
+mod demo;
+mod exit_code;
+mod image;
+mod run;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
 use kiln_image::cache::Cache;
-use kiln_image::compress::Compression;
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
+const EXIT_CODES_HELP: &str = "\
+Exit codes of `kiln run` and `kiln demo`:
+  N    the command's own exit code (128+N if a signal N ended it)
+  124  --timeout passed; the VM was stopped
+  125  kiln failed: image, KVM, kernel, memory, or the VM stopped early
+  126  the command could not be started
+  127  the command does not exist in the image
+  130  stopped by a second Ctrl-C
+Other commands exit 0 on success and 1 on error.";
+
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "KVM micro-VMs from OCI images")]
+#[command(name = "kiln", version, about = "KVM micro-VMs from OCI images", after_help = EXIT_CODES_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,61 +30,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a command in a fresh micro-VM made from an image, like `docker run --rm`.
+    Run(Box<run::RunArgs>),
+    /// Boot the demo image that scripts/setup.sh prepared and show what it sees.
+    Demo(demo::DemoArgs),
     /// Build and manage initramfs images.
     #[command(subcommand)]
-    Image(ImageCommand),
-}
-
-#[derive(Subcommand)]
-enum ImageCommand {
-    /// Turn an OCI/Docker image into a cached, deterministic initramfs.
-    Build(BuildArgs),
-    /// List built initramfs files.
-    Ls {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Remove builds by reference, image digest or build key.
-    Rm {
-        #[arg(required = true)]
-        what: Vec<String>,
-    },
-    /// Delete blobs no build needs and leftover temporary files.
-    Prune,
-}
-
-#[derive(Args)]
-struct BuildArgs {
-    /// Registry reference (alpine:3.20, 127.0.0.1:5000/x:1, …@sha256:…).
-    #[arg(required_unless_present_any = ["docker_archive", "oci_layout"])]
-    reference: Option<String>,
-    /// Build from a `docker save` tarball instead.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["reference", "oci_layout"])]
-    docker_archive: Option<PathBuf>,
-    /// Build from an OCI layout directory or OCI archive (PATH[:TAG]).
-    #[arg(long, value_name = "PATH[:TAG]", conflicts_with = "reference")]
-    oci_layout: Option<String>,
-    /// The agent binary to install as /init [default: $KILN_HOME/bin/kiln-agent].
-    #[arg(long, value_name = "PATH")]
-    agent: Option<PathBuf>,
-    /// none | gzip | zstd | lz4 (none boots fastest on kiln hosts).
-    #[arg(long, default_value = "none")]
-    compression: Compression,
-    /// Also write the initramfs to FILE.
-    #[arg(short = 'o', long = "output", value_name = "FILE")]
-    output: Option<PathBuf>,
-    /// Refuse images whose layers expand to more than this many bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = kiln_image::assemble::DEFAULT_MAX_EXPANDED)]
-    max_size: u64,
-    /// A registry (host[:port]) to reach over plain HTTP (repeatable).
-    #[arg(long = "insecure-registry", value_name = "HOST")]
-    insecure: Vec<String>,
-    /// Look the tag up again even if the cache knows it.
-    #[arg(long)]
-    refresh: bool,
-    /// Print the result as JSON.
-    #[arg(long)]
-    json: bool,
+    Image(image::ImageCommand),
 }
 
 fn kiln_home() -> PathBuf {
@@ -82,14 +46,6 @@ fn kiln_home() -> PathBuf {
 }
 
 fn main() {
-    if let Err(e) = run() {
-        // One line, the whole cause chain: `kiln: what failed: why: …`.
-        eprintln!("kiln: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
@@ -98,135 +54,68 @@ fn run() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let runs_vm = matches!(cli.command, Command::Run(_) | Command::Demo(_));
+    match dispatch(cli.command) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            // One line, the whole cause chain: `kiln: what failed: why: …`.
+            match hint(&e) {
+                Some(h) => eprintln!("kiln: {e:#} ({h})"),
+                None => eprintln!("kiln: {e:#}"),
+            }
+            std::process::exit(if runs_vm { exit_code::KILN_ERROR } else { 1 });
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<i32> {
     let home = kiln_home();
-    let Command::Image(cmd) = cli.command;
     let cache = Cache::open(&home.join("images"))
         .with_context(|| format!("opening the image cache in {}", home.display()))?;
-    match cmd {
-        ImageCommand::Build(args) => image_build(&cache, &home, args),
-        ImageCommand::Ls { json } => image_ls(&cache, json),
-        ImageCommand::Rm { what } => {
-            for w in what {
-                let removed = cache.remove(&w)?;
-                if removed.is_empty() {
-                    bail!("no build matches {w:?}");
-                }
-                for r in removed {
-                    println!("removed {} ({})", r.key, r.source);
-                }
-            }
-            Ok(())
-        }
-        ImageCommand::Prune => {
-            let freed = cache.prune()?;
-            println!("freed {}", human(freed));
-            Ok(())
-        }
+    match command {
+        Command::Run(args) => run::run(&cache, &home, *args),
+        Command::Demo(args) => demo::demo(&cache, &home, args),
+        Command::Image(cmd) => image::run(&cache, &home, cmd).map(|()| 0),
     }
 }
 
-fn image_build(cache: &Cache, home: &std::path::Path, a: BuildArgs) -> Result<()> {
-    let input = match (a.reference, a.docker_archive, a.oci_layout) {
-        (_, Some(f), _) => Input::DockerArchive(f),
-        (_, _, Some(l)) => Input::OciLayout(l),
-        (Some(r), _, _) => Input::Registry(r),
-        (None, None, None) => bail!("give an image reference, --docker-archive or --oci-layout"),
-    };
-    let opts = Options {
-        input,
-        agent: a.agent.unwrap_or_else(|| home.join("bin/kiln-agent")),
-        compression: a.compression,
-        max_expanded: a.max_size,
-        insecure: a.insecure,
-        docker_config: None,
-        refresh: a.refresh,
-        output: a.output,
-    };
-    let tty = std::io::stderr().is_terminal();
-    let mut progress = |e: Event<'_>| {
-        if !tty {
-            return;
-        }
-        let mut err = std::io::stderr();
-        let _ = match e {
-            Event::Download {
-                layer,
-                of,
-                digest,
-                bytes,
-            } => write!(
-                err,
-                "\r\x1b[Kpull  layer {}/{of} {:.19} {}",
-                layer + 1,
-                digest.to_string(),
-                human(bytes)
-            ),
-            Event::Flatten { layer, of } => write!(err, "\r\x1b[Kflatten layer {}/{of}", layer + 1),
-            Event::Write => write!(err, "\r\x1b[K"),
+/// What to do about the errors users will meet, where the message alone
+/// does not say.
+fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    use kiln_image::image::ImageError;
+    use kiln_image::registry::client::RegistryError;
+    use kiln_image::source::SourceError;
+    e.chain().find_map(|cause| {
+        // A transparent wrapper hides the registry error from the chain.
+        let registry = match cause.downcast_ref::<SourceError>() {
+            Some(SourceError::Registry(r)) => Some(r),
+            _ => cause.downcast_ref::<RegistryError>(),
         };
-    };
-    let built = build::build(cache, &opts, &mut progress)?;
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "digest": built.digest,
-                "size": built.size,
-                "measurement": built.measurement,
-                "path": built.path,
-                "cached": built.cached,
-                "compression": built.compression,
-            })
-        );
-    } else {
-        println!(
-            "{} {} ({}, image {}{})",
-            built.measurement,
-            built.path.display(),
-            human(built.size),
-            built.digest,
-            if built.cached { ", cached" } else { "" }
-        );
-    }
-    Ok(())
+        if let Some(r) = registry {
+            return match r {
+                RegistryError::Transport { .. } => {
+                    Some("check the registry address and that this host can reach it")
+                }
+                RegistryError::Status { status: 404, .. } => {
+                    Some("no such image or tag there; check the name")
+                }
+                RegistryError::Unauthorized { .. } => {
+                    Some("log in with `docker login` or check the credentials")
+                }
+                _ => None,
+            };
+        }
+        match cause.downcast_ref::<ImageError>() {
+            Some(ImageError::WrongPlatform { .. } | ImageError::NoPlatform(_)) => {
+                Some("kiln runs linux/amd64 images; use an amd64 build of the image")
+            }
+            _ => None,
+        }
+    })
 }
 
-fn image_ls(cache: &Cache, json: bool) -> Result<()> {
-    let builds = cache.list()?;
-    let refs = cache.refs()?;
-    if json {
-        let v: Vec<_> = builds
-            .iter()
-            .map(|b| {
-                let names: Vec<&str> = refs
-                    .iter()
-                    .filter(|r| r.image == b.image)
-                    .map(|r| r.reference.as_str())
-                    .collect();
-                serde_json::json!({
-                    "key": b.key, "digest": b.image, "source": b.source, "references": names,
-                    "compression": b.compression, "size": b.size,
-                    "measurement": b.measurement, "path": cache.build_path(b),
-                })
-            })
-            .collect();
-        println!("{}", serde_json::Value::Array(v));
-        return Ok(());
-    }
-    for b in builds {
-        println!(
-            "{:.12}  {:<6} {:>10}  {:.19}  {}",
-            b.key,
-            b.compression.to_string(),
-            human(b.size),
-            b.image.to_string(),
-            b.source
-        );
-    }
-    Ok(())
-}
-
-fn human(n: u64) -> String {
+/// Bytes for humans.
+pub fn human(n: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
     let mut v = n as f64;
     let mut u = 0;

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use kiln_image::cpio::{Meta, Writer};
 
 pub mod openssh;
+pub mod peer;
+pub mod registry;
 
 /// The workspace root (parent of this crate).
 pub fn workspace_root() -> PathBuf {

@@ -54,6 +54,8 @@ pub struct Client {
     key: PathBuf,
     port: u16,
     user: String,
+    /// Pin the server's host key to this known_hosts file.
+    known_hosts: Option<PathBuf>,
 }
 
 impl Client {
@@ -62,7 +64,14 @@ impl Client {
             key: key.to_path_buf(),
             port,
             user: user.to_string(),
+            known_hosts: None,
         }
+    }
+
+    /// Only accept the host keys in `known_hosts` (else any key).
+    pub fn pinned(mut self, known_hosts: &Path) -> Self {
+        self.known_hosts = Some(known_hosts.to_path_buf());
+        self
     }
 
     /// `user@127.0.0.1:path` for scp.
@@ -71,14 +80,18 @@ impl Client {
     }
 
     fn options(&self, cmd: &mut Command, port_flag: &str) {
+        let (strict, known) = match &self.known_hosts {
+            Some(k) => ("yes", k.display().to_string()),
+            None => ("no", "/dev/null".to_string()),
+        };
         cmd.arg("-i")
             .arg(&self.key)
             .args([port_flag, &self.port.to_string()])
             .args([
                 "-o",
-                "StrictHostKeyChecking=no",
+                &format!("StrictHostKeyChecking={strict}"),
                 "-o",
-                "UserKnownHostsFile=/dev/null",
+                &format!("UserKnownHostsFile={known}"),
                 "-o",
                 "IdentitiesOnly=yes",
                 "-o",

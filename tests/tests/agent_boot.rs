@@ -40,6 +40,7 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
             interactive: false,
         },
         authorized_keys: vec![],
+        ssh_host_key: None,
         usage_interval_ms: 200,
         one_shot: true,
     });
@@ -76,4 +77,38 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
     let (code, err, text) = vm.wait(Duration::from_secs(120));
     assert_eq!(code.code(), Some(0), "{err}\n{text}");
     assert!(text.contains("KILN_READY"), "{text}");
+}
+
+/// PID 1 must never just die: a fatal agent error is written to the
+/// console and the VM stops with kiln-vmm's init-failure status (6), which
+/// a host can tell apart from a clean power-off (0).
+#[test]
+fn a_fatal_agent_error_stops_the_vm_with_a_distinct_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = GuestRoot::new(&agent()).write(dir.path());
+    let serial = dir.path().join("serial.log");
+    let vmm = kiln_tests::VmmProcess::spawn(&[
+        "--kernel",
+        kiln_tests::kernel().to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 reboot=k panic=-1 quiet kiln.fault=panic",
+        "--serial-log",
+        serial.to_str().unwrap(),
+        "--watchdog-secs",
+        "0",
+    ]);
+    let (status, stderr) = vmm.wait(Duration::from_secs(600));
+    let console = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert_eq!(
+        status.code(),
+        Some(6),
+        "stderr: {stderr}\nconsole:\n{console}"
+    );
+    assert!(
+        console.contains("KILN_AGENT_FATAL") && console.contains("kiln.fault=panic"),
+        "{console}"
+    );
+    assert!(stderr.contains("init reported a fatal error"), "{stderr}");
 }

@@ -32,6 +32,7 @@ fn openssh_client_reaches_the_agent_over_vsock() {
     let start = Frame::Control(Message::Start {
         workload: Workload::default(),
         authorized_keys: vec![public],
+        ssh_host_key: None,
         usage_interval_ms: 1000,
         one_shot: false,
     });

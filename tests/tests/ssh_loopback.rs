@@ -23,16 +23,23 @@ fn openssh_client_against_the_agent_server_on_loopback() {
     let wrong = keygen(dir.path(), "stranger");
     let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
 
+    // The host picks the host key (so it can pin it); the client checks it.
+    let host_key = keygen(dir.path(), "host");
+    let host_private = std::fs::read_to_string(&host_key).unwrap();
+    let host_public = std::fs::read_to_string(host_key.with_extension("pub")).unwrap();
+
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    kiln_agent::ssh::start_on(&[public], move || {
+    kiln_agent::ssh::start_on(&[public], Some(&host_private), move || {
         let (s, _) = listener.accept()?;
         Ok(File::from(OwnedFd::from(s)))
     })
     .unwrap();
 
     let user = me();
-    let client = Client::new(&key, port, &user);
+    let known_hosts = dir.path().join("known_hosts");
+    std::fs::write(&known_hosts, format!("[127.0.0.1]:{port} {host_public}")).unwrap();
+    let client = Client::new(&key, port, &user).pinned(&known_hosts);
     let out = client.ssh(&[], "uname -s; echo $USER:$LOGNAME; cat", b"in\n");
     assert!(out.status.success(), "{out:?}");
     assert_eq!(text(&out.stdout), format!("Linux\n{user}:{user}\nin\n"));

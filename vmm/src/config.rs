@@ -89,6 +89,10 @@ pub struct VmConfig {
     /// A line on the serial console that marks the guest ready (for metrics).
     #[serde(default = "default_ready_marker")]
     pub ready_marker: String,
+    /// A line on the serial console by which the guest's init announces a
+    /// fatal error; the VM's stop is then reported as an init failure.
+    #[serde(default = "default_init_failed_marker")]
+    pub init_failed_marker: String,
     /// Stop the VM when the guest shows no activity for this long; 0 disables.
     #[serde(default = "default_watchdog_secs")]
     pub watchdog_secs: u64,
@@ -112,6 +116,9 @@ fn default_true() -> bool {
 pub fn default_ready_marker() -> String {
     "KILN_READY".to_string()
 }
+pub fn default_init_failed_marker() -> String {
+    "KILN_AGENT_FATAL".to_string()
+}
 fn default_watchdog_secs() -> u64 {
     120
 }
@@ -130,6 +137,7 @@ impl VmConfig {
             vsock: None,
             rng: true,
             ready_marker: default_ready_marker(),
+            init_failed_marker: default_init_failed_marker(),
             watchdog_secs: default_watchdog_secs(),
             tdx: false,
         }

@@ -16,6 +16,7 @@ pub mod code {
     pub const EMULATION_FAILURE: i32 = 3;
     pub const WATCHDOG: i32 = 4;
     pub const GUEST_PANIC: i32 = 5;
+    pub const INIT_FAILED: i32 = 6;
     /// Plus the signal number, like a shell.
     pub const SIGNAL_BASE: i32 = 128;
 }
@@ -29,6 +30,9 @@ pub enum ExitReason {
     GuestShutdown,
     /// The guest kernel reported a crash through KVM.
     GuestPanic,
+    /// The guest's init (the kiln agent) reported a fatal error, then
+    /// stopped the VM.
+    InitFailed,
     /// A vCPU took a triple fault.
     TripleFault { vcpu: u8 },
     /// KVM could not emulate a guest instruction.
@@ -51,6 +55,7 @@ impl ExitReason {
         match self {
             ExitReason::GuestReset | ExitReason::GuestShutdown => code::GUEST_STOPPED,
             ExitReason::GuestPanic => code::GUEST_PANIC,
+            ExitReason::InitFailed => code::INIT_FAILED,
             ExitReason::TripleFault { .. } => code::TRIPLE_FAULT,
             ExitReason::EmulationFailure { .. } => code::EMULATION_FAILURE,
             ExitReason::Watchdog { .. } => code::WATCHDOG,
@@ -66,6 +71,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::GuestReset => write!(f, "guest reset the VM"),
             ExitReason::GuestShutdown => write!(f, "guest powered off"),
             ExitReason::GuestPanic => write!(f, "guest kernel panicked"),
+            ExitReason::InitFailed => write!(f, "the guest's init reported a fatal error"),
             ExitReason::TripleFault { vcpu } => write!(f, "triple fault on vCPU {vcpu}"),
             ExitReason::EmulationFailure {
                 vcpu,
@@ -178,12 +184,14 @@ mod tests {
             .exit_code(),
             ExitReason::Watchdog { idle_secs: 1 }.exit_code(),
             ExitReason::GuestPanic.exit_code(),
+            ExitReason::InitFailed.exit_code(),
             ExitReason::VmmError {
                 message: String::new(),
             }
             .exit_code(),
         ];
         let mut sorted = all.to_vec();
+        sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(sorted.len(), all.len());
         assert_eq!(ExitReason::Signal { signal: 15 }.exit_code(), 143);

@@ -17,6 +17,7 @@ Exit status:
   3    KVM could not emulate a guest instruction (RIP and bytes are printed)
   4    watchdog: no guest activity for --watchdog-secs
   5    the guest kernel reported a panic
+  6    the guest's init (kiln-agent) reported a fatal error, then stopped the VM
   128+N  stopped by signal N (SIGTERM, SIGINT, or the parent's death)";
 
 #[derive(Parser, Debug)]
@@ -72,6 +73,10 @@ struct Args {
     /// Stop the VM (SIGTERM) when the process that started kiln-vmm dies
     #[arg(long)]
     die_with_parent: bool,
+    /// Remove this file or directory tree when the VMM exits, however the
+    /// VM ended (repeatable); lets a launcher that dies leave nothing behind
+    #[arg(long, value_name = "PATH")]
+    cleanup: Vec<PathBuf>,
     /// Print what this host offers micro-VMs and exit
     #[arg(long)]
     capabilities: bool,
@@ -92,6 +97,7 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let args = Args::parse();
+    let _cleanup = Cleanup(args.cleanup.clone());
     match run(args, started) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
@@ -195,6 +201,27 @@ fn merge_config(args: &Args) -> anyhow::Result<VmConfig> {
     }
     c.tdx |= args.tdx;
     Ok(c)
+}
+
+/// Paths removed when `main` returns.
+struct Cleanup(Vec<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let is_dir = std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+            let gone = if is_dir {
+                std::fs::remove_dir_all(p)
+            } else {
+                std::fs::remove_file(p)
+            };
+            if let Err(e) = gone {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    eprintln!("kiln-vmm: cannot remove {}: {e}", p.display());
+                }
+            }
+        }
+    }
 }
 
 /// Asks the kernel to send SIGTERM when the parent dies, and checks that

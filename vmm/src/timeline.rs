@@ -13,6 +13,7 @@ pub struct Timeline {
     first_kvm_run: AtomicU64,
     first_serial_output: AtomicU64,
     ready_marker: AtomicU64,
+    init_failed: AtomicU64,
     last_activity: AtomicU64,
 }
 
@@ -23,6 +24,7 @@ impl Timeline {
             first_kvm_run: AtomicU64::new(UNSET),
             first_serial_output: AtomicU64::new(UNSET),
             ready_marker: AtomicU64::new(UNSET),
+            init_failed: AtomicU64::new(UNSET),
             last_activity: AtomicU64::new(0),
         }
     }
@@ -53,6 +55,11 @@ impl Timeline {
         Self::mark_once(&self.ready_marker, self.now_us());
     }
 
+    /// The guest's init announced a fatal error on the console.
+    pub fn mark_init_failed(&self) {
+        Self::mark_once(&self.init_failed, self.now_us());
+    }
+
     /// Any sign of life from the guest: a device access or a queue event.
     pub fn mark_activity(&self) {
         self.last_activity.store(self.now_us(), Ordering::Release);
@@ -78,6 +85,9 @@ impl Timeline {
     }
     pub fn ready_marker(&self) -> Option<Duration> {
         Self::get(&self.ready_marker)
+    }
+    pub fn init_failed(&self) -> Option<Duration> {
+        Self::get(&self.init_failed)
     }
 }
 

@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootError, BootProtocol, KernelEntry};
 use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::devices::i8042::I8042;
-use crate::devices::serial::{ConsoleSink, IrqTrigger, SerialDevice};
+use crate::devices::serial::{ConsoleSink, IrqTrigger, Markers, SerialDevice};
 use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{MuxerError, Vsock};
@@ -211,7 +211,14 @@ impl Vm {
         let serial = Arc::new(Mutex::new(SerialDevice {
             uart: Serial::new(
                 IrqTrigger(serial_irq),
-                ConsoleSink::new(console_out, &config.ready_marker, timeline.clone()),
+                ConsoleSink::new(
+                    console_out,
+                    &Markers {
+                        ready: config.ready_marker.clone(),
+                        init_failed: config.init_failed_marker.clone(),
+                    },
+                    timeline.clone(),
+                ),
             ),
         }));
         pio.insert(serial.clone(), 0x3f8, 8)?;
@@ -390,7 +397,7 @@ impl Vm {
                 });
             }
             if let Some(reason) = self.state.exit_reason() {
-                break reason;
+                break self.with_init_failure(reason);
             }
             if !watchdog.is_zero() && self.state.timeline.since_last_activity() > watchdog {
                 self.state.request_exit(ExitReason::Watchdog {
@@ -422,6 +429,16 @@ impl Vm {
         }
         drop(signals);
         VmOutcome { reason, metrics }
+    }
+
+    /// A guest stop after init's fatal-error marker is that failure.
+    fn with_init_failure(&self, reason: ExitReason) -> ExitReason {
+        let stopped = matches!(reason, ExitReason::GuestReset | ExitReason::GuestShutdown);
+        if stopped && self.state.timeline.init_failed().is_some() {
+            ExitReason::InitFailed
+        } else {
+            reason
+        }
     }
 
     fn metrics(&self, reason: &ExitReason) -> Metrics {

@@ -112,6 +112,10 @@ pub enum Message {
         /// OpenSSH public keys allowed to log in.
         #[serde(default)]
         authorized_keys: Vec<String>,
+        /// The SSH host key to serve (OpenSSH private key format), so the
+        /// host can pin it; the agent makes one up when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ssh_host_key: Option<String>,
         #[serde(default = "default_usage_interval")]
         usage_interval_ms: u64,
         /// Power the VM off when the workload ends.
@@ -120,6 +124,9 @@ pub enum Message {
     },
     /// Agent -> host: the workload started.
     Started { pid: u32 },
+    /// Agent -> host: the workload could not be started (its `Exited`
+    /// follows, with 127 when the program does not exist, else 126).
+    NotStarted { message: String },
     /// Agent -> host: periodic and final usage.
     Usage(Usage),
     /// Agent -> host: the workload ended.
@@ -284,6 +291,7 @@ mod tests {
                     interactive: true,
                 },
                 authorized_keys: vec!["ssh-ed25519 AAAA test".into()],
+                ssh_host_key: None,
                 usage_interval_ms: 500,
                 one_shot: true,
             }),

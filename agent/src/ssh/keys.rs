@@ -8,6 +8,13 @@ use russh::keys::{PrivateKey, PublicKey};
 pub enum KeyError {
     #[error("no randomness for the host key")]
     Random(#[source] std::io::Error),
+    #[error("the host key from the host is not an OpenSSH private key")]
+    BadHostKey,
+}
+
+/// The host key the host chose (so it can pin its fingerprint).
+pub fn parse_host_key(text: &str) -> Result<PrivateKey, KeyError> {
+    PrivateKey::from_openssh(text).map_err(|_| KeyError::BadHostKey)
 }
 
 /// Parses OpenSSH `authorized_keys` lines; returns the keys and the lines

@@ -37,16 +37,18 @@ pub enum SshError {
 }
 
 /// Starts serving SSH on vsock port [`SSH_PORT`] for `authorized_keys`
-/// (OpenSSH public key lines) and returns once the server is listening.
-pub fn start(authorized_keys: &[String]) -> Result<(), SshError> {
+/// (OpenSSH public key lines) with `host_key` (OpenSSH private key; a new
+/// one when None) and returns once the server is listening.
+pub fn start(authorized_keys: &[String], host_key: Option<&str>) -> Result<(), SshError> {
     let listener = vsock::listen(SSH_PORT).map_err(SshError::Listen)?;
-    start_on(authorized_keys, move || vsock::accept(&listener))
+    start_on(authorized_keys, host_key, move || vsock::accept(&listener))
 }
 
 /// Serves SSH on the connected streams `accept` returns (any SOCK_STREAM
 /// descriptor; tests use TCP on loopback where vsock is not available).
 pub fn start_on(
     authorized_keys: &[String],
+    host_key: Option<&str>,
     accept: impl FnMut() -> std::io::Result<File> + Send + 'static,
 ) -> Result<(), SshError> {
     let (allowed, bad) = keys::parse_authorized(authorized_keys);
@@ -56,7 +58,11 @@ pub fn start_on(
     if allowed.is_empty() {
         return Err(SshError::NoKeys);
     }
-    let config = Arc::new(config(keys::host_key()?));
+    let host_key = match host_key {
+        Some(text) => keys::parse_host_key(text)?,
+        None => keys::host_key()?,
+    };
+    let config = Arc::new(config(host_key));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

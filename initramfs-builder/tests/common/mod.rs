@@ -1,6 +1,6 @@
 //! Test fixtures: layer tars written byte by byte (so hostile names are
 //! possible), an in-memory layer set, and a readable view of the output.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod tools;
 

@@ -3,53 +3,10 @@
 //! Prints medians, the ratio, and kiln-vmm's time to first KVM_RUN and RSS
 //! overhead. Usage: kiln-bench-boot [RUNS] [VCPUS] (default 5, 1).
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use kiln_tests::peer::{median, pvm_host, qemu_microvm, time_to_marker, BASE_CMDLINE, MARKER};
 use kiln_tests::{bin, guest_init, initramfs_with_init, kernel};
-
-const MARKER: &str = "KILN_READY";
-const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
-/// What kiln-vmm's PVM host profile adds, given to QEMU by hand.
-const PVM_CMDLINE: &str = "noxsave clearcpuid=popcnt,smap kiln_pvm_quirks";
-
-/// Runs `cmd` until its stdout shows the marker; returns that time, then
-/// waits for it to exit.
-fn time_to_marker(mut cmd: Command) -> Result<Duration, String> {
-    let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("spawn: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut found = None;
-    for line in BufReader::new(stdout).lines() {
-        let Ok(line) = line else { break };
-        if found.is_none() && line.contains(MARKER) {
-            found = Some(start.elapsed());
-        }
-    }
-    let status = child.wait().map_err(|e| format!("wait: {e}"))?;
-    match found {
-        Some(t) if status.success() => Ok(t),
-        Some(_) => Err(format!("exited with {status}")),
-        None => Err(format!("no marker; exited with {status}")),
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -58,12 +15,7 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let initrd = initramfs_with_init(dir.path(), &guest_init());
     let kernel = kernel();
-    let pvm = Path::new("/sys/module/kvm_pvm").exists();
-    let append = if pvm {
-        format!("{BASE_CMDLINE} {PVM_CMDLINE} -- bench")
-    } else {
-        format!("{BASE_CMDLINE} -- bench")
-    };
+    let pvm = pvm_host();
     println!(
         "kernel {} | initramfs {} bytes | {vcpus} vCPU, 256 MiB | {runs} runs each, alternating | host: {}",
         kernel.display(),
@@ -100,28 +52,7 @@ fn main() {
             }
             Err(e) => println!("run {i}: kiln-vmm failed: {e}"),
         }
-        let mut q = Command::new("qemu-system-x86_64");
-        q.args(["-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on"])
-            .args(["-enable-kvm", "-cpu"])
-            // On PVM hosts QEMU's `-cpu host` aborts setting
-            // IA32_ARCH_CAPABILITIES, and needs the same masks kiln applies.
-            .arg(if pvm {
-                "host,-cx16,-arch-capabilities,kvm-pv-unhalt=off,kvm-pv-ipi=off,kvm-pv-sched-yield=off"
-            } else {
-                "host"
-            })
-            .args(["-m", "256", "-smp", &vcpus.to_string()])
-            .args([
-                "-nodefaults",
-                "-no-user-config",
-                "-nographic",
-                "-serial",
-                "stdio",
-            ])
-            .args(["-no-reboot", "-device", "virtio-rng-device"])
-            .args(["-kernel", kernel.to_str().unwrap_or_default()])
-            .args(["-initrd", initrd.to_str().unwrap_or_default()])
-            .args(["-append", &append]);
+        let q = qemu_microvm(&kernel, &initrd, vcpus, 256, "bench");
         match time_to_marker(q) {
             Ok(t) => {
                 qemu.push(t.as_secs_f64());

@@ -131,36 +131,6 @@ fn host_connect() -> std::io::Result<String> {
     Ok(line)
 }
 
-/// What `scripts/demo.sh` shows: proof that this is a separate machine.
-fn demo() {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    say(&format!("kernel:   {}", read("/proc/version").trim()));
-    say(&format!("vCPUs:    {}", nproc()));
-    let mem = read("/proc/meminfo");
-    let total = mem.lines().next().unwrap_or_default();
-    say(&format!(
-        "memory:   {}",
-        total.trim_start_matches("MemTotal:").trim()
-    ));
-    let mut rnd = [0u8; 8];
-    if std::fs::File::open("/dev/hwrng")
-        .and_then(|mut f| f.read_exact(&mut rnd))
-        .is_ok()
-    {
-        say(&format!(
-            "hwrng:    {}",
-            rnd.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        ));
-    }
-    say(&format!(
-        "uptime:   {} s",
-        read("/proc/uptime")
-            .split_whitespace()
-            .next()
-            .unwrap_or("?")
-    ));
-}
-
 fn reboot() -> ! {
     // SAFETY: reboot(2) as PID 1; with reboot=k the VMM sees the reset.
     unsafe {
@@ -191,10 +161,6 @@ fn main() {
     }
     mount("devtmpfs", "/dev", "devtmpfs");
     say("KILN_READY");
-    if mode == "demo" {
-        demo();
-        reboot();
-    }
     say(&format!("nproc={}", nproc()));
 
     let mut rnd = [0u8; 16];

@@ -1,5 +1,6 @@
 //! COM1: a 16550A UART (vm-superio) at port 0x3f8 on IRQ 4. Its output is
-//! copied to the configured sink and scanned for the readiness marker.
+//! copied to the configured sink and scanned for the readiness marker and
+//! the init-failure marker.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -21,21 +22,36 @@ impl Trigger for IrqTrigger {
     }
 }
 
-/// Where guest console bytes go; records the first byte and the marker.
+/// Console markers the sink looks for (empty: not looked for).
+pub struct Markers {
+    /// The guest is ready.
+    pub ready: String,
+    /// The guest's init failed fatally (it powers off right after).
+    pub init_failed: String,
+}
+
+/// Where guest console bytes go; records the first byte and the markers.
 pub struct ConsoleSink {
     out: Option<Box<dyn Write + Send>>,
-    marker: Vec<u8>,
-    /// The last `marker.len()` bytes seen.
+    ready: Vec<u8>,
+    init_failed: Vec<u8>,
+    /// The last bytes seen, as many as the longest marker.
     window: Vec<u8>,
     timeline: Arc<Timeline>,
 }
 
 impl ConsoleSink {
-    pub fn new(out: Option<Box<dyn Write + Send>>, marker: &str, timeline: Arc<Timeline>) -> Self {
+    pub fn new(
+        out: Option<Box<dyn Write + Send>>,
+        markers: &Markers,
+        timeline: Arc<Timeline>,
+    ) -> Self {
+        let longest = markers.ready.len().max(markers.init_failed.len());
         ConsoleSink {
             out,
-            marker: marker.as_bytes().to_vec(),
-            window: Vec::with_capacity(marker.len()),
+            ready: markers.ready.as_bytes().to_vec(),
+            init_failed: markers.init_failed.as_bytes().to_vec(),
+            window: Vec::with_capacity(longest),
             timeline,
         }
     }
@@ -44,14 +60,18 @@ impl ConsoleSink {
 impl Write for ConsoleSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.timeline.mark_serial_output();
-        if !self.marker.is_empty() {
+        let longest = self.ready.len().max(self.init_failed.len());
+        if longest > 0 {
             for b in buf {
-                if self.window.len() == self.marker.len() {
+                if self.window.len() == longest {
                     self.window.remove(0);
                 }
                 self.window.push(*b);
-                if self.window == self.marker {
+                if !self.ready.is_empty() && self.window.ends_with(&self.ready) {
                     self.timeline.mark_ready();
+                }
+                if !self.init_failed.is_empty() && self.window.ends_with(&self.init_failed) {
+                    self.timeline.mark_init_failed();
                 }
             }
         }
@@ -115,7 +135,10 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = ConsoleSink::new(
             Some(Box::new(Shared(seen.clone()))),
-            "READY",
+            &Markers {
+                ready: "READY".into(),
+                init_failed: "INIT_FAILED".into(),
+            },
             timeline.clone(),
         );
         let irq = IrqTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap());
@@ -132,6 +155,11 @@ mod tests {
         }
         assert!(timeline.ready_marker().is_some());
         assert_eq!(&seen.lock().unwrap()[..], b"boot... READY\n");
+        assert!(timeline.init_failed().is_none());
+        for b in b"oops INIT_FAILED: x\n" {
+            dev.write(0, &[*b]);
+        }
+        assert!(timeline.init_failed().is_some());
         // Line status: transmitter empty, so the guest keeps writing.
         let mut lsr = [0u8];
         dev.read(5, &mut lsr);

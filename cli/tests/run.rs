@@ -1,0 +1,335 @@
+//! `kiln run` and `kiln demo` end to end: the real binary, real KVM, a real
+//! registry on 127.0.0.1, the real agent. Boots are slow on emulating
+//! hosts, so each VM serves several assertions and VMs run side by side.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_tests::registry::{sh, Registry};
+use kiln_tests::{agent, bin, kernel, wait_for, workspace_root};
+
+/// A private `$KILN_HOME` with the real kernel and the static agent.
+struct Home {
+    dir: tempfile::TempDir,
+}
+
+impl Home {
+    fn new() -> Home {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path();
+        std::fs::create_dir_all(p.join("kernel")).unwrap();
+        std::fs::create_dir_all(p.join("bin")).unwrap();
+        std::os::unix::fs::symlink(kernel(), p.join("kernel/vmlinux")).unwrap();
+        std::os::unix::fs::symlink(agent(), p.join("bin/kiln-agent")).unwrap();
+        Home { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn kiln(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.args(args)
+            .env("KILN_HOME", self.path())
+            .env("KILN_VMM", bin("kiln-vmm"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    /// No VM directory, socket or process of this home is left.
+    fn assert_clean(&self) {
+        let vms = self.path().join("vms");
+        let left: Vec<_> = std::fs::read_dir(&vms)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "left behind in {}: {left:?}",
+            vms.display()
+        );
+        let needle = self.path().to_string_lossy().to_string();
+        let gone = wait_for(Duration::from_secs(10), || {
+            processes_mentioning(&needle).is_empty().then_some(())
+        });
+        assert!(
+            gone.is_some(),
+            "processes still running: {:?}",
+            processes_mentioning(&needle)
+        );
+    }
+}
+
+/// Command lines of live processes that contain `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if text.contains(needle) {
+            found.push(format!("{}: {text}", e.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+/// A busybox OCI layout (`dir/oci:1`) with a default command.
+fn busybox_layout(dir: &Path) -> PathBuf {
+    sh(&format!(
+        r#"cd {}
+        umoci init --layout oci
+        umoci new --image oci:1
+        umoci unpack --image oci:1 b >/dev/null
+        r=b/rootfs; mkdir -p $r/bin $r/etc $r/tmp $r/root
+        cp /bin/busybox $r/bin/
+        for a in $(/bin/busybox --list); do [ $a = busybox ] || ln -s busybox $r/bin/$a; done
+        echo 'root:x:0:0:root:/root:/bin/sh' > $r/etc/passwd
+        umoci repack --image oci:1 b
+        umoci config --image oci:1 --config.env PATH=/bin --config.cmd echo --config.cmd default-cmd
+        rm -rf b"#,
+        dir.display()
+    ));
+    dir.join("oci")
+}
+
+/// Collects a child's output while waiting for it with a deadline; kills
+/// it (and fails) past the deadline.
+fn finish(mut child: Child, limit: Duration) -> Output {
+    fn collect(r: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut v);
+            }
+            v
+        })
+    }
+    let stdout = collect(child.stdout.take());
+    let stderr = collect(child.stderr.take());
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "kiln run still running after {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&stderr.join().unwrap_or_default())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+/// Generous: VMs boot slowly where KVM emulates the guest kernel.
+const LIMIT: Duration = Duration::from_secs(900);
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_string()
+}
+
+/// From a registry, two VMs at once: one separates and completes stdout
+/// and stderr and exits 3 with the given env and cwd, the other forwards
+/// stdin. Neither sees the other's output.
+#[test]
+fn registry_image_output_exit_code_stdin_side_by_side() {
+    let home = Home::new();
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path());
+    let registry = Registry::start();
+    registry.push(&layout, "1", "kiln/busybox", "");
+    let image = format!("{}/kiln/busybox:1", registry.addr);
+
+    let script = "echo out-first; echo err-first >&2; echo \"$GREETING $(pwd) $(id -u)\"; \
+                  seq 1 20000; echo err-last >&2; printf out-last; exit 3";
+    let first = home
+        .kiln(&[
+            "run",
+            "-e",
+            "GREETING=hi",
+            "-w",
+            "/tmp",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .spawn()
+        .unwrap();
+    let input: Vec<u8> = (0..200_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut second = home
+        .kiln(&[
+            "run",
+            "-i",
+            "--json",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "md5sum; wc -c",
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = second.stdin.take().unwrap();
+        stdin.write_all(&input).unwrap();
+    }
+    let first = finish(first, LIMIT);
+    let second = finish(second, LIMIT);
+
+    let (out, err) = (text(&first.stdout), text(&first.stderr));
+    assert_eq!(first.status.code(), Some(3), "stderr:\n{err}");
+    let expected: String = std::iter::once("out-first".to_string())
+        .chain(std::iter::once("hi /tmp 0".to_string()))
+        .chain((1..=20000).map(|i| i.to_string()))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\nout-last";
+    assert_eq!(out, expected, "stdout is complete and only stdout");
+    assert!(
+        err.contains("err-first\n") && err.contains("err-last\n"),
+        "{err}"
+    );
+    assert!(!err.contains("out-"), "stdout leaked into stderr: {err}");
+
+    let (out, err) = (text(&second.stdout), text(&second.stderr));
+    assert_eq!(second.status.code(), Some(0), "stderr:\n{err}");
+    let sum = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(&input)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let md5 = text(&sum.stdout);
+    let md5 = md5.split_whitespace().next().unwrap();
+    assert_eq!(out, format!("{md5}  -\n0\n"), "stdin reached the command");
+    assert!(!out.contains("out-first"), "output of the other VM");
+    // --json: the statistics, as the last line of stderr.
+    let stats: serde_json::Value =
+        serde_json::from_str(err.lines().last().unwrap_or_default()).expect("stats JSON");
+    assert_eq!(stats["exit_code"], 0);
+    assert_eq!(stats["outcome"], "exited");
+    assert!(stats["boot_ms"].as_u64().unwrap() > 0);
+    assert!(stats["peak_memory_kib"].as_u64().unwrap() > 0);
+    home.assert_clean();
+}
+
+/// A signal's death is 128+N; `--timeout` stops the VM with 124; a
+/// missing program is 127 with a message that says what to do.
+#[test]
+fn signal_timeout_and_missing_command() {
+    let home = Home::new();
+    let work = tempfile::tempdir().unwrap();
+    let layout = format!("{}:1", busybox_layout(work.path()).display());
+    let run = |extra: &[&str], cmd: &[&str]| {
+        let mut args = vec!["run", "--oci-layout", &layout];
+        args.extend_from_slice(extra);
+        args.push("--");
+        args.extend_from_slice(cmd);
+        home.kiln(&args).spawn().unwrap()
+    };
+    let killed = run(&[], &["sh", "-c", "echo before; kill -KILL $$"]);
+    // Long enough for the command to start on a busy, emulating host.
+    let slow = run(
+        &["--timeout", "30s"],
+        &["sh", "-c", "echo started; sleep 600"],
+    );
+    let missing = run(&[], &["/no/such/program"]);
+
+    let killed = finish(killed, LIMIT);
+    assert_eq!(killed.status.code(), Some(137), "{}", text(&killed.stderr));
+    assert_eq!(text(&killed.stdout), "before\n");
+
+    let slow = finish(slow, LIMIT);
+    let err = text(&slow.stderr);
+    assert_eq!(slow.status.code(), Some(124), "{err}");
+    assert_eq!(text(&slow.stdout), "started\n");
+    assert!(err.contains("ran longer than 30s"), "{err}");
+
+    let missing = finish(missing, LIMIT);
+    let err = text(&missing.stderr);
+    assert_eq!(missing.status.code(), Some(127), "{err}");
+    assert!(
+        err.contains("/no/such/program") && err.contains("give an existing one"),
+        "{err}"
+    );
+    home.assert_clean();
+}
+
+/// The first Ctrl-C lets the command stop itself; `kill -9` of kiln takes
+/// its VM with it. Both leave nothing behind.
+#[test]
+fn interrupt_and_kill_leave_nothing_behind() {
+    let home = Home::new();
+    let work = tempfile::tempdir().unwrap();
+    let layout = format!("{}:1", busybox_layout(work.path()).display());
+    let trap = "trap 'echo got-term; exit 42' TERM; echo ready; sleep 600 & wait";
+    let mut interrupted = home
+        .kiln(&["run", "--oci-layout", &layout, "--", "sh", "-c", trap])
+        .spawn()
+        .unwrap();
+    let mut killed = home
+        .kiln(&["run", "--oci-layout", &layout, "--", "sh", "-c", trap])
+        .spawn()
+        .unwrap();
+
+    // Once both commands run: SIGINT to one kiln (a terminal's Ctrl-C
+    // reaches kiln only: its VMM has a process group of its own), SIGKILL
+    // to the other.
+    let stdout_has_ready = |c: &mut Child| {
+        use std::io::Read;
+        let mut buf = [0u8; 6];
+        c.stdout.as_mut().unwrap().read_exact(&mut buf).is_ok() && &buf == b"ready\n"
+    };
+    assert!(stdout_has_ready(&mut interrupted), "command did not start");
+    assert!(stdout_has_ready(&mut killed), "command did not start");
+    // SAFETY: signalling our own children.
+    unsafe { libc::kill(interrupted.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(killed.id() as i32, libc::SIGKILL) };
+
+    let out = finish(interrupted, Duration::from_secs(120));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(42), "{err}");
+    assert_eq!(text(&out.stdout), "got-term\n");
+    assert!(err.contains("stopping the command"), "{err}");
+    let _ = finish(killed, Duration::from_secs(10));
+    home.assert_clean();
+}
+
+/// The README's main command works from what setup produced.
+#[test]
+fn demo_runs_the_setup_image() {
+    let home = Home::new();
+    let script = workspace_root().join("scripts/build-demo-image.sh");
+    let layout = home.path().join("demo/oci");
+    let st = Command::new(&script).arg(&layout).status().unwrap();
+    assert!(st.success(), "{}", script.display());
+    let out = finish(home.kiln(&["demo", "--json"]).spawn().unwrap(), LIMIT);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stdout.contains("hello from a kiln micro-VM"), "{stdout}");
+    assert!(stdout.contains("cpus:       2"), "{stdout}");
+    assert!(stdout.contains("hypervisor: yes"), "{stdout}");
+    let stats: serde_json::Value =
+        serde_json::from_str(stderr.lines().last().unwrap_or_default()).expect("stats JSON");
+    assert_eq!(stats["outcome"], "exited");
+    home.assert_clean();
+}

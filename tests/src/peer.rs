@@ -1,0 +1,101 @@
+//! The benchmark peer: QEMU's `-M microvm` booting the same kernel and
+//! initramfs, and the timing helpers both benchmarks share.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The console line every benchmarked boot waits for.
+pub const MARKER: &str = "KILN_READY";
+/// kiln-vmm's default command line.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+/// What kiln-vmm's PVM host profile adds, given to QEMU by hand.
+const PVM_CMDLINE: &str = "noxsave clearcpuid=popcnt,smap kiln_pvm_quirks";
+
+/// Whether this host's KVM is PVM (guest kernel code emulated).
+pub fn pvm_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// QEMU microvm with the same devices kiln-vmm gives a guest (serial,
+/// virtio-rng; QEMU's vsock needs vhost-vsock, which a PVM host lacks).
+/// `init_args` go after ` -- ` on the command line.
+pub fn qemu_microvm(
+    kernel: &Path,
+    initrd: &Path,
+    vcpus: u8,
+    mem_mib: u64,
+    init_args: &str,
+) -> Command {
+    let pvm = pvm_host();
+    let mut append = BASE_CMDLINE.to_string();
+    if pvm {
+        append = format!("{append} {PVM_CMDLINE}");
+    }
+    if !init_args.is_empty() {
+        append = format!("{append} -- {init_args}");
+    }
+    let mut q = Command::new("qemu-system-x86_64");
+    q.args(["-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on"])
+        .args(["-enable-kvm", "-cpu"])
+        // On PVM hosts QEMU's `-cpu host` aborts setting
+        // IA32_ARCH_CAPABILITIES, and needs the same masks kiln applies.
+        .arg(if pvm {
+            "host,-cx16,-arch-capabilities,kvm-pv-unhalt=off,kvm-pv-ipi=off,kvm-pv-sched-yield=off"
+        } else {
+            "host"
+        })
+        .args(["-m", &mem_mib.to_string(), "-smp", &vcpus.to_string()])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+        ])
+        .args(["-no-reboot", "-device", "virtio-rng-device"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", &append]);
+    q
+}
+
+/// Runs `cmd` until its stdout shows [`MARKER`]; returns that time, then
+/// waits for it to exit (it must exit successfully).
+pub fn time_to_marker(mut cmd: Command) -> Result<Duration, String> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut found = None;
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        if found.is_none() && line.contains(MARKER) {
+            found = Some(start.elapsed());
+        }
+    }
+    let status = child.wait().map_err(|e| format!("wait: {e}"))?;
+    match found {
+        Some(t) if status.success() => Ok(t),
+        Some(_) => Err(format!("exited with {status}")),
+        None => Err(format!("no marker; exited with {status}")),
+    }
+}
+
+/// The median of `v` (sorted in place); NaN when empty.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
