@@ -1,1 +1,25 @@
-//! kiln-bridge: grants, the Backend trait and the Fleet router. Not written yet (issue 6); this crate is an empty placeholder.
+//! kiln-bridge: turns grants (run this image, with these resources, for
+//! these SSH keys, until then) into running instances on a fleet of
+//! backends, and keeps track of them across restarts.
+//!
+//! It holds the grant model, the `Backend` trait, the capacity ledger, the
+//! fleet router, the grant manager with its SQLite state, kilnd's HTTP API
+//! and configuration, and a blocking client. It must not talk to KVM
+//! directly: backends that boot VMs drive `kiln-vmm`.
+
+pub mod backend;
+pub mod capacity;
+pub mod fleet;
+pub mod grant;
+
+/// An error and its sources on one line, `outer: inner: ...`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
