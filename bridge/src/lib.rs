@@ -11,6 +11,8 @@ pub mod backend;
 pub mod capacity;
 pub mod fleet;
 pub mod grant;
+pub mod state;
+pub mod store;
 
 /// An error and its sources on one line, `outer: inner: ...`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
