@@ -11,8 +11,10 @@ pub mod backend;
 pub mod capacity;
 pub mod fleet;
 pub mod grant;
+pub mod manager;
 pub mod state;
 pub mod store;
+pub mod view;
 
 /// An error and its sources on one line, `outer: inner: ...`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
