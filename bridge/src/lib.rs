@@ -7,8 +7,12 @@
 //! and configuration, and a blocking client. It must not talk to KVM
 //! directly: backends that boot VMs drive `kiln-vmm`.
 
+pub mod api;
 pub mod backend;
+pub mod backends;
 pub mod capacity;
+pub mod client;
+pub mod config;
 pub mod fleet;
 pub mod grant;
 pub mod manager;
