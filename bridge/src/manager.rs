@@ -309,8 +309,12 @@ impl GrantManager {
         let instance = match self.fleet.provision(grant).await {
             Ok(instance) => instance,
             Err(e) => {
-                let reason = error_chain(&e);
-                tracing::warn!(grant = %id, capacity = e.is_capacity(), error = %reason, "provisioning failed");
+                let reason = if e.is_capacity() {
+                    format!("No capacity: {}", error_chain(&e))
+                } else {
+                    error_chain(&e)
+                };
+                tracing::warn!(grant = %id, error = %reason, "provisioning failed");
                 self.store
                     .finish(id, GrantState::Failed, Some(&reason), None)?;
                 return Ok(None);

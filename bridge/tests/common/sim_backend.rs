@@ -69,6 +69,8 @@ pub struct SimBackend {
     pub world: Arc<World>,
     /// Provisions fail with a transient error while set.
     pub fail_transiently: AtomicBool,
+    /// Provisions fail for good while set.
+    pub fail_fatally: AtomicBool,
     /// How long new instances run on their own; None: until terminated.
     pub run_for: Mutex<Option<Duration>>,
     pub provision_calls: AtomicUsize,
@@ -83,6 +85,7 @@ impl SimBackend {
             tdx,
             world,
             fail_transiently: AtomicBool::new(false),
+            fail_fatally: AtomicBool::new(false),
             run_for: Mutex::new(None),
             provision_calls: AtomicUsize::new(0),
             exit_code: 0,
@@ -145,6 +148,11 @@ impl Backend for SimBackend {
         if self.fail_transiently.load(Ordering::SeqCst) {
             return Err(BackendError::Transient(Box::new(SimError(
                 "injected transient failure".into(),
+            ))));
+        }
+        if self.fail_fatally.load(Ordering::SeqCst) {
+            return Err(BackendError::Fatal(Box::new(SimError(
+                "injected fatal failure".into(),
             ))));
         }
         let n = self.world.next.fetch_add(1, Ordering::SeqCst);
