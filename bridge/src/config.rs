@@ -16,6 +16,8 @@ pub enum ConfigError {
     Parse(#[source] toml::de::Error),
     #[error("Invalid configuration key {key}: {problem}")]
     Invalid { key: String, problem: String },
+    #[error("In {0}")]
+    InFile(PathBuf, #[source] Box<ConfigError>),
 }
 
 impl ConfigError {
@@ -68,7 +70,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
-        Config::parse(&text)
+        Config::parse(&text).map_err(|e| ConfigError::InFile(path.to_path_buf(), Box::new(e)))
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {

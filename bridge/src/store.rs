@@ -307,15 +307,6 @@ impl Store {
         Ok(true)
     }
 
-    /// Adds an interim usage sample.
-    pub fn add_usage_sample(&self, id: &str, usage: &UsageMetrics) -> Result<(), StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        insert_usage(&tx, id, usage, false)?;
-        tx.commit()?;
-        Ok(())
-    }
-
     /// The newest usage sample of a grant.
     pub fn latest_usage(&self, id: &str) -> Result<Option<UsageSample>, StoreError> {
         let conn = self.lock();

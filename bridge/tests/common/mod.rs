@@ -16,6 +16,7 @@ use kiln_bridge::grant::GrantRequest;
 use kiln_bridge::manager::{GrantManager, ManagerSettings};
 use kiln_bridge::store::Store;
 
+#[allow(unused_imports)] // Not every test file uses the simulator.
 pub use sim_backend::{SimBackend, World};
 
 pub const TOKEN: &str = "test-token-0123456789";
