@@ -194,6 +194,14 @@ region = "home"
     }
 
     #[test]
+    fn the_example_config_parses() {
+        let c = Config::parse(include_str!("../kilnd.example.toml")).unwrap();
+        assert_eq!(c.region, "home-lab");
+        assert_eq!(c.backends.len(), 1);
+        assert_eq!(c.backends[0].name(), "local");
+    }
+
+    #[test]
     fn the_token_file_must_exist_and_hold_a_token() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");

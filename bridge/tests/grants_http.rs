@@ -162,6 +162,25 @@ fn a_grant_runs_reports_usage_and_terminates_freeing_its_resources() {
 }
 
 #[test]
+fn terminating_while_provisioning_stops_the_instance_once_it_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, backend) = one_backend(dir.path());
+    *backend.provision_delay.lock().unwrap() = Duration::from_millis(600);
+    let client = server.client();
+    let g = client.submit(&request("home", 1, 128)).unwrap();
+    wait_for("provisioning", Duration::from_secs(2), || {
+        (client.show(&g.grant.id).unwrap().state == GrantState::Provisioning).then_some(())
+    });
+    let ended = client.terminate(&g.grant.id).unwrap();
+    assert_eq!(ended.state, GrantState::Terminated);
+    assert_eq!(ended.stop, Some(StopCause::Requested));
+    assert_eq!(backend.calls(), 1);
+    assert_eq!(backend.world.total(), 1);
+    assert_eq!(backend.world.live(), 0);
+    assert_eq!(backend.world.ledger.snapshot().used.vcpus, 0);
+}
+
+#[test]
 fn a_workload_that_ends_is_recorded_as_exited_with_its_usage() {
     let dir = tempfile::tempdir().unwrap();
     let (server, backend) = one_backend(dir.path());

@@ -74,6 +74,8 @@ pub struct SimBackend {
     /// How long new instances run on their own; None: until terminated.
     pub run_for: Mutex<Option<Duration>>,
     pub provision_calls: AtomicUsize,
+    /// Simulated boot time.
+    pub provision_delay: Mutex<Duration>,
     pub exit_code: i32,
 }
 
@@ -88,6 +90,7 @@ impl SimBackend {
             fail_fatally: AtomicBool::new(false),
             run_for: Mutex::new(None),
             provision_calls: AtomicUsize::new(0),
+            provision_delay: Mutex::new(Duration::from_millis(30)),
             exit_code: 0,
         }
     }
@@ -159,8 +162,9 @@ impl Backend for SimBackend {
         let id = format!("{}-{n}", self.name);
         let resources = Resources::new(grant.vcpus, grant.ram_mib);
         self.world.ledger.reserve(&id, resources)?;
-        // A little boot time, so concurrent provisions overlap.
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        // Boot time, so concurrent provisions overlap.
+        let delay = *self.provision_delay.lock().expect("lock");
+        tokio::time::sleep(delay).await;
         let started_at = Utc::now();
         let run_for = *self.run_for.lock().expect("lock");
         let ends_at =
