@@ -166,11 +166,9 @@ impl GrantManager {
         if record.state.is_final() {
             return Ok(record);
         }
-        let done = self.wake_or_supervise(record);
-        if let Some(mut done) = done {
-            // Either the grant ends in time, or the caller sees it terminating.
-            let _ = tokio::time::timeout(self.settings.stop_wait, done.wait_for(|d| *d)).await;
-        }
+        let mut done = self.supervise(record);
+        // Either the grant ends in time, or the caller sees it terminating.
+        let _ = tokio::time::timeout(self.settings.stop_wait, done.wait_for(|d| *d)).await;
         self.get(id)
     }
 
@@ -223,20 +221,9 @@ impl GrantManager {
         Ok(())
     }
 
-    /// Wakes the grant's supervisor, starting one if none runs, and returns
-    /// a receiver that turns true when it is done.
-    fn wake_or_supervise(self: &Arc<Self>, record: GrantRecord) -> Option<watch::Receiver<bool>> {
-        {
-            let supervisors = self.lock_supervisors();
-            if let Some(s) = supervisors.get(&record.grant.id) {
-                s.wake.notify_one();
-                return Some(s.done.clone());
-            }
-        }
-        self.supervise(record)
-    }
-
-    fn supervise(self: &Arc<Self>, record: GrantRecord) -> Option<watch::Receiver<bool>> {
+    /// Starts supervising a grant, or wakes its supervisor if it has one.
+    /// The receiver turns true when supervision ends.
+    fn supervise(self: &Arc<Self>, record: GrantRecord) -> watch::Receiver<bool> {
         let id = record.grant.id.clone();
         let wake = Arc::new(Notify::new());
         let (done_tx, done_rx) = watch::channel(false);
@@ -245,7 +232,7 @@ impl GrantManager {
         let mut supervisors = self.lock_supervisors();
         if let Some(existing) = supervisors.get(&id) {
             existing.wake.notify_one();
-            return Some(existing.done.clone());
+            return existing.done.clone();
         }
         let manager = Arc::clone(self);
         let task_wake = Arc::clone(&wake);
@@ -265,7 +252,7 @@ impl GrantManager {
                 abort: task.abort_handle(),
             },
         );
-        Some(done_rx)
+        done_rx
     }
 
     /// One grant's whole life from wherever the store says it is.
@@ -291,6 +278,7 @@ impl GrantManager {
             return Ok(None);
         }
         if grant.valid_to <= Utc::now() {
+            self.store.request_stop(id, StopCause::Deadline)?;
             self.store.finish(
                 id,
                 GrantState::Terminated,
@@ -328,11 +316,13 @@ impl GrantManager {
                 // an instance nobody tracks.
                 tracing::error!(grant = %id, "grant left provisioning under us; terminating its instance");
                 self.store.record_orphan_instance(id, &instance)?;
-                self.terminate_instance(id, &instance).await;
+                // Failures are logged inside; nothing more to do here.
+                let _ = self.terminate_instance(id, &instance).await;
                 Ok(None)
             }
             Err(e) => {
-                self.terminate_instance(id, &instance).await;
+                // The instance cannot be recorded, so it must not live on.
+                let _ = self.terminate_instance(id, &instance).await;
                 Err(e)
             }
         }
@@ -367,7 +357,8 @@ impl GrantManager {
                     Err(e) => {
                         let reason = format!("instance lost: {}", error_chain(&e));
                         tracing::error!(grant = %id, %reason);
-                        self.terminate_instance(id, instance).await;
+                        // Best effort: whatever is left of it should go.
+                        let _ = self.terminate_instance(id, instance).await;
                         self.store.finish(id, GrantState::Failed, Some(&reason), None)?;
                         return Ok(());
                     }
@@ -396,8 +387,9 @@ impl GrantManager {
         };
         tracing::info!(grant = %id, %reason, "workload ended");
         // Release first: if kilnd dies in between, re-adoption finds the
-        // instance ended and records this again.
-        self.terminate_instance(id, instance).await;
+        // instance ended and records this again. A failure is logged inside;
+        // the workload has ended either way.
+        let _ = self.terminate_instance(id, instance).await;
         self.store
             .finish(id, GrantState::Exited, Some(&reason), Some(&usage))?;
         Ok(())
@@ -410,14 +402,22 @@ impl GrantManager {
         cause: StopCause,
     ) -> Result<(), StoreError> {
         tracing::info!(grant = %id, cause = cause.as_str(), "terminating");
-        if !self.terminate_instance(id, instance).await {
-            self.store.finish(
-                id,
-                GrantState::Failed,
-                Some("could not terminate the instance"),
-                None,
-            )?;
-            return Ok(());
+        // An instance that may still run is never forgotten: transient
+        // failures are retried until they pass; only a permanent one ends
+        // the grant as failed.
+        loop {
+            match self.terminate_instance(id, instance).await {
+                Ok(()) => break,
+                Err(e) if is_transient(&e) => {
+                    tokio::time::sleep(self.settings.retry_delay * 10).await;
+                }
+                Err(e) => {
+                    let reason = format!("could not terminate: {}", error_chain(&e));
+                    self.store
+                        .finish(id, GrantState::Failed, Some(&reason), None)?;
+                    return Ok(());
+                }
+            }
         }
         let usage = match tokio::time::timeout(
             self.settings.final_usage_wait,
@@ -444,22 +444,27 @@ impl GrantManager {
         Ok(())
     }
 
-    /// Terminates with retries on transient failures. Returns whether the
-    /// instance is known to be gone.
-    async fn terminate_instance(&self, id: &str, instance: &ProvisionedInstance) -> bool {
-        for attempt in 1..=self.settings.terminate_attempts.max(1) {
+    /// Terminates, retrying transient failures a few times.
+    async fn terminate_instance(
+        &self,
+        id: &str,
+        instance: &ProvisionedInstance,
+    ) -> Result<(), FleetError> {
+        let attempts = self.settings.terminate_attempts.max(1);
+        let mut attempt = 1;
+        loop {
             match self.fleet.terminate(instance).await {
-                Ok(()) => return true,
+                Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(grant = %id, attempt, error = %error_chain(&e), "terminate failed");
-                    if !is_transient(&e) {
-                        return false;
+                    if !is_transient(&e) || attempt >= attempts {
+                        return Err(e);
                     }
+                    attempt += 1;
                     tokio::time::sleep(self.settings.retry_delay).await;
                 }
             }
         }
-        false
     }
 
     fn lock_supervisors(&self) -> MutexGuard<'_, HashMap<String, Supervisor>> {
