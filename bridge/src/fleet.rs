@@ -162,12 +162,24 @@ impl Fleet {
         Err(GrantError::field_problem(field, FieldProblem::TooLarge))
     }
 
+    /// Backends to try for a grant, in order: those without TDX are left out
+    /// when it is required, and come after those with it when preferred.
+    fn candidates(&self, grant: &Grant) -> Vec<&Arc<dyn Backend>> {
+        let (with_tdx, without): (Vec<_>, Vec<_>) =
+            self.backends.iter().partition(|b| b.capabilities().tdx);
+        match grant.tdx {
+            TdxPolicy::Required => with_tdx,
+            TdxPolicy::Preferred => with_tdx.into_iter().chain(without).collect(),
+            TdxPolicy::No => self.backends.iter().collect(),
+        }
+    }
+
     /// Provisions on the first backend that can take the grant; on a failure
     /// that another backend might not have, tries the next (skipping the one
     /// that failed). A fatal failure stops the search.
     pub async fn provision(&self, grant: &Grant) -> Result<ProvisionedInstance, FleetError> {
         let mut last_failure: Option<(String, BackendError)> = None;
-        for backend in &self.backends {
+        for backend in self.candidates(grant) {
             if !backend.can_satisfy(grant) {
                 continue;
             }

@@ -138,7 +138,7 @@ async fn a_fatal_failure_stops_the_search() {
 }
 
 #[tokio::test]
-async fn tdx_requirements_route_to_tdx_backends_or_are_refused() {
+async fn tdx_policy_decides_which_backends_are_tried_first_or_at_all() {
     let s = setup();
     let g = grant(&s.fleet, "eu", 1, TdxPolicy::Required);
     let err = s.fleet.check_admissible(&g).unwrap_err();
@@ -148,6 +148,27 @@ async fn tdx_requirements_route_to_tdx_backends_or_are_refused() {
     let inst = s.fleet.provision(&g).await.unwrap();
     assert_eq!(inst.backend, "us-big");
     assert_eq!(s.flaky.calls(), 0, "flaky has no TDX");
+    // Preferred: a TDX backend first, even behind a healthy one without.
+    s.flaky.fail_transiently.store(false, Ordering::SeqCst);
+    let preferred = s
+        .fleet
+        .provision(&grant(&s.fleet, "us", 1, TdxPolicy::Preferred))
+        .await
+        .unwrap();
+    assert_eq!(preferred.backend, "us-big");
+    let plain = s
+        .fleet
+        .provision(&grant(&s.fleet, "us", 1, TdxPolicy::No))
+        .await
+        .unwrap();
+    assert_eq!(plain.backend, "flaky");
+    // ...and one without when no TDX backend serves the region.
+    let preferred = s
+        .fleet
+        .provision(&grant(&s.fleet, "eu", 1, TdxPolicy::Preferred))
+        .await
+        .unwrap();
+    assert_eq!(preferred.backend, "eu-small");
     let too_big = grant(&s.fleet, "eu", 3, TdxPolicy::No);
     s.fleet.check_admissible(&too_big).unwrap(); // flaky is big enough
     let too_big = grant(&s.fleet, "eu", 65, TdxPolicy::No);
