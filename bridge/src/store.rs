@@ -1,6 +1,9 @@
 //! Durable state in SQLite: grants, their instances, usage samples and an
 //! event log. Every change is one transaction, written before the action it
 //! announces, so a `kill -9` loses nothing that was acknowledged.
+//!
+//! Calls block briefly (one local SQLite transaction each); async callers
+//! make them in place rather than hop to a blocking thread for each.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! Builds the configured backends, in order. Each backend kind is one
 //! variant of [`BackendSection`] and one arm of [`build_one`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -73,10 +73,6 @@ impl BuildContext {
             self.capacity.overcommit,
         )
         .map_err(|e| BuildError::Capacity(name.to_string(), e))
-    }
-
-    pub fn state_dir(&self) -> &Path {
-        &self.state_dir
     }
 }
 
