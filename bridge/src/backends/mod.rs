@@ -1,5 +1,5 @@
 //! Builds the configured backends, in order. Each backend kind is one
-//! variant of [`BackendSection`] and one arm of [`build_one`].
+//! variant of [`BackendSection`] and one arm of `build_one`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
