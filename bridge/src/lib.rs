@@ -1,5 +1,36 @@
-//! kiln-bridge: drives micro-VMs for grants. It starts `kiln-vmm`
-//! processes and talks to their agents; it must not talk to KVM itself.
-//! Grants, the Backend trait and the Fleet router are still to come (issue 6).
+//! kiln-bridge: turns grants (run this image, with these resources, for
+//! these SSH keys, until then) into running instances on a fleet of
+//! backends, and keeps track of them across restarts.
+//!
+//! It holds the grant model, the `Backend` trait, the capacity ledger, the
+//! fleet router, the grant manager with its SQLite state, kilnd's HTTP API
+//! and configuration, a blocking client, and `machine`, which launches
+//! `kiln-vmm` processes and talks to their agents (`kiln run` and the local
+//! backend both use it). It must not talk to KVM directly.
 
+pub mod api;
+pub mod backend;
+pub mod backends;
+pub mod capacity;
+pub mod client;
+pub mod config;
+pub mod fleet;
+pub mod grant;
+pub mod host_key;
 pub mod machine;
+pub mod manager;
+pub mod state;
+pub mod store;
+pub mod view;
+
+/// An error and its sources on one line, `outer: inner: ...`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

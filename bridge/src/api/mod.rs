@@ -1,0 +1,108 @@
+//! kilnd's HTTP/JSON API (axum). Routes live in one table so the router and
+//! the OpenAPI document can be checked against each other.
+
+mod auth;
+pub mod error;
+mod handlers;
+
+pub use handlers::GrantList;
+mod metrics;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::Method;
+use axum::routing::{delete, get, post, MethodRouter};
+use axum::{middleware, Router};
+
+use crate::manager::GrantManager;
+
+pub use error::{ApiError, ErrorBody};
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub manager: Arc<GrantManager>,
+    /// The bearer token `/v1` routes require.
+    pub token: Arc<str>,
+}
+
+/// Whether a route needs the bearer token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Public,
+    Token,
+}
+
+fn route_table() -> Vec<(Method, &'static str, Access, MethodRouter<AppState>)> {
+    use handlers::*;
+    vec![
+        (Method::POST, "/v1/grants", Access::Token, post(submit)),
+        (Method::GET, "/v1/grants", Access::Token, get(list)),
+        (Method::GET, "/v1/grants/{id}", Access::Token, get(show)),
+        (
+            Method::DELETE,
+            "/v1/grants/{id}",
+            Access::Token,
+            delete(terminate),
+        ),
+        (
+            Method::GET,
+            "/v1/grants/{id}/usage",
+            Access::Token,
+            get(usage),
+        ),
+        (
+            Method::GET,
+            "/v1/capabilities",
+            Access::Token,
+            get(capabilities),
+        ),
+        (Method::GET, "/healthz", Access::Public, get(healthz)),
+        (Method::GET, "/metrics", Access::Public, get(metrics)),
+    ]
+}
+
+/// Every route the router serves: method, path (axum syntax, which is also
+/// OpenAPI's) and whether it needs the token.
+pub fn routes() -> Vec<(Method, &'static str, Access)> {
+    route_table()
+        .into_iter()
+        .map(|(m, p, a, _)| (m, p, a))
+        .collect()
+}
+
+pub fn router(state: AppState) -> Router {
+    let mut public = Router::new();
+    let mut protected = Router::new();
+    for (_, path, access, handler) in route_table() {
+        match access {
+            Access::Public => public = public.route(path, handler),
+            Access::Token => protected = protected.route(path, handler),
+        }
+    }
+    let protected = protected.route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        auth::require_token,
+    ));
+    public
+        .merge(protected)
+        .fallback(handlers::not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,130 @@
+//! The `Backend` trait: one place grants can run (this host, another owned
+//! host, a cloud), and the plain data that crosses it.
+
+use std::collections::BTreeSet;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::capacity::{CapacityError, CapacitySnapshot};
+use crate::grant::Grant;
+
+/// What a backend offers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackendCapabilities {
+    pub regions: BTreeSet<String>,
+    pub tdx: bool,
+    pub capacity: CapacitySnapshot,
+}
+
+/// A running instance, as plain data. It is stored as is, so that after a
+/// kilnd restart `watch_until_exit` and `terminate` can be called again on
+/// it (re-adoption) by a backend that never saw it in this process.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProvisionedInstance {
+    /// Name of the backend that owns it; routes later calls.
+    pub backend: String,
+    pub instance_id: String,
+    /// Where the requester connects with SSH.
+    pub host: String,
+    pub ssh_port: u16,
+    pub user: String,
+    /// `SHA256:...`, as `ssh-keygen -l` prints it.
+    pub host_key_fingerprint: String,
+    /// The host key itself (`ssh-ed25519 AAAA...`) for a known_hosts line;
+    /// empty when the backend cannot know it.
+    #[serde(default)]
+    pub host_key: String,
+    pub started_at: DateTime<Utc>,
+    /// Whatever else the backend needs to find the instance again.
+    #[serde(default)]
+    pub private: serde_json::Value,
+}
+
+/// Host-side figures, measured outside the guest.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostUsage {
+    /// CPU time of the vCPU threads.
+    pub vcpu_cpu_ms: u64,
+    /// Resident memory of the VMM process.
+    pub vmm_rss_kib: u64,
+}
+
+/// What an instance used, and how it ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UsageMetrics {
+    /// As the agent measured it inside the guest.
+    pub guest: kiln_protocol::Usage,
+    /// None when the workload never reported an exit (killed, lost).
+    pub exit_status: Option<kiln_protocol::ExitStatus>,
+    pub host: HostUsage,
+    pub ended_at: DateTime<Utc>,
+}
+
+/// Why a backend call failed, sorted by what the caller should do next.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// This backend cannot take the grant (no room, no such region, no TDX);
+    /// another backend may.
+    #[error("Backend cannot satisfy the grant")]
+    CannotSatisfy(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A passing failure; retrying, here later or on another backend, may work.
+    #[error("Transient backend failure")]
+    Transient(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Retrying will not help.
+    #[error("Backend failure")]
+    Fatal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl BackendError {
+    /// Whether another backend is worth trying.
+    pub fn retry_elsewhere(&self) -> bool {
+        matches!(
+            self,
+            BackendError::CannotSatisfy(_) | BackendError::Transient(_)
+        )
+    }
+
+    /// Whether the failure means "no room" rather than "broken".
+    pub fn is_capacity(&self) -> bool {
+        match self {
+            BackendError::CannotSatisfy(e) => e.downcast_ref::<CapacityError>().is_some(),
+            _ => false,
+        }
+    }
+}
+
+impl From<CapacityError> for BackendError {
+    fn from(e: CapacityError) -> Self {
+        BackendError::CannotSatisfy(Box::new(e))
+    }
+}
+
+/// One place grants can run.
+///
+/// Contract:
+/// - `provision` returns a usable instance or leaves nothing behind
+///   (no reservation, no half-booted VM).
+/// - `watch_until_exit` and `terminate` may be called on an instance this
+///   process did not provision (after a restart); a backend re-accounts its
+///   resources then (see `CapacityLedger::adopt`).
+/// - `watch_until_exit` returns once the instance has ended, including when
+///   it had already ended before the call.
+/// - `terminate` is idempotent, and the grant manager calls it once every
+///   grant ends, however it ended: release resources there.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Unique within a fleet; stored in every instance it provisions.
+    fn name(&self) -> &str;
+    fn capabilities(&self) -> BackendCapabilities;
+    /// Whether this backend would take the grant now. A hint for routing:
+    /// `provision` still decides.
+    fn can_satisfy(&self, grant: &Grant) -> bool;
+    async fn provision(&self, grant: &Grant) -> Result<ProvisionedInstance, BackendError>;
+    async fn watch_until_exit(
+        &self,
+        instance: &ProvisionedInstance,
+    ) -> Result<UsageMetrics, BackendError>;
+    async fn terminate(&self, instance: &ProvisionedInstance) -> Result<(), BackendError>;
+}

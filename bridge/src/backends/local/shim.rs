@@ -1,0 +1,316 @@
+//! `kiln-shim`: looks after one grant's VM, outside kilnd, so the VM keeps
+//! running (and its usage keeps being recorded) while kilnd restarts.
+//!
+//! It boots the VM, forwards a loopback TCP port to the agent's SSH server,
+//! sends the workload, and keeps `state.json` in the grant's directory up
+//! to date: phase, SSH port, usage, exit status, host-side figures. SIGTERM
+//! asks the workload to stop (grace period), then stops the VM.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use kiln_protocol::forward::Forwarder;
+use kiln_protocol::{ExitStatus, Frame, Message, Usage, Workload, SSH_PORT};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::HostUsage;
+use crate::error_chain;
+use crate::machine::{stop_signals, Event, Machine, Spec};
+
+/// What the local backend asks the shim to run (`launch.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Launch {
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    /// `$KILN_HOME/vms`.
+    pub runtime_dir: PathBuf,
+    pub workload: Workload,
+    pub authorized_keys: Vec<String>,
+    /// OpenSSH private key the agent serves.
+    pub ssh_host_key: String,
+    pub boot_timeout_ms: u64,
+    /// How long the workload gets between SIGTERM and SIGKILL.
+    pub stop_grace_ms: u64,
+}
+
+/// Where a grant's VM is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Booting,
+    Running,
+    /// The VM has stopped; the state is final.
+    Ended,
+}
+
+/// `state.json`: what kilnd reads about the VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub phase: Phase,
+    pub shim_pid: u32,
+    pub vmm_pid: Option<u32>,
+    pub ssh_port: Option<u16>,
+    /// VMM start to the agent's `ready`.
+    pub boot_ms: Option<u64>,
+    /// The latest report from the agent.
+    pub usage: Option<Usage>,
+    pub exit_status: Option<ExitStatus>,
+    pub host: HostUsage,
+    /// Why the VM could not boot or ended abnormally.
+    pub error: Option<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+pub const LAUNCH_FILE: &str = "launch.json";
+pub const STATE_FILE: &str = "state.json";
+/// The workload's output, for the operator.
+pub const OUTPUT_FILE: &str = "output.log";
+const METRICS_FILE: &str = "vmm-metrics.json";
+/// The output log stops growing here.
+const OUTPUT_LIMIT: u64 = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("cannot read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("invalid {0}")]
+    Parse(PathBuf, #[source] serde_json::Error),
+    #[error("cannot write {0}")]
+    Write(PathBuf, #[source] std::io::Error),
+}
+
+/// Reads `dir/state.json`, if the shim wrote one yet.
+pub fn read_state(dir: &Path) -> Result<Option<State>, ShimError> {
+    let path = dir.join(STATE_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| ShimError::Parse(path, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ShimError::Read(path, e)),
+    }
+}
+
+/// Replaces `dir/state.json` atomically (a reader never sees half a file).
+fn write_state(dir: &Path, state: &mut State) -> Result<(), ShimError> {
+    state.updated_at = Utc::now();
+    let path = dir.join(STATE_FILE);
+    let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
+    let bytes = serde_json::to_vec_pretty(state).map_err(|e| ShimError::Parse(path.clone(), e))?;
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| ShimError::Write(path, e))
+}
+
+/// The shim's whole life for the grant in `dir`; returns when the VM has
+/// ended and the final state is written.
+pub fn run(dir: &Path) -> Result<(), ShimError> {
+    stop_signals::catch_stop_signals();
+    let launch_path = dir.join(LAUNCH_FILE);
+    let text = std::fs::read(&launch_path).map_err(|e| ShimError::Read(launch_path.clone(), e))?;
+    let launch: Launch =
+        serde_json::from_slice(&text).map_err(|e| ShimError::Parse(launch_path, e))?;
+    let mut state = State {
+        phase: Phase::Booting,
+        shim_pid: std::process::id(),
+        vmm_pid: None,
+        ssh_port: None,
+        boot_ms: None,
+        usage: None,
+        exit_status: None,
+        host: HostUsage::default(),
+        error: None,
+        updated_at: Utc::now(),
+    };
+    write_state(dir, &mut state)?;
+
+    let spec = Spec {
+        vmm: launch.vmm.clone(),
+        kernel: launch.kernel.clone(),
+        initrd: launch.initrd.clone(),
+        vcpus: launch.vcpus,
+        mem_mib: launch.mem_mib,
+        runtime_dir: launch.runtime_dir.clone(),
+        die_with_parent: true,
+        boot_timeout: Duration::from_millis(launch.boot_timeout_ms),
+        metrics: Some(dir.join(METRICS_FILE)),
+    };
+    let mut machine = match Machine::launch_cancellable(&spec, &|| stop_signals::count() > 0) {
+        Ok(m) => m,
+        Err(e) => return ended(dir, &mut state, Some(error_chain(&e))),
+    };
+    let forwarder = Forwarder::start("127.0.0.1:0", machine.vsock_uds(), SSH_PORT, |e| {
+        tracing::warn!("ssh forwarding: {e}");
+    });
+    let forwarder = match forwarder {
+        Ok(f) => f,
+        Err(e) => {
+            machine.stop();
+            machine.wait(Duration::from_secs(10));
+            return ended(dir, &mut state, Some(format!("ssh forwarding: {e}")));
+        }
+    };
+    let started = machine.sender().and_then(|s| {
+        s.send(&Frame::Control(Message::Start {
+            workload: launch.workload.clone(),
+            authorized_keys: launch.authorized_keys.clone(),
+            ssh_host_key: Some(launch.ssh_host_key.clone()),
+            usage_interval_ms: 1000,
+            one_shot: true,
+        }))
+        .map_err(crate::machine::MachineError::Control)
+    });
+    let events = machine.events();
+    let (sender, events) = match (started.and(machine.sender()), events) {
+        (Ok(s), Ok(e)) => (s, e),
+        (Err(e), _) | (_, Err(e)) => {
+            machine.stop();
+            machine.wait(Duration::from_secs(10));
+            return ended(dir, &mut state, Some(error_chain(&e)));
+        }
+    };
+    state.phase = Phase::Running;
+    state.vmm_pid = Some(machine.pid());
+    state.ssh_port = Some(forwarder.local_addr().port());
+    state.boot_ms = Some(machine.ready().boot.as_millis() as u64);
+    write_state(dir, &mut state)?;
+
+    let mut output = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(OUTPUT_FILE))
+        .ok();
+    let grace = Duration::from_millis(launch.stop_grace_ms);
+    let mut stop_deadline: Option<Instant> = None;
+    loop {
+        match events.recv_timeout(Duration::from_millis(100)) {
+            Ok(Event::Frame(Frame::Stdout(d) | Frame::Stderr(d))) => {
+                if let Some(f) = output.as_mut() {
+                    let full = f.metadata().map_or(true, |m| m.len() > OUTPUT_LIMIT);
+                    if !full {
+                        let _ = f.write_all(&d);
+                    }
+                }
+            }
+            Ok(Event::Frame(Frame::Control(Message::Usage(u)))) => {
+                state.usage = Some(u);
+                write_state(dir, &mut state)?;
+            }
+            Ok(Event::Frame(Frame::Control(Message::Exited { status, usage }))) => {
+                state.exit_status = Some(status);
+                state.usage = Some(usage);
+                write_state(dir, &mut state)?;
+            }
+            Ok(Event::Frame(Frame::Control(Message::NotStarted { message }))) => {
+                state.error = Some(message);
+            }
+            Ok(Event::Frame(_)) | Ok(Event::Garbled(_)) => {}
+            Ok(Event::Closed) | Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if stop_signals::count() > 0 && stop_deadline.is_none() {
+            tracing::info!("stop requested: the workload has {grace:?}");
+            let _ = sender.send(&Frame::Control(Message::Shutdown {
+                grace_ms: grace.as_millis() as u64,
+            }));
+            stop_deadline = Some(Instant::now() + grace + Duration::from_secs(5));
+        }
+        if stop_deadline.is_some_and(|d| Instant::now() >= d) || stop_signals::count() > 1 {
+            machine.stop();
+            break;
+        }
+        if machine.try_wait().is_some() {
+            break;
+        }
+    }
+    let vmm = machine.wait(Duration::from_secs(30));
+    drop(forwarder);
+    state.host = host_usage(&dir.join(METRICS_FILE));
+    let error = match vmm.code {
+        Some(0) | Some(143) => None,
+        Some(6) => Some("the agent in the VM failed".to_string()),
+        _ => Some(format!(
+            "kiln-vmm ended with {vmm}: {}",
+            machine.failure_detail()
+        )),
+    };
+    drop(machine);
+    let error = state.error.take().or(error);
+    ended(dir, &mut state, error)
+}
+
+fn ended(dir: &Path, state: &mut State, error: Option<String>) -> Result<(), ShimError> {
+    if let Some(e) = &error {
+        tracing::error!("{e}");
+    }
+    state.phase = Phase::Ended;
+    state.error = error;
+    write_state(dir, state)
+}
+
+/// vCPU time and peak RSS from the VMM's metrics file.
+fn host_usage(metrics: &Path) -> HostUsage {
+    let m: serde_json::Value = std::fs::read(metrics)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let ms = |k: &str| m[k].as_f64().unwrap_or(0.0);
+    HostUsage {
+        vcpu_cpu_ms: (ms("vmm_user_cpu_ms") + ms("vmm_system_cpu_ms")) as u64,
+        vmm_rss_kib: m["peak_rss_kib"].as_u64().unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_state(dir.path()).unwrap(), None);
+        let mut s = State {
+            phase: Phase::Running,
+            shim_pid: 7,
+            vmm_pid: Some(8),
+            ssh_port: Some(2222),
+            boot_ms: Some(100),
+            usage: None,
+            exit_status: Some(ExitStatus::Code(3)),
+            host: HostUsage::default(),
+            error: None,
+            updated_at: Utc::now(),
+        };
+        write_state(dir.path(), &mut s).unwrap();
+        assert_eq!(read_state(dir.path()).unwrap(), Some(s));
+        assert!(!dir.path().join(format!(".{STATE_FILE}.tmp")).exists());
+        std::fs::write(dir.path().join(STATE_FILE), b"{").unwrap();
+        assert!(matches!(read_state(dir.path()), Err(ShimError::Parse(..))));
+    }
+
+    #[test]
+    fn host_usage_from_vmm_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.json");
+        std::fs::write(
+            &p,
+            br#"{"vmm_user_cpu_ms": 10.5, "vmm_system_cpu_ms": 20.0, "peak_rss_kib": 5000}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            host_usage(&p),
+            HostUsage {
+                vcpu_cpu_ms: 30,
+                vmm_rss_kib: 5000
+            }
+        );
+        assert_eq!(host_usage(&dir.path().join("none")), HostUsage::default());
+    }
+}

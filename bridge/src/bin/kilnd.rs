@@ -1,0 +1,98 @@
+//! kilnd: the bridge daemon. Reads its TOML configuration, builds the
+//! configured backends, re-adopts unfinished grants and serves the API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use kiln_bridge::api::{self, AppState};
+use kiln_bridge::backends::{self, BuildContext};
+use kiln_bridge::config::Config;
+use kiln_bridge::fleet::Fleet;
+use kiln_bridge::manager::{GrantManager, ManagerSettings};
+use kiln_bridge::store::Store;
+
+#[derive(Parser)]
+#[command(about = "kiln's bridge daemon: grants in, instances out")]
+struct Args {
+    /// Configuration file.
+    #[arg(long, short, default_value = "/etc/kiln/kilnd.toml")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kilnd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the whole chain; the key at fault is in it.
+            eprintln!("kilnd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let config = Config::load(&args.config)?;
+    let token = config.read_token()?;
+    let ctx = BuildContext {
+        region: config.region.clone(),
+        capacity: config.capacity.clone(),
+        state_dir: config.state_dir.clone(),
+    };
+    let backends = backends::build(&config.backends, &ctx)?;
+    if backends.is_empty() {
+        tracing::warn!("no backends configured: every grant will be refused");
+    }
+    let fleet = Arc::new(Fleet::new(backends)?);
+    let store = Arc::new(Store::open(&config.state_dir)?);
+    let manager = GrantManager::open(store, fleet, ManagerSettings::default())?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("Cannot listen on {}", config.listen))?;
+    tracing::info!(listen = %config.listen, state_dir = %config.state_dir.display(), "kilnd serving");
+    let state = AppState {
+        manager: Arc::clone(&manager),
+        token: token.into(),
+    };
+    api::serve(listener, state, stop_signal()).await?;
+    // Instances keep running; the next kilnd re-adopts them.
+    manager.shutdown();
+    tracing::info!("kilnd stopped");
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGTERM handler; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

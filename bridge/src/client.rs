@@ -1,0 +1,162 @@
+//! A small blocking client for kilnd's API, for the `kiln` CLI and tests.
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use crate::api::ErrorBody;
+use crate::api::GrantList;
+use crate::fleet::ProviderCard;
+use crate::grant::GrantRequest;
+use crate::view::{GrantView, UsageView};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("kilnd answered {status}: {}", body.error)]
+    Api { status: u16, body: ErrorBody },
+    #[error("Cannot reach kilnd")]
+    Transport(#[source] Box<ureq::Transport>),
+    #[error("Unreadable answer from kilnd")]
+    Read(#[source] std::io::Error),
+    #[error("Unexpected answer from kilnd")]
+    Decode(#[source] serde_json::Error),
+    #[error("Cannot encode the request")]
+    Encode(#[source] serde_json::Error),
+}
+
+impl ClientError {
+    /// The field kilnd blamed, if any.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { body, .. } => body.field.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status, for errors kilnd answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Talks to one kilnd.
+pub struct Client {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// `base_url` like `http://127.0.0.1:7878`.
+    pub fn new(base_url: &str, token: &str) -> Self {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            // Terminating waits for the instance to stop.
+            .timeout_read(Duration::from_secs(120))
+            .build();
+        Client {
+            base: base_url.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            agent,
+        }
+    }
+
+    pub fn submit(&self, request: &GrantRequest) -> Result<GrantView, ClientError> {
+        let body = serde_json::to_string(request).map_err(ClientError::Encode)?;
+        self.submit_json(&body)
+    }
+
+    /// Submits a request body as is (e.g. read from a file).
+    pub fn submit_json(&self, body: &str) -> Result<GrantView, ClientError> {
+        let req = self
+            .request("POST", "/v1/grants")
+            .set("Content-Type", "application/json");
+        decode(req.send_string(body))
+    }
+
+    pub fn list(&self) -> Result<Vec<GrantView>, ClientError> {
+        let list: GrantList = decode(self.request("GET", "/v1/grants").call())?;
+        Ok(list.grants)
+    }
+
+    pub fn show(&self, id: &str) -> Result<GrantView, ClientError> {
+        decode(
+            self.request("GET", &format!("/v1/grants/{}", encode_segment(id)))
+                .call(),
+        )
+    }
+
+    pub fn usage(&self, id: &str) -> Result<UsageView, ClientError> {
+        decode(
+            self.request("GET", &format!("/v1/grants/{}/usage", encode_segment(id)))
+                .call(),
+        )
+    }
+
+    /// Stops a grant; harmless if it has already ended.
+    pub fn terminate(&self, id: &str) -> Result<GrantView, ClientError> {
+        decode(
+            self.request("DELETE", &format!("/v1/grants/{}", encode_segment(id)))
+                .call(),
+        )
+    }
+
+    pub fn capabilities(&self) -> Result<ProviderCard, ClientError> {
+        decode(self.request("GET", "/v1/capabilities").call())
+    }
+
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        self.agent
+            .request(method, &format!("{}{path}", self.base))
+            .set("Authorization", &format!("Bearer {}", self.token))
+    }
+}
+
+fn decode<T: DeserializeOwned>(
+    result: Result<ureq::Response, ureq::Error>,
+) -> Result<T, ClientError> {
+    match result {
+        Ok(response) => {
+            let text = response.into_string().map_err(ClientError::Read)?;
+            serde_json::from_str(&text).map_err(ClientError::Decode)
+        }
+        Err(ureq::Error::Status(status, response)) => {
+            let text = response.into_string().map_err(ClientError::Read)?;
+            // A proxy or a crash may answer without our JSON; keep its text.
+            let body = serde_json::from_str(&text).unwrap_or(ErrorBody {
+                error: text,
+                field: None,
+            });
+            Err(ClientError::Api { status, body })
+        }
+        Err(ureq::Error::Transport(t)) => Err(ClientError::Transport(Box::new(t))),
+    }
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters, so an
+/// id typed by a user cannot change the path.
+fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::encode_segment;
+
+    #[test]
+    fn path_segments_are_escaped() {
+        assert_eq!(encode_segment("g-1.a_b~"), "g-1.a_b~");
+        assert_eq!(encode_segment("../x y"), "..%2Fx%20y");
+    }
+}

@@ -1,0 +1,442 @@
+//! Turns an untrusted request body into a [`Grant`], or an error naming the
+//! field at fault.
+//!
+//! The body is taken apart field by field (rather than deserialised in one
+//! go) so that every problem, including a wrong JSON type, names its field.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use super::{Grant, TdxPolicy};
+
+const FIELDS: &[&str] = &[
+    "request_id",
+    "image",
+    "vcpus",
+    "cpu_millicores",
+    "ram_mib",
+    "region",
+    "tdx",
+    "ssh_keys",
+    "valid_to",
+    "command",
+    "env",
+];
+
+const MAX_ID_LEN: usize = 64;
+const MAX_IMAGE_LEN: usize = 512;
+const MAX_SSH_KEYS: usize = 32;
+
+/// Why a grant request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    #[error("Malformed JSON body")]
+    MalformedJson(#[source] serde_json::Error),
+    #[error("Body must be a JSON object")]
+    NotAnObject,
+    #[error("Invalid field {field}")]
+    Field {
+        field: String,
+        #[source]
+        problem: FieldProblem,
+    },
+}
+
+impl GrantError {
+    /// The field at fault, when there is one.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            GrantError::Field { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn field_problem(field: impl Into<String>, problem: FieldProblem) -> Self {
+        GrantError::Field {
+            field: field.into(),
+            problem,
+        }
+    }
+}
+
+/// What is wrong with one field.
+#[derive(Debug, thiserror::Error)]
+pub enum FieldProblem {
+    #[error("unknown field")]
+    Unknown,
+    #[error("required")]
+    Missing,
+    #[error("wrong type, expected {0}")]
+    WrongType(&'static str),
+    #[error("must be greater than zero")]
+    Zero,
+    #[error("must not be empty")]
+    Empty,
+    #[error("too long (at most {0})")]
+    TooLong(usize),
+    #[error("may only contain letters, digits, '.', '_' and '-', starting with a letter or digit")]
+    BadId,
+    #[error("must not contain whitespace or control characters")]
+    BadChars,
+    #[error("give vcpus or cpu_millicores, not both")]
+    Both,
+    #[error("not a region any backend serves")]
+    UnknownRegion,
+    #[error("not an RFC 3339 time")]
+    BadTime(#[source] chrono::ParseError),
+    #[error("is not in the future")]
+    NotInFuture,
+    #[error("not an OpenSSH public key")]
+    BadSshKey(#[source] ssh_key::Error),
+    #[error("environment names must be non-empty and contain no '=' or NUL")]
+    BadEnvName,
+    #[error("no backend offers it")]
+    NotOffered,
+    #[error("larger than any backend in the region")]
+    TooLarge,
+}
+
+/// What validation needs to know beyond the body itself.
+#[derive(Clone, Debug)]
+pub struct ValidationContext {
+    /// Regions some backend serves.
+    pub regions: BTreeSet<String>,
+    pub now: DateTime<Utc>,
+}
+
+impl Grant {
+    /// Validates a request body. Every refusal names the field at fault,
+    /// except a body that is not a JSON object at all.
+    pub fn from_json(body: &[u8], ctx: &ValidationContext) -> Result<Grant, GrantError> {
+        let value: Value = serde_json::from_slice(body).map_err(GrantError::MalformedJson)?;
+        let Value::Object(mut map) = value else {
+            return Err(GrantError::NotAnObject);
+        };
+        if let Some(unknown) = map.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+            return Err(GrantError::field_problem(
+                unknown.clone(),
+                FieldProblem::Unknown,
+            ));
+        }
+
+        let id = match take::<String>(&mut map, "request_id", "a string")? {
+            Some(id) => check_id(id)?,
+            None => format!("g-{}", uuid::Uuid::new_v4().simple()),
+        };
+        let image = check_image(require(take(&mut map, "image", "a string")?, "image")?)?;
+        let (vcpus, cpu_millicores) = cpus(&mut map)?;
+        let ram_mib: u64 = require(take(&mut map, "ram_mib", "a positive integer")?, "ram_mib")?;
+        if ram_mib == 0 {
+            return Err(GrantError::field_problem("ram_mib", FieldProblem::Zero));
+        }
+        let region: String = require(take(&mut map, "region", "a string")?, "region")?;
+        if !ctx.regions.contains(&region) {
+            return Err(GrantError::field_problem(
+                "region",
+                FieldProblem::UnknownRegion,
+            ));
+        }
+        let tdx = take::<TdxPolicy>(&mut map, "tdx", "\"required\", \"preferred\" or \"no\"")?
+            .unwrap_or_default();
+        let ssh_keys = ssh_keys(require(
+            take(&mut map, "ssh_keys", "an array of strings")?,
+            "ssh_keys",
+        )?)?;
+        let valid_to = valid_to(
+            require(
+                take(&mut map, "valid_to", "an RFC 3339 string")?,
+                "valid_to",
+            )?,
+            ctx.now,
+        )?;
+        let command = take::<Vec<String>>(&mut map, "command", "an array of strings")?
+            .map(check_command)
+            .transpose()?;
+        let env = take::<BTreeMap<String, String>>(&mut map, "env", "an object of strings")?
+            .map(check_env)
+            .transpose()?
+            .unwrap_or_default();
+
+        Ok(Grant {
+            id,
+            image,
+            vcpus,
+            cpu_millicores,
+            ram_mib,
+            region,
+            tdx,
+            ssh_keys,
+            valid_to,
+            command,
+            env,
+            submitted_at: ctx.now,
+        })
+    }
+}
+
+/// Removes and parses one field; JSON `null` counts as absent.
+fn take<T: DeserializeOwned>(
+    map: &mut Map<String, Value>,
+    field: &'static str,
+    expected: &'static str,
+) -> Result<Option<T>, GrantError> {
+    match map.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v)
+            .map(Some)
+            .map_err(|_| GrantError::field_problem(field, FieldProblem::WrongType(expected))),
+    }
+}
+
+fn require<T>(v: Option<T>, field: &'static str) -> Result<T, GrantError> {
+    v.ok_or_else(|| GrantError::field_problem(field, FieldProblem::Missing))
+}
+
+fn check_id(id: String) -> Result<String, GrantError> {
+    let problem = if id.is_empty() {
+        Some(FieldProblem::Empty)
+    } else if id.len() > MAX_ID_LEN {
+        Some(FieldProblem::TooLong(MAX_ID_LEN))
+    } else if !id.starts_with(|c: char| c.is_ascii_alphanumeric())
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        Some(FieldProblem::BadId)
+    } else {
+        None
+    };
+    match problem {
+        Some(p) => Err(GrantError::field_problem("request_id", p)),
+        None => Ok(id),
+    }
+}
+
+fn check_image(image: String) -> Result<String, GrantError> {
+    if image.is_empty() {
+        return Err(GrantError::field_problem("image", FieldProblem::Empty));
+    }
+    if image.len() > MAX_IMAGE_LEN {
+        return Err(GrantError::field_problem(
+            "image",
+            FieldProblem::TooLong(MAX_IMAGE_LEN),
+        ));
+    }
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(GrantError::field_problem("image", FieldProblem::BadChars));
+    }
+    Ok(image)
+}
+
+/// vCPUs, from either `vcpus` or `cpu_millicores` (rounded up to whole CPUs).
+fn cpus(map: &mut Map<String, Value>) -> Result<(u32, Option<u32>), GrantError> {
+    let vcpus = take::<u32>(map, "vcpus", "a positive integer")?;
+    let millicores = take::<u32>(map, "cpu_millicores", "a positive integer")?;
+    match (vcpus, millicores) {
+        (Some(_), Some(_)) => Err(GrantError::field_problem(
+            "cpu_millicores",
+            FieldProblem::Both,
+        )),
+        (None, None) => Err(GrantError::field_problem("vcpus", FieldProblem::Missing)),
+        (Some(0), None) => Err(GrantError::field_problem("vcpus", FieldProblem::Zero)),
+        (None, Some(0)) => Err(GrantError::field_problem(
+            "cpu_millicores",
+            FieldProblem::Zero,
+        )),
+        (Some(v), None) => Ok((v, None)),
+        (None, Some(m)) => Ok((m.div_ceil(1000), Some(m))),
+    }
+}
+
+fn ssh_keys(keys: Vec<String>) -> Result<Vec<String>, GrantError> {
+    if keys.is_empty() {
+        return Err(GrantError::field_problem("ssh_keys", FieldProblem::Empty));
+    }
+    if keys.len() > MAX_SSH_KEYS {
+        return Err(GrantError::field_problem(
+            "ssh_keys",
+            FieldProblem::TooLong(MAX_SSH_KEYS),
+        ));
+    }
+    keys.iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let field = format!("ssh_keys[{i}]");
+            let parsed = ssh_key::PublicKey::from_openssh(key.trim())
+                .map_err(|e| GrantError::field_problem(&field, FieldProblem::BadSshKey(e)))?;
+            parsed
+                .to_openssh()
+                .map_err(|e| GrantError::field_problem(field, FieldProblem::BadSshKey(e)))
+        })
+        .collect()
+}
+
+fn valid_to(raw: String, now: DateTime<Utc>) -> Result<DateTime<Utc>, GrantError> {
+    let t = DateTime::parse_from_rfc3339(&raw)
+        .map_err(|e| GrantError::field_problem("valid_to", FieldProblem::BadTime(e)))?
+        .with_timezone(&Utc);
+    if t <= now {
+        return Err(GrantError::field_problem(
+            "valid_to",
+            FieldProblem::NotInFuture,
+        ));
+    }
+    Ok(t)
+}
+
+fn check_command(argv: Vec<String>) -> Result<Vec<String>, GrantError> {
+    match argv.first() {
+        None => Err(GrantError::field_problem("command", FieldProblem::Empty)),
+        Some(first) if first.is_empty() => {
+            Err(GrantError::field_problem("command[0]", FieldProblem::Empty))
+        }
+        Some(_) => Ok(argv),
+    }
+}
+
+fn check_env(env: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, GrantError> {
+    match env.keys().find(|k| k.is_empty() || k.contains(['=', '\0'])) {
+        Some(bad) => Err(GrantError::field_problem(
+            format!("env.{bad}"),
+            FieldProblem::BadEnvName,
+        )),
+        None => Ok(env),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICYZWTaQeBZlanOWStbbTRqPk9TgC0LC/UyC2dMm+FFc test@kiln";
+
+    fn ctx() -> ValidationContext {
+        ValidationContext {
+            regions: ["home".to_string()].into(),
+            now: "2030-01-01T00:00:00Z".parse().unwrap(),
+        }
+    }
+
+    fn good() -> Value {
+        json!({
+            "image": "docker.io/library/alpine:3.20",
+            "vcpus": 2,
+            "ram_mib": 512,
+            "region": "home",
+            "ssh_keys": [KEY],
+            "valid_to": "2030-01-01T01:00:00Z",
+        })
+    }
+
+    fn with(field: &str, v: Value) -> Vec<u8> {
+        let mut body = good();
+        body[field] = v;
+        serde_json::to_vec(&body).unwrap()
+    }
+
+    fn field_of(body: &[u8]) -> String {
+        match Grant::from_json(body, &ctx()) {
+            Err(e) => e.field().unwrap_or("<none>").to_string(),
+            Ok(g) => panic!("accepted {g:?}"),
+        }
+    }
+
+    #[test]
+    fn a_good_request_is_accepted_with_a_generated_id() {
+        let g = Grant::from_json(&serde_json::to_vec(&good()).unwrap(), &ctx()).unwrap();
+        assert!(g.id.starts_with("g-") && g.id.len() > 10);
+        assert_eq!((g.vcpus, g.ram_mib, g.tdx), (2, 512, TdxPolicy::No));
+        assert_eq!(g.ssh_keys, vec![KEY.to_string()]);
+        let again = Grant::from_json(&serde_json::to_vec(&good()).unwrap(), &ctx()).unwrap();
+        assert_ne!(g.id, again.id);
+    }
+
+    #[test]
+    fn millicores_round_up_to_whole_vcpus() {
+        let mut body = good();
+        body.as_object_mut().unwrap().remove("vcpus");
+        body["cpu_millicores"] = json!(1001);
+        let g = Grant::from_json(&serde_json::to_vec(&body).unwrap(), &ctx()).unwrap();
+        assert_eq!((g.vcpus, g.cpu_millicores), (2, Some(1001)));
+        body["cpu_millicores"] = json!(250);
+        let g = Grant::from_json(&serde_json::to_vec(&body).unwrap(), &ctx()).unwrap();
+        assert_eq!(g.vcpus, 1);
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (with("bogus", json!(1)), "bogus"),
+            (with("request_id", json!("has space")), "request_id"),
+            (with("request_id", json!("")), "request_id"),
+            (with("image", json!("")), "image"),
+            (with("image", json!(7)), "image"),
+            (with("vcpus", json!(0)), "vcpus"),
+            (with("vcpus", json!(-1)), "vcpus"),
+            (with("vcpus", json!(1.5)), "vcpus"),
+            (with("cpu_millicores", json!(500)), "cpu_millicores"),
+            (with("ram_mib", json!(0)), "ram_mib"),
+            (with("ram_mib", json!(-512)), "ram_mib"),
+            (with("region", json!("mars")), "region"),
+            (with("tdx", json!("maybe")), "tdx"),
+            (with("ssh_keys", json!([])), "ssh_keys"),
+            (
+                with("ssh_keys", json!([KEY, "ssh-ed25519 notbase64"])),
+                "ssh_keys[1]",
+            ),
+            (with("valid_to", json!("tomorrow")), "valid_to"),
+            (with("valid_to", json!("2029-12-31T23:59:59Z")), "valid_to"),
+            (with("command", json!([])), "command"),
+            (with("env", json!({"A=B": "c"})), "env.A=B"),
+            (with("env", json!({"A": 1})), "env"),
+        ];
+        for (body, field) in cases {
+            assert_eq!(field_of(&body), field, "{}", String::from_utf8_lossy(&body));
+        }
+        let mut missing = good();
+        for f in [
+            "image", "ram_mib", "region", "ssh_keys", "valid_to", "vcpus",
+        ] {
+            let mut body = missing.clone();
+            body.as_object_mut().unwrap().remove(f);
+            assert_eq!(field_of(&serde_json::to_vec(&body).unwrap()), f);
+        }
+        missing["vcpus"] = Value::Null;
+        assert_eq!(field_of(&serde_json::to_vec(&missing).unwrap()), "vcpus");
+    }
+
+    #[test]
+    fn bodies_that_are_not_objects_are_refused_without_a_field() {
+        for body in [&b"{not json"[..], b"[1,2]", b"", b"null"] {
+            let e = Grant::from_json(body, &ctx()).unwrap_err();
+            assert!(e.field().is_none(), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_wire_request_type_validates_to_the_same_grant() {
+        let req = super::super::GrantRequest {
+            request_id: Some("job-1".into()),
+            image: "alpine".into(),
+            cpu_millicores: Some(2500),
+            ram_mib: 256,
+            region: "home".into(),
+            tdx: TdxPolicy::Preferred,
+            ssh_keys: vec![KEY.into()],
+            valid_to: "2030-01-02T00:00:00Z".parse().unwrap(),
+            command: Some(vec!["sh".into(), "-c".into(), "true".into()]),
+            env: [("A".to_string(), "b".to_string())].into(),
+            ..Default::default()
+        };
+        let g = Grant::from_json(&serde_json::to_vec(&req).unwrap(), &ctx()).unwrap();
+        assert_eq!(g.id, "job-1");
+        assert_eq!((g.vcpus, g.tdx), (3, TdxPolicy::Preferred));
+        assert_eq!(g.valid_to, req.valid_to);
+        assert_eq!(g.workload().env, vec!["A=b".to_string()]);
+        assert_eq!(g.workload().argv.len(), 3);
+    }
+}

@@ -1,0 +1,496 @@
+//! The grant manager: takes validated grants, stores them, and drives each
+//! through provisioning, watching, deadline enforcement and termination.
+//! Every transition is stored before the action it leads to, so a new
+//! manager on the same store picks up where a killed one stopped.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::{watch, Notify};
+use tokio::task::AbortHandle;
+
+use crate::backend::{BackendError, ProvisionedInstance, UsageMetrics};
+use crate::error_chain;
+use crate::fleet::{Fleet, FleetError};
+use crate::grant::{Grant, GrantError, ValidationContext};
+use crate::state::{GrantRecord, GrantState, StopCause};
+use crate::store::{Inserted, Store, StoreError};
+use crate::view::UsageView;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("Invalid grant")]
+    Invalid(#[from] GrantError),
+    #[error("Request id {0} is already used by a different grant")]
+    IdInUse(String),
+    #[error("Cannot store the grant")]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("No grant {0}")]
+    NotFound(String),
+    #[error("State store failed")]
+    Store(#[from] StoreError),
+}
+
+/// Timing knobs; the defaults suit real VMs, tests shorten them.
+#[derive(Clone, Debug)]
+pub struct ManagerSettings {
+    /// How long `terminate` waits for the grant to end before answering.
+    pub stop_wait: Duration,
+    /// How long to wait for final usage after terminating an instance.
+    pub final_usage_wait: Duration,
+    /// Pause before retrying a transient backend failure.
+    pub retry_delay: Duration,
+    /// Attempts at terminating an instance before giving up on it.
+    pub terminate_attempts: u32,
+}
+
+impl Default for ManagerSettings {
+    fn default() -> Self {
+        ManagerSettings {
+            stop_wait: Duration::from_secs(60),
+            final_usage_wait: Duration::from_secs(30),
+            retry_delay: Duration::from_secs(2),
+            terminate_attempts: 5,
+        }
+    }
+}
+
+/// The result of a submission.
+#[derive(Debug)]
+pub struct Submitted {
+    pub record: GrantRecord,
+    /// False when the same request had been submitted before.
+    pub created: bool,
+}
+
+struct Supervisor {
+    wake: Arc<Notify>,
+    done: watch::Receiver<bool>,
+    abort: AbortHandle,
+}
+
+pub struct GrantManager {
+    store: Arc<Store>,
+    fleet: Arc<Fleet>,
+    settings: ManagerSettings,
+    supervisors: Mutex<HashMap<String, Supervisor>>,
+}
+
+impl GrantManager {
+    /// Starts a manager on `store` and re-adopts every grant the store says
+    /// is unfinished. Must be called inside a tokio runtime.
+    pub fn open(
+        store: Arc<Store>,
+        fleet: Arc<Fleet>,
+        settings: ManagerSettings,
+    ) -> Result<Arc<Self>, ManagerError> {
+        let manager = Arc::new(GrantManager {
+            store,
+            fleet,
+            settings,
+            supervisors: Mutex::new(HashMap::new()),
+        });
+        manager.recover()?;
+        Ok(manager)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn fleet(&self) -> &Fleet {
+        &self.fleet
+    }
+
+    /// Validates and stores a grant, then provisions it in the background.
+    /// Resubmitting the same request id returns the stored grant.
+    pub fn submit(self: &Arc<Self>, body: &[u8]) -> Result<Submitted, SubmitError> {
+        let ctx = ValidationContext {
+            regions: self.fleet.regions(),
+            now: Utc::now(),
+        };
+        let grant = Grant::from_json(body, &ctx)?;
+        self.fleet.check_admissible(&grant)?;
+        match self.store.insert_grant(&grant)? {
+            Inserted::Created(record) => {
+                tracing::info!(grant = %grant.id, image = %grant.image, vcpus = grant.vcpus, ram_mib = grant.ram_mib, "grant accepted");
+                self.supervise(record.clone());
+                Ok(Submitted {
+                    record,
+                    created: true,
+                })
+            }
+            Inserted::Existing(record) if record.grant.same_request_as(&grant) => Ok(Submitted {
+                record,
+                created: false,
+            }),
+            Inserted::Existing(_) => Err(SubmitError::IdInUse(grant.id)),
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<GrantRecord, ManagerError> {
+        self.store
+            .get(id)?
+            .ok_or_else(|| ManagerError::NotFound(id.to_string()))
+    }
+
+    pub fn list(&self) -> Result<Vec<GrantRecord>, ManagerError> {
+        Ok(self.store.list()?)
+    }
+
+    pub fn usage(&self, id: &str) -> Result<UsageView, ManagerError> {
+        let record = self.get(id)?;
+        let sample = self.store.latest_usage(id)?;
+        Ok(UsageView {
+            grant_id: record.grant.id,
+            state: record.state,
+            r#final: sample.as_ref().is_some_and(|s| s.r#final),
+            taken_at: sample.as_ref().map(|s| s.taken_at),
+            usage: sample.map(|s| s.usage),
+        })
+    }
+
+    /// Stops a grant (idempotent) and waits, up to the configured time, for
+    /// it to end. Returns the grant as it then stands.
+    pub async fn terminate(self: &Arc<Self>, id: &str) -> Result<GrantRecord, ManagerError> {
+        let record = self
+            .store
+            .request_stop(id, StopCause::Requested)?
+            .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
+        if record.state.is_final() {
+            return Ok(record);
+        }
+        let mut done = self.supervise(record);
+        // Either the grant ends in time, or the caller sees it terminating.
+        let _ = tokio::time::timeout(self.settings.stop_wait, done.wait_for(|d| *d)).await;
+        self.get(id)
+    }
+
+    /// Stops supervising without touching any instance, as a crash would;
+    /// a manager opened later on the same store re-adopts them.
+    pub fn shutdown(&self) {
+        for (_, s) in self.lock_supervisors().drain() {
+            s.abort.abort();
+        }
+    }
+
+    /// Number of grants being supervised now.
+    pub fn supervised(&self) -> usize {
+        self.lock_supervisors().len()
+    }
+
+    fn recover(self: &Arc<Self>) -> Result<(), ManagerError> {
+        let unfinished: Vec<GrantState> = GrantState::ALL
+            .into_iter()
+            .filter(|s| !s.is_final())
+            .collect();
+        for record in self.store.in_states(&unfinished)? {
+            let id = record.grant.id.clone();
+            match record.state {
+                GrantState::Provisioning => {
+                    // Whatever the backend was doing is unknown: it may have
+                    // left an instance this store never learnt about.
+                    tracing::warn!(grant = %id, "was provisioning when kilnd stopped; marking failed");
+                    self.store.finish(
+                        &id,
+                        GrantState::Failed,
+                        Some("kilnd stopped while provisioning"),
+                        None,
+                    )?;
+                }
+                GrantState::Running | GrantState::Terminating if record.instance.is_none() => {
+                    self.store.finish(
+                        &id,
+                        GrantState::Failed,
+                        Some("stored without its instance"),
+                        None,
+                    )?;
+                }
+                _ => {
+                    tracing::info!(grant = %id, state = %record.state, "re-adopting");
+                    self.supervise(record);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts supervising a grant, or wakes its supervisor if it has one.
+    /// The receiver turns true when supervision ends.
+    fn supervise(self: &Arc<Self>, record: GrantRecord) -> watch::Receiver<bool> {
+        let id = record.grant.id.clone();
+        let wake = Arc::new(Notify::new());
+        let (done_tx, done_rx) = watch::channel(false);
+        // Held across the spawn so the task cannot deregister before it is
+        // registered.
+        let mut supervisors = self.lock_supervisors();
+        if let Some(existing) = supervisors.get(&id) {
+            existing.wake.notify_one();
+            return existing.done.clone();
+        }
+        let manager = Arc::clone(self);
+        let task_wake = Arc::clone(&wake);
+        let task = tokio::spawn(async move {
+            let id = record.grant.id.clone();
+            if let Err(e) = manager.drive(record, &task_wake).await {
+                tracing::error!(grant = %id, error = %error_chain(&e), "supervision stopped");
+            }
+            manager.lock_supervisors().remove(&id);
+            let _ = done_tx.send(true);
+        });
+        supervisors.insert(
+            id,
+            Supervisor {
+                wake,
+                done: done_rx.clone(),
+                abort: task.abort_handle(),
+            },
+        );
+        done_rx
+    }
+
+    /// One grant's whole life from wherever the store says it is.
+    async fn drive(&self, record: GrantRecord, wake: &Notify) -> Result<(), StoreError> {
+        let instance = match (record.state, record.instance.clone()) {
+            (GrantState::Pending, _) => match self.provision(&record.grant).await? {
+                Some(instance) => instance,
+                None => return Ok(()),
+            },
+            (GrantState::Running | GrantState::Terminating, Some(instance)) => instance,
+            _ => return Ok(()),
+        };
+        self.run(&record.grant, &instance, wake).await
+    }
+
+    /// Provisions a pending grant. None when it ended without an instance.
+    async fn provision(&self, grant: &Grant) -> Result<Option<ProvisionedInstance>, StoreError> {
+        let id = grant.id.as_str();
+        let current = self.store.get(id)?;
+        if let Some(cause) = current.and_then(|r| r.stop) {
+            self.store
+                .finish(id, GrantState::Terminated, Some(cause.reason()), None)?;
+            return Ok(None);
+        }
+        if grant.valid_to <= Utc::now() {
+            self.store.request_stop(id, StopCause::Deadline)?;
+            self.store.finish(
+                id,
+                GrantState::Terminated,
+                Some(StopCause::Deadline.reason()),
+                None,
+            )?;
+            return Ok(None);
+        }
+        if !self
+            .store
+            .transition(id, &[GrantState::Pending], GrantState::Provisioning, None)?
+        {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let instance = match self.fleet.provision(grant).await {
+            Ok(instance) => instance,
+            Err(e) => {
+                let reason = if e.is_capacity() {
+                    format!("No capacity: {}", error_chain(&e))
+                } else {
+                    error_chain(&e)
+                };
+                tracing::warn!(grant = %id, error = %reason, "provisioning failed");
+                self.store
+                    .finish(id, GrantState::Failed, Some(&reason), None)?;
+                return Ok(None);
+            }
+        };
+        let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match self.store.record_running(id, &instance, ms) {
+            Ok(true) => Ok(Some(instance)),
+            Ok(false) => {
+                // Cannot happen while this task owns the grant; never leave
+                // an instance nobody tracks.
+                tracing::error!(grant = %id, "grant left provisioning under us; terminating its instance");
+                self.store.record_orphan_instance(id, &instance)?;
+                // Failures are logged inside; nothing more to do here.
+                let _ = self.terminate_instance(id, &instance).await;
+                Ok(None)
+            }
+            Err(e) => {
+                // The instance cannot be recorded, so it must not live on.
+                let _ = self.terminate_instance(id, &instance).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Watches a running instance until it exits, is stopped, or its
+    /// deadline passes, and records how it ended.
+    async fn run(
+        &self,
+        grant: &Grant,
+        instance: &ProvisionedInstance,
+        wake: &Notify,
+    ) -> Result<(), StoreError> {
+        let id = grant.id.as_str();
+        loop {
+            let Some(record) = self.store.get(id)? else {
+                return Ok(());
+            };
+            if record.state.is_final() {
+                return Ok(());
+            }
+            if let Some(cause) = record.stop {
+                return self.stop(id, instance, cause).await;
+            }
+            tokio::select! {
+                ended = self.fleet.watch_until_exit(instance) => match ended {
+                    Ok(usage) => return self.exited(id, instance, usage).await,
+                    Err(e) if is_transient(&e) => {
+                        tracing::warn!(grant = %id, error = %error_chain(&e), "watch failed; retrying");
+                        tokio::time::sleep(self.settings.retry_delay).await;
+                    }
+                    Err(e) => {
+                        let reason = format!("instance lost: {}", error_chain(&e));
+                        tracing::error!(grant = %id, %reason);
+                        // Best effort: whatever is left of it should go.
+                        let _ = self.terminate_instance(id, instance).await;
+                        self.store.finish(id, GrantState::Failed, Some(&reason), None)?;
+                        return Ok(());
+                    }
+                },
+                _ = tokio::time::sleep(until(grant.valid_to)) => {
+                    if Utc::now() >= grant.valid_to {
+                        tracing::info!(grant = %id, "valid_to reached");
+                        self.store.request_stop(id, StopCause::Deadline)?;
+                    }
+                }
+                _ = wake.notified() => {}
+            }
+        }
+    }
+
+    async fn exited(
+        &self,
+        id: &str,
+        instance: &ProvisionedInstance,
+        usage: UsageMetrics,
+    ) -> Result<(), StoreError> {
+        let reason = match usage.exit_status {
+            Some(kiln_protocol::ExitStatus::Code(c)) => format!("exited with code {c}"),
+            Some(kiln_protocol::ExitStatus::Signal(s)) => format!("killed by signal {s}"),
+            None => "ended without an exit status".to_string(),
+        };
+        tracing::info!(grant = %id, %reason, "workload ended");
+        // Release first: if kilnd dies in between, re-adoption finds the
+        // instance ended and records this again. A failure is logged inside;
+        // the workload has ended either way.
+        let _ = self.terminate_instance(id, instance).await;
+        self.store
+            .finish(id, GrantState::Exited, Some(&reason), Some(&usage))?;
+        Ok(())
+    }
+
+    async fn stop(
+        &self,
+        id: &str,
+        instance: &ProvisionedInstance,
+        cause: StopCause,
+    ) -> Result<(), StoreError> {
+        tracing::info!(grant = %id, cause = cause.as_str(), "terminating");
+        // An instance that may still run is never forgotten: transient
+        // failures are retried until they pass; only a permanent one ends
+        // the grant as failed.
+        loop {
+            match self.terminate_instance(id, instance).await {
+                Ok(()) => break,
+                Err(e) if is_transient(&e) => {
+                    tokio::time::sleep(self.settings.retry_delay * 10).await;
+                }
+                Err(e) => {
+                    let reason = format!("could not terminate: {}", error_chain(&e));
+                    self.store
+                        .finish(id, GrantState::Failed, Some(&reason), None)?;
+                    return Ok(());
+                }
+            }
+        }
+        let usage = match tokio::time::timeout(
+            self.settings.final_usage_wait,
+            self.fleet.watch_until_exit(instance),
+        )
+        .await
+        {
+            Ok(Ok(usage)) => Some(usage),
+            Ok(Err(e)) => {
+                tracing::warn!(grant = %id, error = %error_chain(&e), "no final usage");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(grant = %id, "final usage did not arrive in time");
+                None
+            }
+        };
+        self.store.finish(
+            id,
+            GrantState::Terminated,
+            Some(cause.reason()),
+            usage.as_ref(),
+        )?;
+        Ok(())
+    }
+
+    /// Terminates, retrying transient failures a few times.
+    async fn terminate_instance(
+        &self,
+        id: &str,
+        instance: &ProvisionedInstance,
+    ) -> Result<(), FleetError> {
+        let attempts = self.settings.terminate_attempts.max(1);
+        let mut attempt = 1;
+        loop {
+            match self.fleet.terminate(instance).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(grant = %id, attempt, error = %error_chain(&e), "terminate failed");
+                    if !is_transient(&e) || attempt >= attempts {
+                        return Err(e);
+                    }
+                    attempt += 1;
+                    tokio::time::sleep(self.settings.retry_delay).await;
+                }
+            }
+        }
+    }
+
+    fn lock_supervisors(&self) -> MutexGuard<'_, HashMap<String, Supervisor>> {
+        // Each update is a single insert or remove; a poisoned map is whole.
+        self.supervisors
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn is_transient(e: &FleetError) -> bool {
+    matches!(
+        e,
+        FleetError::Backend {
+            error: BackendError::Transient(_),
+            ..
+        }
+    )
+}
+
+/// Time left until `t` (zero if past), capped so a far-off deadline cannot
+/// overflow the timer; the caller checks the clock when the sleep ends.
+fn until(t: chrono::DateTime<Utc>) -> Duration {
+    const LONGEST: Duration = Duration::from_secs(24 * 3600);
+    (t - Utc::now())
+        .to_std()
+        .unwrap_or(Duration::ZERO)
+        .min(LONGEST)
+}

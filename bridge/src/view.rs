@@ -1,0 +1,73 @@
+//! What the HTTP API returns, shared by the server and the client.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::UsageMetrics;
+use crate::grant::Grant;
+use crate::state::{GrantRecord, GrantState, StopCause};
+
+/// How the requester reaches a running grant. The backend's private data
+/// stays inside kilnd.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionView {
+    pub backend: String,
+    pub instance_id: String,
+    pub host: String,
+    pub ssh_port: u16,
+    pub user: String,
+    pub host_key_fingerprint: String,
+    /// `ssh-ed25519 AAAA...`, to pin in known_hosts (empty if unknown).
+    #[serde(default)]
+    pub host_key: String,
+    pub started_at: DateTime<Utc>,
+}
+
+/// A grant as the API shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GrantView {
+    #[serde(flatten)]
+    pub grant: Grant,
+    pub state: GrantState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<StopCause>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<ConnectionView>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<GrantRecord> for GrantView {
+    fn from(r: GrantRecord) -> Self {
+        GrantView {
+            connection: r.instance.map(|i| ConnectionView {
+                backend: i.backend,
+                instance_id: i.instance_id,
+                host: i.host,
+                ssh_port: i.ssh_port,
+                user: i.user,
+                host_key_fingerprint: i.host_key_fingerprint,
+                host_key: i.host_key,
+                started_at: i.started_at,
+            }),
+            grant: r.grant,
+            state: r.state,
+            reason: r.reason,
+            stop: r.stop,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+/// A grant's latest usage (`GET /v1/grants/{id}/usage`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UsageView {
+    pub grant_id: String,
+    pub state: GrantState,
+    /// Whether `usage` is the final figure (the grant has ended).
+    pub r#final: bool,
+    /// None until a sample exists.
+    pub usage: Option<UsageMetrics>,
+    pub taken_at: Option<DateTime<Utc>>,
+}

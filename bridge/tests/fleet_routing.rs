@@ -1,0 +1,205 @@
+//! Fleet routing with two backends of different regions and capacities plus
+//! one that fails on demand: first match in order, failover, capability union.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use common::*;
+use kiln_bridge::backend::Backend;
+use kiln_bridge::fleet::{Fleet, FleetError};
+use kiln_bridge::grant::{Grant, TdxPolicy, ValidationContext};
+
+struct Setup {
+    fleet: Fleet,
+    eu_small: Arc<SimBackend>,
+    flaky: Arc<SimBackend>,
+    us_big: Arc<SimBackend>,
+}
+
+fn setup() -> Setup {
+    let eu_small = Arc::new(SimBackend::new(
+        "eu-small",
+        &["eu"],
+        false,
+        World::new(2, 2048),
+    ));
+    let flaky = Arc::new(SimBackend::new(
+        "flaky",
+        &["eu", "us"],
+        false,
+        World::new(64, 65536),
+    ));
+    let us_big = Arc::new(SimBackend::new(
+        "us-big",
+        &["us"],
+        true,
+        World::new(16, 32768),
+    ));
+    flaky.fail_transiently.store(true, Ordering::SeqCst);
+    let fleet = Fleet::new(vec![
+        eu_small.clone() as Arc<dyn Backend>,
+        flaky.clone(),
+        us_big.clone(),
+    ])
+    .unwrap();
+    Setup {
+        fleet,
+        eu_small,
+        flaky,
+        us_big,
+    }
+}
+
+fn grant(fleet: &Fleet, region: &str, vcpus: u32, tdx: TdxPolicy) -> Grant {
+    let mut req = request(region, vcpus, 512);
+    req.tdx = tdx;
+    let ctx = ValidationContext {
+        regions: fleet.regions(),
+        now: chrono::Utc::now(),
+    };
+    Grant::from_json(&serde_json::to_vec(&req).unwrap(), &ctx).unwrap()
+}
+
+#[tokio::test]
+async fn first_match_in_order_then_failover_past_transient_failures() {
+    let s = setup();
+    // eu: eu-small comes first and fits.
+    let a = s
+        .fleet
+        .provision(&grant(&s.fleet, "eu", 1, TdxPolicy::No))
+        .await
+        .unwrap();
+    assert_eq!(a.backend, "eu-small");
+    assert_eq!(s.flaky.calls(), 0);
+
+    // us: eu-small cannot; flaky fails transiently; us-big takes it.
+    let b = s
+        .fleet
+        .provision(&grant(&s.fleet, "us", 2, TdxPolicy::No))
+        .await
+        .unwrap();
+    assert_eq!(b.backend, "us-big");
+    assert_eq!(s.flaky.calls(), 1);
+
+    // eu, too big for eu-small, and flaky fails: nobody else serves eu.
+    let err = s
+        .fleet
+        .provision(&grant(&s.fleet, "eu", 4, TdxPolicy::No))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FleetError::AllFailed { ref backend, .. } if backend == "flaky"));
+    assert!(!err.is_capacity());
+    assert!(kiln_bridge::error_chain(&err).contains("injected transient failure"));
+
+    // Once flaky recovers it takes what eu-small has no room for.
+    s.flaky.fail_transiently.store(false, Ordering::SeqCst);
+    let c = s
+        .fleet
+        .provision(&grant(&s.fleet, "eu", 1, TdxPolicy::No))
+        .await
+        .unwrap();
+    assert_eq!(c.backend, "eu-small");
+    let d = s
+        .fleet
+        .provision(&grant(&s.fleet, "eu", 1, TdxPolicy::No))
+        .await
+        .unwrap();
+    assert_eq!(d.backend, "flaky", "eu-small is full");
+
+    // Later calls go to the backend named in the instance.
+    s.fleet.terminate(&b).await.unwrap();
+    assert_eq!(s.us_big.world.ledger.snapshot().used.vcpus, 0);
+    s.fleet.terminate(&b).await.unwrap();
+    let usage = s.fleet.watch_until_exit(&b).await.unwrap();
+    assert!(usage.exit_status.is_some());
+    assert_eq!(s.eu_small.world.ledger.snapshot().used.vcpus, 2);
+    let mut stray = a.clone();
+    stray.backend = "gone".into();
+    assert!(matches!(
+        s.fleet.terminate(&stray).await,
+        Err(FleetError::UnknownBackend(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_fatal_failure_stops_the_search() {
+    let s = setup();
+    s.flaky.fail_transiently.store(false, Ordering::SeqCst);
+    s.flaky.fail_fatally.store(true, Ordering::SeqCst);
+    let err = s
+        .fleet
+        .provision(&grant(&s.fleet, "us", 1, TdxPolicy::No))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FleetError::Fatal { ref backend, .. } if backend == "flaky"));
+    assert_eq!(s.us_big.calls(), 0);
+}
+
+#[tokio::test]
+async fn tdx_policy_decides_which_backends_are_tried_first_or_at_all() {
+    let s = setup();
+    let g = grant(&s.fleet, "eu", 1, TdxPolicy::Required);
+    let err = s.fleet.check_admissible(&g).unwrap_err();
+    assert_eq!(err.field(), Some("tdx"));
+    let g = grant(&s.fleet, "us", 1, TdxPolicy::Required);
+    s.fleet.check_admissible(&g).unwrap();
+    let inst = s.fleet.provision(&g).await.unwrap();
+    assert_eq!(inst.backend, "us-big");
+    assert_eq!(s.flaky.calls(), 0, "flaky has no TDX");
+    // Preferred: a TDX backend first, even behind a healthy one without.
+    s.flaky.fail_transiently.store(false, Ordering::SeqCst);
+    let preferred = s
+        .fleet
+        .provision(&grant(&s.fleet, "us", 1, TdxPolicy::Preferred))
+        .await
+        .unwrap();
+    assert_eq!(preferred.backend, "us-big");
+    let plain = s
+        .fleet
+        .provision(&grant(&s.fleet, "us", 1, TdxPolicy::No))
+        .await
+        .unwrap();
+    assert_eq!(plain.backend, "flaky");
+    // ...and one without when no TDX backend serves the region.
+    let preferred = s
+        .fleet
+        .provision(&grant(&s.fleet, "eu", 1, TdxPolicy::Preferred))
+        .await
+        .unwrap();
+    assert_eq!(preferred.backend, "eu-small");
+    let too_big = grant(&s.fleet, "eu", 3, TdxPolicy::No);
+    s.fleet.check_admissible(&too_big).unwrap(); // flaky is big enough
+    let too_big = grant(&s.fleet, "eu", 65, TdxPolicy::No);
+    assert_eq!(
+        s.fleet.check_admissible(&too_big).unwrap_err().field(),
+        Some("vcpus")
+    );
+}
+
+#[test]
+fn capabilities_are_the_union_over_http() {
+    let s = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(
+        dir.path(),
+        vec![s.eu_small.clone(), s.flaky.clone(), s.us_big.clone()],
+    );
+    let card = server.client().capabilities().unwrap();
+    assert_eq!(
+        card.regions.iter().cloned().collect::<Vec<_>>(),
+        ["eu", "us"]
+    );
+    assert!(card.tdx);
+    assert_eq!(card.capacity.usable.vcpus, 2 + 64 + 16);
+    assert_eq!(card.capacity.usable.ram_mib, 2048 + 65536 + 32768);
+    let names: Vec<&str> = card.backends.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(names, ["eu-small", "flaky", "us-big"]);
+    assert!(!card.backends[0].capabilities.tdx && card.backends[2].capabilities.tdx);
+    assert!(Fleet::new(vec![
+        s.eu_small.clone() as Arc<dyn Backend>,
+        s.eu_small.clone()
+    ])
+    .is_err());
+}

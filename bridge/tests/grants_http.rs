@@ -1,0 +1,276 @@
+//! The grant API end to end over real HTTP: validation, auth, lifecycle,
+//! idempotent resubmission and termination, valid_to enforcement, metrics.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use kiln_bridge::state::{GrantState, StopCause};
+use serde_json::{json, Value};
+
+fn one_backend(dir: &std::path::Path) -> (TestServer, Arc<SimBackend>) {
+    let backend = Arc::new(SimBackend::new(
+        "sim",
+        &["home"],
+        false,
+        World::new(8, 8192),
+    ));
+    let server = TestServer::start(dir, vec![backend.clone()]);
+    (server, backend)
+}
+
+fn good_body() -> Value {
+    serde_json::to_value(request("home", 1, 256)).unwrap()
+}
+
+#[test]
+fn every_bad_field_is_refused_naming_it_and_nothing_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, backend) = one_backend(dir.path());
+    let url = server.url("/v1/grants");
+    let past = (chrono::Utc::now() - chrono::Duration::seconds(5)).to_rfc3339();
+    let cases: Vec<(&str, Value)> = vec![
+        ("bogus", json!(true)),
+        ("request_id", json!("a/b")),
+        ("image", json!("")),
+        ("vcpus", json!(0)),
+        ("vcpus", json!(-2)),
+        ("vcpus", json!(9)), // larger than any backend
+        ("ram_mib", json!(0)),
+        ("ram_mib", json!(-1)),
+        ("ram_mib", json!(1_000_000)),
+        ("region", json!("mars")),
+        ("tdx", json!("required")), // no backend has TDX
+        ("tdx", json!("sometimes")),
+        ("ssh_keys", json!(["not a key"])),
+        ("ssh_keys", json!("ssh-ed25519 AAAA")),
+        ("valid_to", json!(past)),
+        ("valid_to", json!("next tuesday")),
+        ("command", json!("sh -c true")),
+        ("env", json!({"": "x"})),
+    ];
+    for (field, value) in cases {
+        let mut body = good_body();
+        body[field] = value.clone();
+        let (status, text) = raw("POST", &url, Some(TOKEN), Some(&body.to_string()));
+        assert_eq!(status, 422, "{field}={value}: {text}");
+        let err: Value = serde_json::from_str(&text).unwrap();
+        let named = err["field"].as_str().unwrap_or_default();
+        assert!(named.starts_with(field), "{field}={value}: {text}");
+        assert!(!err["error"].as_str().unwrap_or_default().is_empty());
+    }
+    for body in ["{\"image\": ", "[]", ""] {
+        let (status, text) = raw("POST", &url, Some(TOKEN), Some(body));
+        assert_eq!(status, 400, "{body}: {text}");
+        assert!(serde_json::from_str::<Value>(&text).unwrap()["error"].is_string());
+    }
+    assert!(server.client().list().unwrap().is_empty());
+    assert_eq!(backend.calls(), 0);
+}
+
+#[test]
+fn requests_without_the_right_token_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, backend) = one_backend(dir.path());
+    let body = good_body().to_string();
+    for token in [None, Some("wrong"), Some("")] {
+        for (method, path, body) in [
+            ("POST", "/v1/grants", Some(body.as_str())),
+            ("GET", "/v1/grants", None),
+            ("GET", "/v1/grants/x", None),
+            ("GET", "/v1/grants/x/usage", None),
+            ("DELETE", "/v1/grants/x", None),
+            ("GET", "/v1/capabilities", None),
+        ] {
+            let (status, text) = raw(method, &server.url(path), token, body);
+            assert_eq!(status, 401, "{method} {path} with {token:?}");
+            assert!(text.contains("error"));
+        }
+    }
+    assert_eq!(backend.calls(), 0);
+    assert!(server.manager().store().list().unwrap().is_empty());
+    assert_eq!(raw("GET", &server.url("/healthz"), None, None).0, 200);
+    assert_eq!(raw("GET", &server.url("/metrics"), None, None).0, 200);
+    assert_eq!(raw("GET", &server.url("/nope"), Some(TOKEN), None).0, 404);
+}
+
+#[test]
+fn a_grant_runs_reports_usage_and_terminates_freeing_its_resources() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, backend) = one_backend(dir.path());
+    let client = server.client();
+    let mut req = request("home", 2, 1024);
+    req.request_id = Some("job-1".into());
+    let submitted = client.submit(&req).unwrap();
+    assert_eq!(submitted.grant.id, "job-1");
+    assert!(matches!(
+        submitted.state,
+        GrantState::Pending | GrantState::Provisioning | GrantState::Running
+    ));
+
+    let running = wait_for("running", Duration::from_secs(5), || {
+        let g = client.show("job-1").unwrap();
+        (g.state == GrantState::Running).then_some(g)
+    });
+    let conn = running.connection.expect("connection details");
+    assert_eq!((conn.backend.as_str(), conn.ssh_port), ("sim", 2200));
+    let used = client.capabilities().unwrap().capacity.used;
+    assert_eq!((used.vcpus, used.ram_mib), (2, 1024));
+    let usage = client.usage("job-1").unwrap();
+    assert_eq!(usage.state, GrantState::Running);
+    assert!(usage.usage.is_none() && !usage.r#final);
+
+    // Resubmitting the same request gives back the same grant.
+    let again = client.submit(&req).unwrap();
+    assert_eq!(again.grant.id, "job-1");
+    assert_eq!(client.list().unwrap().len(), 1);
+    assert_eq!(backend.calls(), 1);
+    // The same id for something else is a conflict.
+    let mut other = req.clone();
+    other.ram_mib = 512;
+    let err = client.submit(&other).unwrap_err();
+    assert_eq!((err.status(), err.field()), (Some(409), Some("request_id")));
+
+    let ended = client.terminate("job-1").unwrap();
+    assert_eq!(ended.state, GrantState::Terminated);
+    assert_eq!(ended.stop, Some(StopCause::Requested));
+    let usage = client.usage("job-1").unwrap();
+    assert!(usage.r#final);
+    let metrics = usage.usage.expect("final usage");
+    assert_eq!(
+        metrics.exit_status,
+        Some(kiln_protocol::ExitStatus::Signal(9))
+    );
+    assert!(metrics.host.vmm_rss_kib > 0);
+    assert_eq!(client.capabilities().unwrap().capacity.used.vcpus, 0);
+    assert_eq!(backend.world.live(), 0);
+
+    // Terminating again is harmless and changes nothing.
+    let twice = client.terminate("job-1").unwrap();
+    assert_eq!(
+        (twice.state, twice.updated_at),
+        (ended.state, ended.updated_at)
+    );
+    let err = client.terminate("no-such-grant").unwrap_err();
+    assert_eq!(err.status(), Some(404));
+    assert_eq!(
+        client.show("no-such-grant").unwrap_err().status(),
+        Some(404)
+    );
+}
+
+#[test]
+fn terminating_while_provisioning_stops_the_instance_once_it_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, backend) = one_backend(dir.path());
+    *backend.provision_delay.lock().unwrap() = Duration::from_millis(600);
+    let client = server.client();
+    let g = client.submit(&request("home", 1, 128)).unwrap();
+    wait_for("provisioning", Duration::from_secs(2), || {
+        (client.show(&g.grant.id).unwrap().state == GrantState::Provisioning).then_some(())
+    });
+    let ended = client.terminate(&g.grant.id).unwrap();
+    assert_eq!(ended.state, GrantState::Terminated);
+    assert_eq!(ended.stop, Some(StopCause::Requested));
+    assert_eq!(backend.calls(), 1);
+    assert_eq!(backend.world.total(), 1);
+    assert_eq!(backend.world.live(), 0);
+    assert_eq!(backend.world.ledger.snapshot().used.vcpus, 0);
+}
+
+#[test]
+fn a_workload_that_ends_is_recorded_as_exited_with_its_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, backend) = one_backend(dir.path());
+    *backend.run_for.lock().unwrap() = Some(Duration::from_millis(300));
+    let client = server.client();
+    let g = client.submit(&request("home", 1, 128)).unwrap();
+    let done = wait_for("exit", Duration::from_secs(5), || {
+        let g = client.show(&g.grant.id).unwrap();
+        g.state.is_final().then_some(g)
+    });
+    assert_eq!(done.state, GrantState::Exited);
+    assert_eq!(done.reason.as_deref(), Some("exited with code 0"));
+    let usage = client.usage(&done.grant.id).unwrap().usage.unwrap();
+    assert!(usage.guest.uptime_ms >= 250, "{usage:?}");
+    // The manager terminates ended instances so the backend frees them.
+    assert_eq!(client.capabilities().unwrap().capacity.used.vcpus, 0);
+}
+
+#[test]
+fn valid_to_terminates_the_grant_at_the_deadline_and_records_final_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, backend) = one_backend(dir.path());
+    let client = server.client();
+    let mut req = request("home", 1, 128);
+    req.valid_to = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let g = client.submit(&req).unwrap();
+    wait_for("running", Duration::from_secs(2), || {
+        (client.show(&g.grant.id).unwrap().state == GrantState::Running).then_some(())
+    });
+    let done = wait_for("deadline", Duration::from_secs(6), || {
+        let g = client.show(&g.grant.id).unwrap();
+        g.state.is_final().then_some(g)
+    });
+    assert_eq!(done.state, GrantState::Terminated);
+    assert_eq!(done.stop, Some(StopCause::Deadline));
+    assert_eq!(done.reason.as_deref(), Some("valid_to reached"));
+    let usage = client.usage(&done.grant.id).unwrap();
+    let metrics = usage.usage.expect("final usage");
+    assert!(usage.r#final);
+    // Ended at the deadline, not long after (the sim polls every 20 ms).
+    let late = metrics.ended_at - req.valid_to;
+    assert!(
+        late >= chrono::Duration::zero() && late < chrono::Duration::milliseconds(1500),
+        "ended {late} after valid_to"
+    );
+    assert_eq!(backend.world.live(), 0);
+    assert_eq!(backend.world.ledger.snapshot().used.vcpus, 0);
+}
+
+#[test]
+fn a_transient_failure_everywhere_fails_the_grant_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, backend) = one_backend(dir.path());
+    backend
+        .fail_transiently
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let client = server.client();
+    let g = client.submit(&request("home", 1, 128)).unwrap();
+    let done = wait_for("failure", Duration::from_secs(5), || {
+        let g = client.show(&g.grant.id).unwrap();
+        g.state.is_final().then_some(g)
+    });
+    assert_eq!(done.state, GrantState::Failed);
+    let reason = done.reason.unwrap();
+    assert!(reason.contains("injected transient failure"), "{reason}");
+    assert!(done.connection.is_none());
+}
+
+#[test]
+fn metrics_count_grants_by_state_running_vms_boot_times_and_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _backend) = one_backend(dir.path());
+    let client = server.client();
+    for _ in 0..2 {
+        let g = client.submit(&request("home", 1, 256)).unwrap();
+        wait_for("running", Duration::from_secs(5), || {
+            (client.show(&g.grant.id).unwrap().state == GrantState::Running).then_some(())
+        });
+    }
+    let (status, text) = raw("GET", &server.url("/metrics"), None, None);
+    assert_eq!(status, 200);
+    for line in [
+        "kiln_grants{state=\"running\"} 2",
+        "kiln_vms_running 2",
+        "kiln_boot_seconds_count 2",
+        "kiln_boot_seconds_bucket{le=\"+Inf\"} 2",
+        "kiln_capacity_vcpus{backend=\"sim\",kind=\"used\"} 2",
+        "kiln_capacity_vcpus{backend=\"sim\",kind=\"usable\"} 8",
+        "kiln_capacity_ram_mib{backend=\"sim\",kind=\"used\"} 512",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+    }
+}
