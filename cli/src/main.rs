@@ -3,8 +3,13 @@
 
 mod demo;
 mod exit_code;
+mod fleet;
+mod grant;
 mod image;
+mod kilnd;
+mod output;
 mod run;
+mod ssh;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -19,7 +24,9 @@ Exit codes of `kiln run` and `kiln demo`:
   126  the command could not be started
   127  the command does not exist in the image
   130  stopped by a second Ctrl-C
-Other commands exit 0 on success and 1 on error.";
+`kiln ssh` exits with ssh's status.
+Other commands exit 0 on success and 1 on error (2 for a usage error,
+3 when kilnd cannot be reached or answers something unreadable).";
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "KVM micro-VMs from OCI images", after_help = EXIT_CODES_HELP)]
@@ -37,6 +44,12 @@ enum Command {
     /// Build and manage initramfs images.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Ask kilnd for grants: micro-VMs reachable over SSH until a deadline.
+    Grant(grant::GrantArgs),
+    /// What kilnd's fleet offers.
+    Fleet(fleet::FleetArgs),
+    /// SSH into a running grant, trusting only the host key kilnd reported.
+    Ssh(ssh::SshArgs),
 }
 
 fn kiln_home() -> PathBuf {
@@ -63,20 +76,42 @@ fn main() {
                 Some(h) => eprintln!("kiln: {e:#} ({h})"),
                 None => eprintln!("kiln: {e:#}"),
             }
-            std::process::exit(if runs_vm { exit_code::KILN_ERROR } else { 1 });
+            std::process::exit(if runs_vm {
+                exit_code::KILN_ERROR
+            } else {
+                kilnd::exit_code(&e)
+            });
         }
     }
 }
 
 fn dispatch(command: Command) -> Result<i32> {
+    match command {
+        Command::Run(args) => {
+            let (cache, home) = local()?;
+            run::run(&cache, &home, *args)
+        }
+        Command::Demo(args) => {
+            let (cache, home) = local()?;
+            demo::demo(&cache, &home, args)
+        }
+        Command::Image(cmd) => {
+            let (cache, home) = local()?;
+            image::run(&cache, &home, cmd).map(|()| 0)
+        }
+        // Commands for kilnd need no local state.
+        Command::Grant(args) => grant::run(args),
+        Command::Fleet(args) => fleet::run(args),
+        Command::Ssh(args) => ssh::run(args),
+    }
+}
+
+/// The image cache and `KILN_HOME`, for the commands that run VMs here.
+fn local() -> Result<(Cache, PathBuf)> {
     let home = kiln_home();
     let cache = Cache::open(&home.join("images"))
         .with_context(|| format!("opening the image cache in {}", home.display()))?;
-    match command {
-        Command::Run(args) => run::run(&cache, &home, *args),
-        Command::Demo(args) => demo::demo(&cache, &home, args),
-        Command::Image(cmd) => image::run(&cache, &home, cmd).map(|()| 0),
-    }
+    Ok((cache, home))
 }
 
 /// What to do about the errors users will meet, where the message alone
