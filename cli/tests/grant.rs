@@ -110,16 +110,19 @@ impl Drop for Kilnd {
     }
 }
 
-/// `kiln ARGS... --bridge URL [--token-file TOKEN]` (the kilnd flags are
-/// global, so they may come last) in a clean environment: HOME is `home`,
+/// `kiln ARGS... --bridge URL [--token-file TOKEN] [-- COMMAND]` (the
+/// kilnd flags are global, so they may come last) in a clean environment: HOME is `home`,
 /// no KILN_BRIDGE_* variables.
 fn kiln(url: &str, token: Option<&Path>, args: &[&str], home: &Path) -> Output {
+    // Before `--`, which ends kiln's flags.
+    let end = args.iter().position(|a| *a == "--").unwrap_or(args.len());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    cmd.args(args).args(["--bridge", url]);
+    cmd.args(&args[..end]).args(["--bridge", url]);
     if let Some(t) = token {
         cmd.arg("--token-file").arg(t);
     }
-    cmd.env_remove("KILN_BRIDGE_URL")
+    cmd.args(&args[end..])
+        .env_remove("KILN_BRIDGE_URL")
         .env_remove("KILN_BRIDGE_TOKEN")
         .env("HOME", home)
         .env("KILN_HOME", home.join("no-kiln-home"))
@@ -339,4 +342,340 @@ fn help_for_every_command() {
             );
         }
     }
+}
+
+// What a real kilnd cannot show without booting a VM (`--wait`, a running
+// grant, `kiln ssh`) is checked against a fake kilnd answering canned JSON.
+
+const HOST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICYZWTaQeBZlanOWStbbTRqPk9TgC0LC/UyC2dMm+FFc";
+
+/// A grant view as kilnd shows it; `connection` when it has one.
+fn view(state: &str, connection: Option<&str>, reason: Option<&str>) -> String {
+    let mut v = serde_json::json!({
+        "id": "g-1", "image": IMAGE, "vcpus": 1, "ram_mib": 512, "region": "home",
+        "tdx": "no", "ssh_keys": [KEY], "valid_to": "2030-01-01T00:00:00Z",
+        "submitted_at": "2026-01-01T00:00:00Z", "state": state,
+        "updated_at": "2026-01-01T00:00:01Z",
+    });
+    if let Some(host_key) = connection {
+        v["connection"] = serde_json::json!({
+            "backend": "local", "instance_id": "i-1", "host": "127.0.0.1",
+            "ssh_port": 2222, "user": "root", "host_key_fingerprint": "SHA256:fp",
+            "host_key": host_key, "started_at": "2026-01-01T00:00:01Z",
+        });
+    }
+    if let Some(r) = reason {
+        v["reason"] = serde_json::json!(r);
+    }
+    v.to_string()
+}
+
+const USAGE: &str = r#"{"grant_id": "g-1", "state": "exited", "final": true,
+  "taken_at": "2026-01-01T00:01:00Z",
+  "usage": {"guest": {"uptime_ms": 60000, "cpu_user_ms": 1500, "cpu_system_ms": 250,
+    "mem_used_kib": 1024, "mem_peak_kib": 2048, "net_rx_bytes": 1024, "net_tx_bytes": 10,
+    "disk_read_bytes": 0, "disk_write_bytes": 0, "processes": 1, "workload": "exited"},
+   "exit_status": {"code": 3}, "host": {"vcpu_cpu_ms": 1800, "vmm_rss_kib": 30000},
+   "ended_at": "2026-01-01T00:01:00Z"}}"#;
+
+type Answer = dyn Fn(&str, &str, usize) -> (u16, String) + Send + Sync;
+
+/// An HTTP server on 127.0.0.1 answering `answer(method, path, n)`, n
+/// counting earlier requests for the same method and path. Returns its URL
+/// and the request bodies seen.
+fn fake_kilnd(answer: Box<Answer>) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    std::thread::spawn(move || {
+        let mut counts = std::collections::HashMap::<String, usize>::new();
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let mut parts = line.split_whitespace();
+            let (method, path) = (
+                parts.next().unwrap_or("").to_string(),
+                parts.next().unwrap_or("").to_string(),
+            );
+            let mut length = 0;
+            loop {
+                let mut header = String::new();
+                reader.read_line(&mut header).unwrap();
+                if header.trim().is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = header.split_once(':') {
+                    if k.eq_ignore_ascii_case("content-length") {
+                        length = v.trim().parse().unwrap();
+                    }
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            seen.lock().unwrap().push(String::from_utf8(body).unwrap());
+            let n = counts.entry(format!("{method} {path}")).or_default();
+            let (status, text) = answer(&method, &path, *n);
+            *n += 1;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                text.len()
+            );
+        }
+    });
+    (url, bodies)
+}
+
+#[test]
+fn submit_wait_prints_the_id_then_how_to_connect() {
+    let (url, bodies) = fake_kilnd(Box::new(|method, path, n| match (method, path, n) {
+        ("POST", "/v1/grants", _) => (201, view("pending", None, None)),
+        ("GET", "/v1/grants/g-1", 0) => (200, view("provisioning", None, None)),
+        ("GET", "/v1/grants/g-1", _) => (200, view("running", Some(HOST_KEY), None)),
+        _ => (404, r#"{"error":"Not found"}"#.into()),
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.pub");
+    std::fs::write(&key, format!("{KEY}\n")).unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t\n").unwrap();
+    let o = kiln(
+        &url,
+        Some(&token),
+        &[
+            &submit_args(
+                key.to_str().unwrap(),
+                &["--region", "home", "--vcpus", "1", "--env", "A=1", "--wait"],
+            )[..],
+            &["--", "sleep", "9"],
+        ]
+        .concat(),
+        dir.path(),
+    );
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(stdout(&o), "g-1\n");
+    for part in [
+        "pending",
+        "provisioning",
+        "running",
+        "ssh -p 2222 root@127.0.0.1",
+        "kiln ssh g-1",
+    ] {
+        assert!(err.contains(part), "{part:?} not in:\n{err}");
+    }
+    let sent: serde_json::Value = serde_json::from_str(&bodies.lock().unwrap()[0]).unwrap();
+    assert_eq!(sent["ssh_keys"], serde_json::json!([KEY]));
+    assert_eq!(sent["command"], serde_json::json!(["sleep", "9"]));
+    assert_eq!(sent["env"], serde_json::json!({"A": "1"}));
+    assert_eq!(sent["vcpus"], 1);
+}
+
+#[test]
+fn submit_wait_fails_with_the_reason() {
+    let (url, _) = fake_kilnd(Box::new(|method, _, _| match method {
+        "POST" => (201, view("pending", None, None)),
+        _ => (200, view("failed", None, Some("no such image"))),
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.pub");
+    std::fs::write(&key, format!("{KEY}\n")).unwrap();
+    std::fs::write(dir.path().join("token"), "t\n").unwrap();
+    let o = kiln(
+        &url,
+        Some(&dir.path().join("token")),
+        &submit_args(
+            key.to_str().unwrap(),
+            &["--region", "home", "--vcpus", "1", "--wait"],
+        ),
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "g-1\n");
+    let last = stderr(&o).lines().last().unwrap().to_string();
+    assert!(
+        last.starts_with("kiln: ") && last.contains("failed: no such image"),
+        "{last}"
+    );
+}
+
+/// A fake `ssh` that records its arguments and the known_hosts file it was
+/// given, and exits 7.
+fn fake_ssh(dir: &Path) -> String {
+    let bin = dir.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let script = bin.join("ssh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$@\" > {d}/args\nfor a; do case \"$a\" in UserKnownHostsFile=*) \
+             f=\"${{a#UserKnownHostsFile=}}\"; echo \"$f\" > {d}/kh_path; cat \"$f\" > {d}/known_hosts;; \
+             esac; done\nexit 7\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+fn kiln_ssh(url: &str, dir: &Path, path: &str, args: &[&str]) -> Output {
+    std::fs::write(dir.join("token"), "t\n").unwrap();
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("ssh")
+        .args(["--bridge", url, "--token-file"])
+        .arg(dir.join("token"))
+        .args(args)
+        .env("PATH", path)
+        .env_remove("KILN_BRIDGE_URL")
+        .env_remove("KILN_BRIDGE_TOKEN")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn ssh_pins_the_host_key_and_returns_ssh_status() {
+    let (url, _) = fake_kilnd(Box::new(|_, path, _| match path {
+        "/v1/grants/g-1" => (200, view("running", Some(HOST_KEY), None)),
+        "/v1/grants/nokey" => (200, view("running", Some(""), None)),
+        "/v1/grants/pending" => (200, view("pending", None, None)),
+        _ => (404, r#"{"error":"No grant"}"#.into()),
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let path = fake_ssh(dir.path());
+
+    let o = kiln_ssh(
+        &url,
+        dir.path(),
+        &path,
+        &["g-1", "-i", "/keys/id", "--", "uname", "-a"],
+    );
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+    let args = std::fs::read_to_string(dir.path().join("args")).unwrap();
+    let kh_path = std::fs::read_to_string(dir.path().join("kh_path")).unwrap();
+    assert_eq!(
+        args.trim(),
+        format!(
+            "-p 2222 -o StrictHostKeyChecking=yes -o UserKnownHostsFile={} \
+             -o GlobalKnownHostsFile=/dev/null -o IdentitiesOnly=yes -i /keys/id -- root@127.0.0.1 uname -a",
+            kh_path.trim()
+        )
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("known_hosts")).unwrap(),
+        format!("[127.0.0.1]:2222 {HOST_KEY}\n")
+    );
+    assert!(
+        !Path::new(kh_path.trim()).exists(),
+        "the known_hosts file was left behind"
+    );
+
+    // No host key known: accept the first, say which fingerprint to expect.
+    let o = kiln_ssh(&url, dir.path(), &path, &["nokey"]);
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+    assert!(stderr(&o).contains("SHA256:fp"), "{}", stderr(&o));
+    let args = std::fs::read_to_string(dir.path().join("args")).unwrap();
+    assert!(args.contains("StrictHostKeyChecking=accept-new"), "{args}");
+
+    let o = kiln_ssh(&url, dir.path(), &path, &["pending"]);
+    assert_fails(&o, 1, &["pending", "not running"]);
+}
+
+#[test]
+fn list_show_usage_and_terminate() {
+    let (url, _) = fake_kilnd(Box::new(|method, path, _| match (method, path) {
+        ("DELETE", _) => (
+            200,
+            view("terminating", Some(HOST_KEY), Some("terminated on request")),
+        ),
+        (_, "/v1/grants/g-1/usage") => (200, USAGE.to_string()),
+        (_, "/v1/grants") => (
+            200,
+            format!(
+                r#"{{"grants": [{}, {}]}}"#,
+                view("running", Some(HOST_KEY), None),
+                view("failed", None, Some("no such image"))
+            ),
+        ),
+        _ => (200, view("running", Some(HOST_KEY), None)),
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "t\n").unwrap();
+    let token = dir.path().join("token");
+    let o = kiln(&url, Some(&token), &["grant", "show", "g-1"], dir.path());
+    let out = stdout(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for part in [
+        "running",
+        "127.0.0.1",
+        "2222",
+        "SHA256:fp",
+        "ssh -p 2222 root@127.0.0.1",
+        "kiln ssh g-1",
+    ] {
+        assert!(out.contains(part), "{part:?} not in:\n{out}");
+    }
+    let o = kiln(&url, Some(&token), &["grant", "list"], dir.path());
+    let out = stdout(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(
+        lines[0].starts_with("ID") && lines[0].ends_with("REASON"),
+        "{out}"
+    );
+    assert!(
+        lines[2].contains("failed") && lines[2].ends_with("no such image"),
+        "{out}"
+    );
+    let o = kiln(
+        &url,
+        Some(&token),
+        &["grant", "list", "--state", "running", "--json"],
+        dir.path(),
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v[0]["state"], "running");
+    let o = kiln(
+        &url,
+        Some(&token),
+        &["grant", "list", "--state", "odd"],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+
+    let o = kiln(&url, Some(&token), &["grant", "usage", "g-1"], dir.path());
+    let out = stdout(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for part in ["user 1.50 s", "peak 2.0 MiB", "received 1.0 KiB", "code 3"] {
+        assert!(out.contains(part), "{part:?} not in:\n{out}");
+    }
+    let o = kiln(
+        &url,
+        Some(&token),
+        &["grant", "usage", "g-1", "--json"],
+        dir.path(),
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["usage"]["guest"]["cpu_user_ms"], 1500);
+    let o = kiln(
+        &url,
+        Some(&token),
+        &["grant", "terminate", "g-1"],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("terminating"), "{}", stdout(&o));
+    assert!(stderr(&o).contains("still stopping"), "{}", stderr(&o));
 }
