@@ -4,7 +4,8 @@
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -66,14 +67,35 @@ pub fn run(a: SshArgs) -> Result<i32> {
     );
     // Ctrl-C belongs to ssh; kiln stays to remove the temporary file.
     stop_signals::catch_stop_signals();
-    let status = Command::new("ssh")
+    let mut ssh = Command::new("ssh")
         .args(&args)
-        .status()
+        .spawn()
         .context("cannot run ssh")?;
+    let status = wait_passing_stops(&mut ssh).context("waiting for ssh")?;
     drop(known_hosts);
     Ok(status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// Waits for ssh, passing on as SIGTERM any stop signal kiln gets (a
+/// terminal's Ctrl-C reaches ssh anyway; a `kill` of kiln would not).
+fn wait_passing_stops(ssh: &mut Child) -> std::io::Result<ExitStatus> {
+    let pid = i32::try_from(ssh.id()).map_err(std::io::Error::other)?;
+    let mut passed = 0;
+    loop {
+        if let Some(status) = ssh.try_wait()? {
+            return Ok(status);
+        }
+        let stops = stop_signals::count();
+        if stops > passed {
+            passed = stops;
+            // SAFETY: kill(2) on our child, not yet reaped, so the pid is
+            // still its own.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A known_hosts line for the host key: `HOST KEY` on port 22,

@@ -515,7 +515,7 @@ fn fake_ssh(dir: &Path) -> String {
         format!(
             "#!/bin/sh\necho \"$@\" > {d}/args\nfor a; do case \"$a\" in UserKnownHostsFile=*) \
              f=\"${{a#UserKnownHostsFile=}}\"; echo \"$f\" > {d}/kh_path; cat \"$f\" > {d}/known_hosts;; \
-             esac; done\nexit 7\n",
+             esac; done\ncase \"$*\" in *sleepy*) exec sleep 30;; esac\nexit 7\n",
             d = dir.display()
         ),
     )
@@ -586,6 +586,30 @@ fn ssh_pins_the_host_key_and_returns_ssh_status() {
     assert!(stderr(&o).contains("SHA256:fp"), "{}", stderr(&o));
     let args = std::fs::read_to_string(dir.path().join("args")).unwrap();
     assert!(args.contains("StrictHostKeyChecking=accept-new"), "{args}");
+
+    // A `kill` of kiln reaches ssh, and the file still goes.
+    std::fs::remove_file(dir.path().join("kh_path")).unwrap();
+    std::fs::write(dir.path().join("token"), "t\n").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["ssh", "g-1", "--bridge", &url, "--token-file"])
+        .arg(dir.path().join("token"))
+        .args(["--", "sleepy"])
+        .env("PATH", &path)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dir.path().join("kh_path").exists() {
+        assert!(Instant::now() < deadline, "ssh did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on a child we spawned and have not reaped.
+    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(128 + libc::SIGTERM));
+    let kh_path = std::fs::read_to_string(dir.path().join("kh_path")).unwrap();
+    assert!(
+        !Path::new(kh_path.trim()).exists(),
+        "the known_hosts file was left behind"
+    );
 
     let o = kiln_ssh(&url, dir.path(), &path, &["pending"]);
     assert_fails(&o, 1, &["pending", "not running"]);
