@@ -107,6 +107,7 @@ fn main() {
         &Frame::Control(Message::Ready {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms,
+            init_to_ready_ms: uptime_ms.saturating_sub(system::own_start_ms().unwrap_or(uptime_ms)),
         }),
     );
     console(READY_MARKER);

@@ -136,3 +136,31 @@ pub fn power_off() -> ! {
 pub fn kernel_cmdline_has(param: &str) -> bool {
     std::fs::read_to_string("/proc/cmdline").is_ok_and(|c| c.split_whitespace().any(|w| w == param))
 }
+
+/// When the kernel started this process, in ms of uptime (from
+/// /proc/self/stat, in clock ticks).
+pub fn own_start_ms() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which may contain spaces, start at 3.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks * 1000 / hz as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn own_start_is_within_uptime() {
+        let start = super::own_start_ms().unwrap();
+        let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(start <= (uptime * 1000.0) as u64 + 10);
+    }
+}

@@ -76,6 +76,8 @@ pub struct RunArgs {
 pub struct Stats {
     /// VMM start to the agent's `ready`.
     pub boot_ms: u64,
+    /// Inside the guest: the kernel starting the agent (`/init`) to `ready`.
+    pub guest_init_to_ready_ms: u64,
     /// Command start to its exit, as the host saw it.
     pub run_ms: u64,
     pub cpu_user_seconds: f64,
@@ -390,6 +392,7 @@ fn stats(machine: &Machine, ended: &Ended) -> Stats {
     let u = ended.usage.clone().unwrap_or_default();
     Stats {
         boot_ms: machine.ready().boot.as_millis() as u64,
+        guest_init_to_ready_ms: machine.ready().init_to_ready_ms,
         run_ms: ended.run.as_millis() as u64,
         cpu_user_seconds: u.cpu_user_ms as f64 / 1000.0,
         cpu_system_seconds: u.cpu_system_ms as f64 / 1000.0,

@@ -3,12 +3,13 @@
 //! hosts, so each VM serves several assertions and VMs run side by side.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_tests::registry::{sh, Registry};
-use kiln_tests::{agent, bin, kernel, wait_for, workspace_root};
+use kiln_tests::images::busybox_layout;
+use kiln_tests::registry::Registry;
+use kiln_tests::{agent, bin, kernel, processes_mentioning, wait_for, workspace_root};
 
 /// A private `$KILN_HOME` with the real kernel and the static agent.
 struct Home {
@@ -62,40 +63,6 @@ impl Home {
             processes_mentioning(&needle)
         );
     }
-}
-
-/// Command lines of live processes that contain `needle`.
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if text.contains(needle) {
-            found.push(format!("{}: {text}", e.file_name().to_string_lossy()));
-        }
-    }
-    found
-}
-
-/// A busybox OCI layout (`dir/oci:1`) with a default command.
-fn busybox_layout(dir: &Path) -> PathBuf {
-    sh(&format!(
-        r#"cd {}
-        umoci init --layout oci
-        umoci new --image oci:1
-        umoci unpack --image oci:1 b >/dev/null
-        r=b/rootfs; mkdir -p $r/bin $r/etc $r/tmp $r/root
-        cp /bin/busybox $r/bin/
-        for a in $(/bin/busybox --list); do [ $a = busybox ] || ln -s busybox $r/bin/$a; done
-        echo 'root:x:0:0:root:/root:/bin/sh' > $r/etc/passwd
-        umoci repack --image oci:1 b
-        umoci config --image oci:1 --config.env PATH=/bin --config.cmd echo --config.cmd default-cmd
-        rm -rf b"#,
-        dir.display()
-    ));
-    dir.join("oci")
 }
 
 /// Collects a child's output while waiting for it with a deadline; kills

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use kiln_image::cpio::{Meta, Writer};
 
+pub mod images;
 pub mod openssh;
 pub mod peer;
 pub mod registry;
@@ -330,4 +331,20 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 pub fn run_vmm(args: &[&str]) -> (Option<i32>, String) {
     let (status, stderr) = VmmProcess::spawn(args).wait(Duration::from_secs(30));
     (status.code(), stderr)
+}
+
+/// `pid: cmdline` of live processes whose command line contains `needle`
+/// (to prove a test left no VMM or helper process behind).
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let line = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if line.contains(needle) {
+            found.push(format!("{}: {line}", e.file_name().to_string_lossy()));
+        }
+    }
+    found
 }

@@ -65,7 +65,13 @@ pub fn qemu_microvm(
 
 /// Runs `cmd` until its stdout shows [`MARKER`]; returns that time, then
 /// waits for it to exit (it must exit successfully).
-pub fn time_to_marker(mut cmd: Command) -> Result<Duration, String> {
+pub fn time_to_marker(cmd: Command) -> Result<Duration, String> {
+    time_to_marker_then(cmd, false)
+}
+
+/// As [`time_to_marker`]; with `kill`, the process is killed once the
+/// marker is seen (for guests that go on working after it).
+pub fn time_to_marker_then(mut cmd: Command, kill: bool) -> Result<Duration, String> {
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -79,11 +85,14 @@ pub fn time_to_marker(mut cmd: Command) -> Result<Duration, String> {
         let Ok(line) = line else { break };
         if found.is_none() && line.contains(MARKER) {
             found = Some(start.elapsed());
+            if kill {
+                let _ = child.kill();
+            }
         }
     }
     let status = child.wait().map_err(|e| format!("wait: {e}"))?;
     match found {
-        Some(t) if status.success() => Ok(t),
+        Some(t) if status.success() || kill => Ok(t),
         Some(_) => Err(format!("exited with {status}")),
         None => Err(format!("no marker; exited with {status}")),
     }

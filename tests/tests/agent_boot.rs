@@ -22,9 +22,11 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
         Frame::Control(Message::Ready {
             agent_version,
             uptime_ms,
+            init_to_ready_ms,
         }) => {
             assert_eq!(agent_version, env!("CARGO_PKG_VERSION"));
             assert!(uptime_ms > 0);
+            assert!(init_to_ready_ms < uptime_ms);
         }
         other => panic!("expected ready, got {other:?}"),
     }

@@ -105,6 +105,9 @@ pub enum Message {
         agent_version: String,
         /// Guest uptime when the agent was ready.
         uptime_ms: u64,
+        /// The kernel starting `/init` (PID 1) to this message.
+        #[serde(default)]
+        init_to_ready_ms: u64,
     },
     /// Host -> agent: run this (overrides merged onto the image config).
     Start {
@@ -281,6 +284,7 @@ mod tests {
             Frame::Control(Message::Ready {
                 agent_version: "0.1.0".into(),
                 uptime_ms: 1234,
+                init_to_ready_ms: 56,
             }),
             Frame::Control(Message::Start {
                 workload: Workload {

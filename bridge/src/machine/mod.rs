@@ -74,6 +74,8 @@ pub struct Ready {
     pub agent_version: String,
     /// Guest uptime when the agent was ready.
     pub guest_uptime_ms: u64,
+    /// The kernel starting `/init` to the agent's `ready`.
+    pub init_to_ready_ms: u64,
 }
 
 /// How the VMM process ended.
@@ -416,10 +418,12 @@ impl Booting {
             Ok(Some(Ok(Frame::Control(Message::Ready {
                 agent_version,
                 uptime_ms,
+                init_to_ready_ms,
             })))) => Ready {
                 boot: launched.elapsed(),
                 agent_version,
                 guest_uptime_ms: uptime_ms,
+                init_to_ready_ms,
             },
             Ok(Some(Ok(other))) => return Err(MachineError::NotReady(format!("{other:?}"))),
             Ok(Some(Err(e))) => return Err(MachineError::NotReady(e.to_string())),

@@ -306,9 +306,12 @@ impl Backend for LocalBackend {
         instance: &ProvisionedInstance,
     ) -> Result<UsageMetrics, BackendError> {
         let p = self.private(instance)?;
-        // After a restart this process has never counted the VM.
-        self.ledger
-            .adopt(&instance.instance_id, Resources::new(p.vcpus, p.ram_mib));
+        // After a restart this process has never counted a live VM. (One
+        // that has ended must not be counted again: terminate released it.)
+        if p.shim.alive() {
+            self.ledger
+                .adopt(&instance.instance_id, Resources::new(p.vcpus, p.ram_mib));
+        }
         loop {
             let state =
                 shim::read_state(&p.dir).map_err(|e| BackendError::Transient(Box::new(e)))?;
