@@ -40,7 +40,9 @@ pub fn demo(cache: &Cache, home: &Path, a: DemoArgs) -> Result<i32> {
         oci_layout: Some(format!("{}:{DEMO_TAG}", layout.display())),
         vcpus: 2,
         mem: 256,
-        timeout: Some(std::time::Duration::from_secs(60)),
+        // A safety net only: process start-up is slow where the guest
+        // kernel is emulated, slower still on a busy host.
+        timeout: Some(std::time::Duration::from_secs(600)),
         env: Vec::new(),
         workdir: None,
         user: None,

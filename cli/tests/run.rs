@@ -216,7 +216,7 @@ fn signal_timeout_and_missing_command() {
     let killed = run(&[], &["sh", "-c", "echo before; kill -KILL $$"]);
     // Long enough for the command to start on a busy, emulating host.
     let slow = run(
-        &["--timeout", "30s"],
+        &["--timeout", "60s"],
         &["sh", "-c", "echo started; sleep 600"],
     );
     let missing = run(&[], &["/no/such/program"]);
@@ -229,7 +229,7 @@ fn signal_timeout_and_missing_command() {
     let err = text(&slow.stderr);
     assert_eq!(slow.status.code(), Some(124), "{err}");
     assert_eq!(text(&slow.stdout), "started\n");
-    assert!(err.contains("ran longer than 30s"), "{err}");
+    assert!(err.contains("ran longer than 60s"), "{err}");
 
     let missing = finish(missing, LIMIT);
     let err = text(&missing.stderr);
