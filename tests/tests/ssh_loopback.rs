@@ -100,3 +100,84 @@ fn openssh_client_against_the_agent_server_on_loopback() {
     assert_eq!(out.status.code(), Some(255), "{out:?}");
     assert!(text(&out.stderr).contains("Permission denied"), "{out:?}");
 }
+
+/// Accepts any host key (the test's server is its own).
+struct AnyHostKey;
+
+impl russh::client::Handler for AnyHostKey {
+    type Error = russh::Error;
+    async fn check_server_key(
+        &mut self,
+        _: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+/// Reads the channel until its output contains `want`.
+async fn read_until(ch: &mut russh::Channel<russh::client::Msg>, seen: &mut String, want: &str) {
+    let found = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while !seen.contains(want) {
+            match ch.wait().await {
+                Some(russh::ChannelMsg::Data { data }) => {
+                    seen.push_str(&String::from_utf8_lossy(&data))
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+    })
+    .await;
+    assert!(
+        found.is_ok() && seen.contains(want),
+        "{want:?} not in {seen:?}"
+    );
+}
+
+/// A PTY session follows the client's window-size changes (what a
+/// terminal's resize sends; the OpenSSH client only does it from a tty).
+#[test]
+fn a_pty_follows_window_changes() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "granted");
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    kiln_agent::ssh::start_on(&[public], None, move || {
+        let (s, _) = listener.accept()?;
+        Ok(File::from(OwnedFd::from(s)))
+    })
+    .unwrap();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let config = Arc::new(russh::client::Config::default());
+        let mut session = russh::client::connect(config, ("127.0.0.1", port), AnyHostKey)
+            .await
+            .unwrap();
+        let private = russh::keys::load_secret_key(&key, None).unwrap();
+        let auth = session
+            .authenticate_publickey(
+                me(),
+                russh::keys::PrivateKeyWithHashAlg::new(Arc::new(private), None),
+            )
+            .await
+            .unwrap();
+        assert!(auth.success());
+        let mut ch = session.channel_open_session().await.unwrap();
+        ch.request_pty(true, "xterm", 80, 24, 0, 0, &[])
+            .await
+            .unwrap();
+        ch.request_shell(true).await.unwrap();
+        let mut seen = String::new();
+        ch.data_bytes(&b"stty size\n"[..]).await.unwrap();
+        read_until(&mut ch, &mut seen, "24 80").await;
+        ch.window_change(132, 43, 0, 0).await.unwrap();
+        ch.data_bytes(&b"stty size; exit\n"[..]).await.unwrap();
+        read_until(&mut ch, &mut seen, "43 132").await;
+    });
+}
