@@ -45,6 +45,7 @@ pub struct Launch {
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Booting,
+    /// The agent serves SSH and has started the command.
     Running,
     /// The VM has stopped; the state is final.
     Ended,
@@ -176,7 +177,8 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
             return ended(dir, &mut state, Some(error_chain(&e)));
         }
     };
-    state.phase = Phase::Running;
+    // Still `booting` until the agent has started the command: it serves
+    // SSH before that, so `running` means the requester can log in.
     state.vmm_pid = Some(machine.pid());
     state.ssh_port = Some(forwarder.local_addr().port());
     state.boot_ms = Some(machine.ready().boot.as_millis() as u64);
@@ -198,6 +200,10 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
                         let _ = f.write_all(&d);
                     }
                 }
+            }
+            Ok(Event::Frame(Frame::Control(Message::Started { .. }))) => {
+                state.phase = Phase::Running;
+                write_state(dir, &mut state)?;
             }
             Ok(Event::Frame(Frame::Control(Message::Usage(u)))) => {
                 state.usage = Some(u);
