@@ -338,6 +338,25 @@ fn grants_on_this_host_from_submit_to_restart_and_deadline() {
             "sleep 100000",
         ))
         .unwrap();
+    // Beside it, a command that ends at once: the grant still ran, and is
+    // recorded as exited with its status.
+    kilnd
+        .client()
+        .submit(&request(
+            "quick",
+            &image,
+            public,
+            Duration::from_secs(3600),
+            "echo quick",
+        ))
+        .unwrap();
+    let q = kilnd.wait_grant("quick", BOOT, |g| g.state.is_final());
+    assert_eq!(q.state, GrantState::Exited, "{q:?}\n{}", kilnd.log());
+    let q_usage = kilnd.client().usage("quick").unwrap().usage.expect("usage");
+    assert_eq!(
+        q_usage.exit_status,
+        Some(kiln_protocol::ExitStatus::Code(0))
+    );
     let d = kilnd.wait_grant("deadline", BOOT, |g| g.state.is_final());
     assert_eq!(d.state, GrantState::Terminated, "{d:?}");
     assert!(start.elapsed() >= valid_for - Duration::from_secs(2));

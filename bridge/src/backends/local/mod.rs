@@ -248,6 +248,11 @@ async fn wait_until_running(dir: &Path, shim: &Process) -> Result<State, LocalEr
     loop {
         match shim::read_state(dir)? {
             Some(s) if s.phase == Phase::Running => return Ok(s),
+            // A command so short it ended before we looked: it did run, and
+            // watching the instance reports how it ended.
+            Some(s) if s.phase == Phase::Ended && s.exit_status.is_some() && s.error.is_none() => {
+                return Ok(s)
+            }
             Some(s) if s.phase == Phase::Ended => {
                 return Err(LocalError::Boot(
                     s.error.unwrap_or_else(|| "it stopped at once".to_string()),
