@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kiln_bridge::machine::stop_signals as signals;
-use kiln_bridge::machine::{Event, Machine, MachineError, Sender, Spec};
+use kiln_bridge::machine::{binary_beside_me, Event, Machine, MachineError, Sender, Spec};
 use kiln_image::build::Options;
 use kiln_image::cache::Cache;
 use kiln_protocol::{Frame, Message, Usage, Workload};
@@ -114,7 +114,7 @@ pub fn run(cache: &Cache, home: &Path, a: RunArgs) -> Result<i32> {
     };
     let built = image::build_with_progress(cache, &opts)?;
     let spec = Spec {
-        vmm: vmm_binary()?,
+        vmm: binary_beside_me("KILN_VMM", "kiln-vmm"),
         kernel: a
             .kernel
             .clone()
@@ -174,15 +174,6 @@ fn workload(a: &RunArgs) -> Result<Workload> {
 
 fn valid_env_key(k: &str) -> bool {
     !k.is_empty() && !k.contains('=') && !k.contains('\0')
-}
-
-/// `kiln-vmm` next to this binary, or `$KILN_VMM`.
-pub fn vmm_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("KILN_VMM") {
-        return Ok(PathBuf::from(p));
-    }
-    let me = std::env::current_exe().context("cannot find the kiln binary")?;
-    Ok(me.with_file_name("kiln-vmm"))
 }
 
 /// `30s`, `5m`, `1h`, `250ms`, or plain seconds.

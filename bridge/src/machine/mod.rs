@@ -6,7 +6,7 @@ mod preflight;
 pub mod stop_signals;
 mod tail;
 
-pub use preflight::{preflight, PreflightError};
+pub use preflight::{meminfo_kib, preflight, PreflightError};
 pub use tail::Tail;
 
 use std::io::{Read, Write};
@@ -466,6 +466,17 @@ impl Drop for DirGuard {
             let _ = std::fs::remove_dir_all(d);
         }
     }
+}
+
+/// The binary `name` next to the running executable, or the path in the
+/// environment variable `var` (how kiln finds kiln-vmm and kiln-shim).
+pub fn binary_beside_me(var: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var) {
+        return PathBuf::from(p);
+    }
+    std::env::current_exe()
+        .map(|me| me.with_file_name(name))
+        .unwrap_or_else(|_| PathBuf::from(name))
 }
 
 /// A short, unique VM id: 8 random bytes in hex.

@@ -92,14 +92,18 @@ fn check_kvm(path: &Path) -> Result<(), PreflightError> {
 
 /// MemAvailable from /proc/meminfo, in MiB.
 fn available_mib() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    parse_available_kib(&info).map(|kib| kib / 1024)
+    meminfo_kib("MemAvailable").map(|kib| kib / 1024)
 }
 
-fn parse_available_kib(meminfo: &str) -> Option<u64> {
+/// One field of /proc/meminfo (e.g. `MemTotal`), in KiB.
+pub fn meminfo_kib(key: &str) -> Option<u64> {
+    parse_meminfo_kib(&std::fs::read_to_string("/proc/meminfo").ok()?, key)
+}
+
+fn parse_meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
     meminfo
         .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|n| n.parse().ok())
 }
@@ -177,7 +181,8 @@ mod tests {
     #[test]
     fn reads_mem_available() {
         let info = "MemTotal: 100 kB\nMemAvailable:   20480 kB\n";
-        assert_eq!(parse_available_kib(info), Some(20480));
-        assert_eq!(parse_available_kib("MemTotal: 1 kB\n"), None);
+        assert_eq!(parse_meminfo_kib(info, "MemAvailable"), Some(20480));
+        assert_eq!(parse_meminfo_kib(info, "MemTotal"), Some(100));
+        assert_eq!(parse_meminfo_kib("MemTotal: 1 kB\n", "MemAvailable"), None);
     }
 }

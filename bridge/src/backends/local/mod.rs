@@ -21,6 +21,7 @@ use crate::backend::{
 use crate::capacity::{CapacityLedger, Resources};
 use crate::grant::{Grant, TdxPolicy};
 use crate::host_key::HostKey;
+use crate::machine::{binary_beside_me, meminfo_kib};
 use process::Process;
 use shim::{Launch, Phase, State};
 
@@ -94,7 +95,7 @@ impl LocalBackend {
             section.ram_mib.unwrap_or_else(host_ram_mib),
         );
         let ledger = ctx.ledger_for(&name, total)?;
-        let vmm = sibling_binary("KILN_VMM", "kiln-vmm");
+        let vmm = binary_beside_me("KILN_VMM", "kiln-vmm");
         let tdx = probe_tdx(&vmm);
         Ok(LocalBackend {
             name,
@@ -103,7 +104,7 @@ impl LocalBackend {
             ledger,
             tdx,
             vmm,
-            shim: sibling_binary("KILN_SHIM", "kiln-shim"),
+            shim: binary_beside_me("KILN_SHIM", "kiln-shim"),
         })
     }
 
@@ -353,16 +354,6 @@ impl Backend for LocalBackend {
     }
 }
 
-/// `name` next to the running executable, or `$var`.
-fn sibling_binary(var: &str, name: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(var) {
-        return PathBuf::from(p);
-    }
-    std::env::current_exe()
-        .map(|me| me.with_file_name(name))
-        .unwrap_or_else(|_| PathBuf::from(name))
-}
-
 /// Whether kiln-vmm finds TDX on this host.
 fn probe_tdx(vmm: &Path) -> bool {
     Command::new(vmm)
@@ -378,12 +369,5 @@ fn host_cpus() -> u32 {
 }
 
 fn host_ram_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib / 1024)
+    meminfo_kib("MemTotal").map_or(0, |kib| kib / 1024)
 }
