@@ -45,7 +45,7 @@ const NO_AVX: &str =
 /// corrupts data in a busy multi-threaded process (seen as SFTP stream
 /// corruption over SSH). As PID 1, re-exec once with glibc's AVX variants
 /// turned off; if that fails, carry on as we are.
-fn without_avx() {
+fn without_avx(started_ms: u64) {
     use std::os::unix::process::CommandExt;
     if std::env::var_os("GLIBC_TUNABLES").is_some() {
         return;
@@ -55,8 +55,27 @@ fn without_avx() {
     let e = std::process::Command::new(me)
         .args(args)
         .env("GLIBC_TUNABLES", NO_AVX)
+        .env(STARTED_ENV, started_ms.to_string())
         .exec();
     console(&format!("re-exec without AVX failed: {e}"));
+}
+
+/// Carries the boot-clock time of the agent's first instructions across the
+/// re-exec, so `init_to_ready_ms` counts from the kernel's exec of `/init`.
+const STARTED_ENV: &str = "KILN_AGENT_STARTED_MS";
+
+/// When this agent started, in ms of the boot clock: now, or what the
+/// process that re-exec'd it passed on (then the variable is dropped, so
+/// workloads never see it).
+fn started_ms() -> u64 {
+    let now = system::boot_clock_ms();
+    match std::env::var(STARTED_ENV) {
+        Ok(v) => {
+            std::env::remove_var(STARTED_ENV);
+            v.parse().unwrap_or(now)
+        }
+        Err(_) => now,
+    }
 }
 
 /// A second handle on the control connection for a reading thread, if
@@ -69,9 +88,10 @@ fn reader_of(conn: &Conn) -> Option<File> {
 }
 
 fn main() {
+    let started = started_ms();
     let is_init = std::process::id() == 1;
     if is_init {
-        without_avx();
+        without_avx(started);
     }
     std::panic::set_hook(Box::new(move |info| {
         let thread = std::thread::current();
@@ -107,7 +127,7 @@ fn main() {
         &Frame::Control(Message::Ready {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms,
-            init_to_ready_ms: uptime_ms.saturating_sub(system::own_start_ms().unwrap_or(uptime_ms)),
+            init_to_ready_ms: system::boot_clock_ms().saturating_sub(started),
         }),
     );
     console(READY_MARKER);

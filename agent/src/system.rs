@@ -137,30 +137,40 @@ pub fn kernel_cmdline_has(param: &str) -> bool {
     std::fs::read_to_string("/proc/cmdline").is_ok_and(|c| c.split_whitespace().any(|w| w == param))
 }
 
-/// When the kernel started this process, in ms of uptime (from
-/// /proc/self/stat, in clock ticks).
-pub fn own_start_ms() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name, which may contain spaces, start at 3.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (hz > 0).then(|| ticks * 1000 / hz as u64)
+/// Milliseconds since boot on the clock /proc/uptime shows (CLOCK_BOOTTIME);
+/// readable before /proc is mounted. (A process's start time in
+/// /proc/self/stat is no use for PID 1: it is when the kernel created the
+/// init thread, early in boot, long before it exec'd `/init`.)
+pub fn boot_clock_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only to `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    (ts.tv_sec.max(0) as u64) * 1000 + (ts.tv_nsec.max(0) as u64) / 1_000_000
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn own_start_is_within_uptime() {
-        let start = super::own_start_ms().unwrap();
-        let uptime: f64 = std::fs::read_to_string("/proc/uptime")
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!(start <= (uptime * 1000.0) as u64 + 10);
+    fn the_boot_clock_is_uptime() {
+        let uptime = || -> f64 {
+            std::fs::read_to_string("/proc/uptime")
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let before = (uptime() * 1000.0) as u64;
+        let clock = super::boot_clock_ms();
+        let after = (uptime() * 1000.0) as u64;
+        // /proc/uptime has 10 ms resolution.
+        assert!(
+            before <= clock + 10 && clock <= after + 10,
+            "{before} {clock} {after}"
+        );
     }
 }

@@ -59,6 +59,8 @@ pub struct UsageMetrics {
     /// None when the workload never reported an exit (killed, lost).
     pub exit_status: Option<kiln_protocol::ExitStatus>,
     pub host: HostUsage,
+    /// When the figures were taken: the instance's end for final usage,
+    /// the moment of the sample for usage so far.
     pub ended_at: DateTime<Utc>,
 }
 
@@ -113,6 +115,10 @@ impl From<CapacityError> for BackendError {
 ///   it had already ended before the call.
 /// - `terminate` is idempotent, and the grant manager calls it once every
 ///   grant ends, however it ended: release resources there.
+///
+/// Beyond those six, two calls have defaults for a backend that cannot do
+/// better: `current_usage` (usage so far) and `abandon` (clean up after a
+/// provision that kilnd's death interrupted).
 #[async_trait]
 pub trait Backend: Send + Sync {
     /// Unique within a fleet; stored in every instance it provisions.
@@ -127,4 +133,20 @@ pub trait Backend: Send + Sync {
         instance: &ProvisionedInstance,
     ) -> Result<UsageMetrics, BackendError>;
     async fn terminate(&self, instance: &ProvisionedInstance) -> Result<(), BackendError>;
+
+    /// What a running instance has used so far (`exit_status` None), or
+    /// None when the backend only knows at the end.
+    async fn current_usage(
+        &self,
+        _instance: &ProvisionedInstance,
+    ) -> Result<Option<UsageMetrics>, BackendError> {
+        Ok(None)
+    }
+
+    /// Removes whatever a `provision` of grant `grant_id` that never
+    /// returned (kilnd died during it) may have left running. Idempotent;
+    /// a no-op when nothing is left.
+    async fn abandon(&self, _grant_id: &str) -> Result<(), BackendError> {
+        Ok(())
+    }
 }

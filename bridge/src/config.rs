@@ -99,6 +99,12 @@ impl Config {
                     format!("{} is used by an earlier backend", b.name()),
                 ));
             }
+            if b.region().is_some_and(|r| r.trim().is_empty()) {
+                return Err(ConfigError::invalid(
+                    format!("backend[{i}].region"),
+                    "must not be empty",
+                ));
+            }
         }
         Ok(())
     }
@@ -185,6 +191,10 @@ region = "home"
             (
                 format!("{BASE}[[backend]]\nkind = \"local\"\n[[backend]]\nkind = \"local\"\n"),
                 "backend[1].name",
+            ),
+            (
+                format!("{BASE}[[backend]]\nkind = \"local\"\nregion = \" \"\n"),
+                "backend[0].region",
             ),
         ];
         for (text, key) in cases {

@@ -232,6 +232,32 @@ impl Fleet {
             })
     }
 
+    /// Usage so far, from the instance's backend (None if it cannot tell).
+    pub async fn current_usage(
+        &self,
+        instance: &ProvisionedInstance,
+    ) -> Result<Option<UsageMetrics>, FleetError> {
+        let backend = self.owner(instance)?;
+        backend
+            .current_usage(instance)
+            .await
+            .map_err(|error| FleetError::Backend {
+                backend: instance.backend.clone(),
+                error,
+            })
+    }
+
+    /// Asks every backend to remove what an interrupted provision of
+    /// `grant_id` left: which backend was trying is not recorded. Failures
+    /// are logged; the rest still run.
+    pub async fn abandon(&self, grant_id: &str) {
+        for backend in &self.backends {
+            if let Err(e) = backend.abandon(grant_id).await {
+                tracing::warn!(grant = %grant_id, backend = %backend.name(), error = %crate::error_chain(&e), "could not clean up an interrupted provision");
+            }
+        }
+    }
+
     fn owner(&self, instance: &ProvisionedInstance) -> Result<&Arc<dyn Backend>, FleetError> {
         self.backends
             .iter()

@@ -48,6 +48,8 @@ pub struct ManagerSettings {
     pub retry_delay: Duration,
     /// Attempts at terminating an instance before giving up on it.
     pub terminate_attempts: u32,
+    /// How often a running grant's usage so far is stored.
+    pub usage_interval: Duration,
 }
 
 impl Default for ManagerSettings {
@@ -57,6 +59,7 @@ impl Default for ManagerSettings {
             final_usage_wait: Duration::from_secs(30),
             retry_delay: Duration::from_secs(2),
             terminate_attempts: 5,
+            usage_interval: Duration::from_secs(30),
         }
     }
 }
@@ -144,8 +147,23 @@ impl GrantManager {
         Ok(self.store.list()?)
     }
 
-    pub fn usage(&self, id: &str) -> Result<UsageView, ManagerError> {
+    /// A grant's latest usage: fresh from its backend while it runs, else
+    /// the newest stored sample. (Fresh figures are not stored here: the
+    /// supervisor stores a sample every `usage_interval`, however often
+    /// clients ask.)
+    pub async fn usage(&self, id: &str) -> Result<UsageView, ManagerError> {
         let record = self.get(id)?;
+        if let (GrantState::Running, Some(instance)) = (record.state, &record.instance) {
+            if let Some(usage) = self.current_usage(id, instance).await {
+                return Ok(UsageView {
+                    grant_id: record.grant.id,
+                    state: record.state,
+                    r#final: false,
+                    taken_at: Some(usage.ended_at),
+                    usage: Some(usage),
+                });
+            }
+        }
         let sample = self.store.latest_usage(id)?;
         Ok(UsageView {
             grant_id: record.grant.id,
@@ -203,6 +221,8 @@ impl GrantManager {
                         Some("kilnd stopped while provisioning"),
                         None,
                     )?;
+                    let fleet = Arc::clone(&self.fleet);
+                    tokio::spawn(async move { fleet.abandon(&id).await });
                 }
                 GrantState::Running | GrantState::Terminating if record.instance.is_none() => {
                     self.store.finish(
@@ -337,6 +357,10 @@ impl GrantManager {
         wake: &Notify,
     ) -> Result<(), StoreError> {
         let id = grant.id.as_str();
+        let mut sampling = tokio::time::interval(self.settings.usage_interval);
+        sampling.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is immediate; the first sample is due one interval in.
+        sampling.tick().await;
         loop {
             let Some(record) = self.store.get(id)? else {
                 return Ok(());
@@ -370,6 +394,32 @@ impl GrantManager {
                     }
                 }
                 _ = wake.notified() => {}
+                _ = sampling.tick() => {
+                    if let Some(usage) = self.current_usage(id, instance).await {
+                        self.store.record_usage(id, &usage)?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The instance's usage so far, when its backend can tell; a backend
+    /// failure is logged and only costs this sample.
+    async fn current_usage(
+        &self,
+        id: &str,
+        instance: &ProvisionedInstance,
+    ) -> Option<UsageMetrics> {
+        const LIMIT: Duration = Duration::from_secs(5);
+        match tokio::time::timeout(LIMIT, self.fleet.current_usage(instance)).await {
+            Ok(Ok(usage)) => usage,
+            Ok(Err(e)) => {
+                tracing::warn!(grant = %id, error = %error_chain(&e), "no usage sample");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(grant = %id, "usage sample timed out");
+                None
             }
         }
     }

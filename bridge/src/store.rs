@@ -310,6 +310,23 @@ impl Store {
         Ok(true)
     }
 
+    /// Adds a sample of usage so far to a grant that has not ended.
+    /// Returns false (and stores nothing) once it has ended, so a late
+    /// sample never follows the final one.
+    pub fn record_usage(&self, id: &str, usage: &UsageMetrics) -> Result<bool, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let Some(record) = read_record(&tx, id)? else {
+            return Ok(false);
+        };
+        if record.state.is_final() {
+            return Ok(false);
+        }
+        insert_usage(&tx, id, usage, false)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
     /// The newest usage sample of a grant.
     pub fn latest_usage(&self, id: &str) -> Result<Option<UsageSample>, StoreError> {
         let conn = self.lock();
@@ -593,6 +610,14 @@ mod tests {
         assert_eq!(r.state, GrantState::Running);
         assert_eq!(r.instance, Some(instance()));
         assert_eq!(store.provision_times_ms().unwrap(), vec![150]);
+        // Usage so far is kept while the grant runs, and is not final.
+        let mut so_far = usage();
+        so_far.exit_status = None;
+        assert!(store.record_usage("a", &so_far).unwrap());
+        let sample = store.latest_usage("a").unwrap().unwrap();
+        assert!(!sample.r#final);
+        assert_eq!(sample.usage, so_far);
+        assert!(!store.record_usage("nobody", &so_far).unwrap());
 
         let r = store
             .request_stop("a", StopCause::Deadline)
@@ -628,6 +653,9 @@ mod tests {
         let sample = store.latest_usage("a").unwrap().unwrap();
         assert!(sample.r#final);
         assert_eq!(sample.usage, usage());
+        // A late sample never follows the final one.
+        assert!(!store.record_usage("a", &so_far).unwrap());
+        assert!(store.latest_usage("a").unwrap().unwrap().r#final);
 
         let kinds: Vec<String> = store
             .events("a")

@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use common::*;
 use kiln_bridge::backend::Backend;
+use kiln_bridge::backends::{self, BackendSection, BuildContext, LocalSection};
+use kiln_bridge::config::CapacityConfig;
 use kiln_bridge::fleet::{Fleet, FleetError};
 use kiln_bridge::grant::{Grant, TdxPolicy, ValidationContext};
 
@@ -202,4 +204,87 @@ fn capabilities_are_the_union_over_http() {
         s.eu_small.clone()
     ])
     .is_err());
+}
+
+/// The same routing with two real local backends (this host split into an
+/// `eu` and a `us` pool of different sizes) around the flaky one. Their
+/// provisions fail at the image (a registry port nobody listens on), which
+/// shows which backend the fleet chose without booting a VM.
+#[tokio::test]
+async fn two_local_backends_around_a_flaky_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = BuildContext {
+        region: "eu".into(),
+        capacity: CapacityConfig::default(),
+        state_dir: dir.path().join("state"),
+    };
+    let local = |name: &str, region: Option<&str>, vcpus: u32, ram_mib: u64| {
+        BackendSection::Local(LocalSection {
+            name: Some(name.into()),
+            region: region.map(str::to_string),
+            vcpus: Some(vcpus),
+            ram_mib: Some(ram_mib),
+            kiln_home: Some(dir.path().join(name)),
+            keep_ended_days: None,
+        })
+    };
+    let built = backends::build(
+        &[
+            local("local-eu", None, 2, 2048),
+            local("local-us", Some("us"), 8, 8192),
+        ],
+        &ctx,
+    )
+    .unwrap();
+    let flaky = Arc::new(SimBackend::new(
+        "flaky",
+        &["eu", "us"],
+        false,
+        World::new(64, 65536),
+    ));
+    flaky.fail_transiently.store(true, Ordering::SeqCst);
+    let fleet = Fleet::new(vec![built[0].clone(), flaky.clone(), built[1].clone()]).unwrap();
+
+    let card = fleet.capabilities();
+    assert_eq!(
+        card.regions.iter().cloned().collect::<Vec<_>>(),
+        ["eu", "us"]
+    );
+    assert_eq!(card.capacity.usable.vcpus, 2 + 64 + 8);
+    assert_eq!(card.capacity.usable.ram_mib, 2048 + 65536 + 8192);
+    let regions: Vec<Vec<String>> = card
+        .backends
+        .iter()
+        .map(|b| b.capabilities.regions.iter().cloned().collect())
+        .collect();
+    assert_eq!(regions, [vec!["eu"], vec!["eu", "us"], vec!["us"]]);
+
+    let unreachable = |region: &str, vcpus: u32| {
+        let mut g = grant(&fleet, region, vcpus, TdxPolicy::No);
+        g.image = "127.0.0.1:1/kiln/none:1".into();
+        g
+    };
+    // eu and it fits: the first backend, local-eu, takes it.
+    let err = fleet.provision(&unreachable("eu", 1)).await.unwrap_err();
+    assert!(
+        matches!(err, FleetError::Fatal { ref backend, .. } if backend == "local-eu"),
+        "{err:?}"
+    );
+    assert!(kiln_bridge::error_chain(&err).contains("cannot build the image"));
+    assert_eq!(flaky.calls(), 0);
+    // us: not local-eu's region; flaky fails transiently; local-us next.
+    let err = fleet.provision(&unreachable("us", 4)).await.unwrap_err();
+    assert!(
+        matches!(err, FleetError::Fatal { ref backend, .. } if backend == "local-us"),
+        "{err:?}"
+    );
+    assert_eq!(flaky.calls(), 1);
+    // eu but bigger than local-eu: only flaky is left, and it fails.
+    let err = fleet.provision(&unreachable("eu", 4)).await.unwrap_err();
+    assert!(
+        matches!(err, FleetError::AllFailed { ref backend, .. } if backend == "flaky"),
+        "{err:?}"
+    );
+    // A failed provision holds nothing.
+    assert_eq!(fleet.capabilities().capacity.used.vcpus, 0);
 }

@@ -118,9 +118,21 @@ fn a_grant_runs_reports_usage_and_terminates_freeing_its_resources() {
     assert_eq!((conn.backend.as_str(), conn.ssh_port), ("sim", 2200));
     let used = client.capabilities().unwrap().capacity.used;
     assert_eq!((used.vcpus, used.ram_mib), (2, 1024));
+    // Usage so far is sampled and stored on its own while the grant runs,
+    // and taken fresh on request.
+    let stored = wait_for("a usage sample", Duration::from_secs(3), || {
+        server.manager().store().latest_usage("job-1").unwrap()
+    });
+    assert!(!stored.r#final && stored.usage.exit_status.is_none());
+    std::thread::sleep(Duration::from_millis(300));
     let usage = client.usage("job-1").unwrap();
     assert_eq!(usage.state, GrantState::Running);
-    assert!(usage.usage.is_none() && !usage.r#final);
+    assert!(!usage.r#final);
+    let so_far = usage.usage.expect("usage so far");
+    assert!(so_far.guest.uptime_ms >= 250, "{so_far:?}");
+    assert_eq!(so_far.exit_status, None);
+    let later = client.usage("job-1").unwrap().usage.unwrap();
+    assert!(later.guest.uptime_ms >= so_far.guest.uptime_ms);
 
     // Resubmitting the same request gives back the same grant.
     let again = client.submit(&req).unwrap();

@@ -109,6 +109,11 @@ fn running_grants_are_readopted_and_ended_ones_recorded_as_exited() {
     let interrupted = client.show("interrupted").unwrap();
     assert_eq!(interrupted.state, GrantState::Failed);
     assert!(interrupted.reason.unwrap().contains("provisioning"));
+    // Whatever that provision left is the backends' to clean up.
+    wait_for("abandon", Duration::from_secs(3), || {
+        let abandoned = second.abandoned.lock().unwrap().clone();
+        (abandoned == ["interrupted"]).then_some(())
+    });
     assert_eq!(client.show("done").unwrap().state, GrantState::Terminated);
 
     // `long` is still running, supervised by the new server.

@@ -76,7 +76,7 @@ pub struct RunArgs {
 pub struct Stats {
     /// VMM start to the agent's `ready`.
     pub boot_ms: u64,
-    /// Inside the guest: the kernel starting the agent (`/init`) to `ready`.
+    /// Inside the guest: the kernel's exec of the agent (`/init`) to `ready`.
     pub guest_init_to_ready_ms: u64,
     /// Command start to its exit, as the host saw it.
     pub run_ms: u64,

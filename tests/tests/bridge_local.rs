@@ -3,204 +3,21 @@
 //! real registry, the stock OpenSSH client. One kilnd and a handful of VMs
 //! serve every assertion, since boots are slow on emulating hosts.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
-use kiln_bridge::client::Client;
-use kiln_bridge::grant::{GrantRequest, TdxPolicy};
 use kiln_bridge::state::GrantState;
-use kiln_bridge::view::GrantView;
-use kiln_tests::images::busybox_layout;
-use kiln_tests::openssh::{keygen, text, Client as Ssh};
-use kiln_tests::registry::Registry;
-use kiln_tests::{agent, bin, kernel, processes_mentioning, wait_for};
-
-const TOKEN: &str = "bridge-local-token";
-/// Generous: VMs boot slowly where KVM emulates the guest kernel.
-const BOOT: Duration = Duration::from_secs(900);
-
-/// A kilnd with one local backend, restartable on the same state.
-struct Kilnd {
-    dir: PathBuf,
-    config: PathBuf,
-    url: String,
-    child: Option<Child>,
-}
-
-impl Kilnd {
-    fn new(dir: &Path, vcpus: u32, ram_mib: u64) -> Kilnd {
-        let home = dir.join("home");
-        std::fs::create_dir_all(home.join("kernel")).unwrap();
-        std::fs::create_dir_all(home.join("bin")).unwrap();
-        std::os::unix::fs::symlink(kernel(), home.join("kernel/vmlinux")).unwrap();
-        std::os::unix::fs::symlink(agent(), home.join("bin/kiln-agent")).unwrap();
-        std::fs::write(dir.join("token"), TOKEN).unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let config = dir.join("kilnd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\nauth_token_file = \"{}\"\n\
-                 region = \"home\"\n[[backend]]\nkind = \"local\"\nvcpus = {vcpus}\n\
-                 ram_mib = {ram_mib}\nkiln_home = \"{}\"\n",
-                dir.join("state").display(),
-                dir.join("token").display(),
-                home.display()
-            ),
-        )
-        .unwrap();
-        let mut k = Kilnd {
-            dir: dir.to_path_buf(),
-            config,
-            url: format!("http://127.0.0.1:{port}"),
-            child: None,
-        };
-        k.start();
-        k
-    }
-
-    fn home(&self) -> PathBuf {
-        self.dir.join("home")
-    }
-
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("kilnd.log"))
-            .unwrap();
-        let child = Command::new(bin("kilnd"))
-            .arg("--config")
-            .arg(&self.config)
-            .env("KILN_VMM", bin("kiln-vmm"))
-            .env("KILN_SHIM", bin("kiln-shim"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn kilnd");
-        self.child = Some(child);
-        let client = self.client();
-        assert!(
-            wait_for(Duration::from_secs(30), || client.capabilities().ok()).is_some(),
-            "kilnd did not come up; log:\n{}",
-            self.log()
-        );
-    }
-
-    /// `kill -9`, as a crash would.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn client(&self) -> Client {
-        Client::new(&self.url, TOKEN)
-    }
-
-    /// The `kiln` command line, pointed at this kilnd.
-    fn kiln(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin("kiln"))
-            .args(args)
-            .env("KILN_BRIDGE_URL", &self.url)
-            .env("KILN_BRIDGE_TOKEN", TOKEN)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run kiln")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("kilnd.log")).unwrap_or_default()
-    }
-
-    /// Polls the grant until `done` holds.
-    fn wait_grant(
-        &self,
-        id: &str,
-        limit: Duration,
-        done: impl Fn(&GrantView) -> bool,
-    ) -> GrantView {
-        let client = self.client();
-        wait_for(limit, || client.show(id).ok().filter(|g| done(g))).unwrap_or_else(|| {
-            panic!(
-                "grant {id}: {:?}\nkilnd log:\n{}",
-                client.show(id).map(|g| (g.state, g.reason)),
-                self.log()
-            )
-        })
-    }
-}
-
-impl Drop for Kilnd {
-    fn drop(&mut self) {
-        self.kill();
-        // Whatever VMs a failed test left: stop their shims.
-        for p in processes_mentioning(&self.home().to_string_lossy()) {
-            if let Some(pid) = p.split(':').next().and_then(|s| s.parse::<i32>().ok()) {
-                // SAFETY: kill(2) on a process this test started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
-fn request(id: &str, image: &str, key: &str, valid_for: Duration, cmd: &str) -> GrantRequest {
-    GrantRequest {
-        request_id: Some(id.to_string()),
-        image: image.to_string(),
-        vcpus: Some(1),
-        cpu_millicores: None,
-        ram_mib: 256,
-        region: "home".to_string(),
-        tdx: TdxPolicy::No,
-        ssh_keys: vec![key.to_string()],
-        valid_to: Utc::now() + chrono::Duration::from_std(valid_for).unwrap(),
-        command: Some(vec!["sh".into(), "-c".into(), cmd.into()]),
-        env: Default::default(),
-    }
-}
-
-/// The stock ssh client, pinned to the grant's host key.
-fn ssh_to(grant: &GrantView, key: &Path, dir: &Path) -> Ssh {
-    let c = grant
-        .connection
-        .as_ref()
-        .expect("a running grant has a connection");
-    assert_eq!(c.host, "127.0.0.1");
-    assert!(c.host_key.starts_with("ssh-ed25519 "), "{c:?}");
-    assert!(c.host_key_fingerprint.starts_with("SHA256:"), "{c:?}");
-    let known = dir.join(format!("known_hosts-{}", grant.grant.id));
-    std::fs::write(
-        &known,
-        format!("[127.0.0.1]:{} {}\n", c.ssh_port, c.host_key),
-    )
-    .unwrap();
-    Ssh::new(key, c.ssh_port, &c.user).pinned(&known)
-}
+use kiln_bridge::view::{GrantView, UsageView};
+use kiln_tests::kilnd::{request, ssh_to, Kilnd, Requester, BOOT};
+use kiln_tests::openssh::text;
+use kiln_tests::{processes_mentioning, wait_for};
 
 #[test]
 fn grants_on_this_host_from_submit_to_restart_and_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path();
-    let registry = Registry::start();
-    registry.push(
-        &busybox_layout(&work.join("image")),
-        "1",
-        "kiln/busybox",
-        "",
-    );
-    let image = format!("{}/kiln/busybox:1", registry.addr);
-    let key = keygen(work, "requester");
-    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
-    let public = public.trim();
+    let requester = Requester::new(work);
+    let (image, key) = (&requester.image, &requester.key);
+    let public = requester.public_key.as_str();
 
     // Room for two 1-vCPU, 256 MiB VMs.
     let mut kilnd = Kilnd::new(work, 2, 600);
@@ -212,13 +29,7 @@ fn grants_on_this_host_from_submit_to_restart_and_deadline() {
             .iter()
             .map(|id| {
                 let client = kilnd.client();
-                let req = request(
-                    id,
-                    &image,
-                    public,
-                    Duration::from_secs(3600),
-                    "sleep 100000",
-                );
+                let req = request(id, image, public, Duration::from_secs(3600), "sleep 100000");
                 s.spawn(move || client.submit(&req))
             })
             .collect();
@@ -263,8 +74,27 @@ fn grants_on_this_host_from_submit_to_restart_and_deadline() {
     let out = kilnd.kiln(&["ssh", &a.grant.id, "-i", &key_arg, "--", busy]);
     assert_eq!(out.status.code(), Some(7), "{out:?}");
     assert_eq!(text(&out.stdout), "hello-from-kiln\nbusy-done\n");
-    let ssh_a = ssh_to(&a, &key, work);
-    let ssh_b = ssh_to(&b, &key, work);
+    // While A runs, its usage so far shows that work (the agent reports
+    // every second), with the VMM's own figures beside it.
+    let so_far = wait_for(Duration::from_secs(30), || {
+        let out = kilnd.kiln(&["grant", "usage", &a.grant.id, "--json"]);
+        let view: UsageView = serde_json::from_slice(&out.stdout).ok()?;
+        view.usage
+            .filter(|u| !view.r#final && u.guest.cpu_user_ms >= 300)
+    });
+    let so_far = so_far
+        .unwrap_or_else(|| panic!("no usage so far: {:?}", kilnd.client().usage(&a.grant.id)));
+    assert_eq!(so_far.exit_status, None);
+    assert!(
+        so_far.host.vcpu_cpu_ms > 0 && so_far.host.vmm_rss_kib > 0,
+        "{so_far:?}"
+    );
+    // The VM's SSH host key is not left on disk.
+    let a_dir = kilnd.home().join("grants").join(&a.grant.id);
+    assert!(a_dir.join("state.json").exists());
+    assert!(!a_dir.join("launch.json").exists());
+    let ssh_a = ssh_to(&a, key, work);
+    let ssh_b = ssh_to(&b, key, work);
     assert!(ssh_b.ssh(&[], "true", b"").status.success());
 
     // kilnd dies; meanwhile B's workload ends (its sleep is killed).
@@ -324,6 +154,44 @@ fn grants_on_this_host_from_submit_to_restart_and_deadline() {
     });
     assert!(freed.is_some(), "capacity not released");
 
+    // kilnd dies while a grant provisions: the next kilnd marks it failed
+    // and stops the VM that provision had started.
+    kilnd
+        .client()
+        .submit(&request(
+            "cut-short",
+            image,
+            public,
+            Duration::from_secs(3600),
+            "sleep 100000",
+        ))
+        .unwrap();
+    let cut_dir = kilnd.home().join("grants").join("cut-short");
+    let shim_up = wait_for(Duration::from_secs(120), || {
+        cut_dir.join("shim.json").exists().then_some(())
+    });
+    assert!(shim_up.is_some(), "no shim for cut-short:\n{}", kilnd.log());
+    kilnd.kill();
+    assert!(!processes_mentioning(&cut_dir.to_string_lossy()).is_empty());
+    kilnd.start();
+    let cut = kilnd.client().show("cut-short").unwrap();
+    assert_eq!(cut.state, GrantState::Failed, "{cut:?}");
+    assert!(cut.reason.unwrap_or_default().contains("provisioning"));
+    let stopped = wait_for(Duration::from_secs(90), || {
+        processes_mentioning(&cut_dir.to_string_lossy())
+            .is_empty()
+            .then_some(())
+    });
+    assert!(
+        stopped.is_some(),
+        "{:?}",
+        processes_mentioning(&cut_dir.to_string_lossy())
+    );
+    assert_eq!(
+        kilnd.client().capabilities().unwrap().capacity.used.vcpus,
+        0
+    );
+
     // A deadline a few minutes ahead (boot takes a while here): the VM is
     // stopped then, and its final usage kept.
     let start = Instant::now();
@@ -332,7 +200,7 @@ fn grants_on_this_host_from_submit_to_restart_and_deadline() {
         .client()
         .submit(&request(
             "deadline",
-            &image,
+            image,
             public,
             valid_for,
             "sleep 100000",
@@ -344,7 +212,7 @@ fn grants_on_this_host_from_submit_to_restart_and_deadline() {
         .client()
         .submit(&request(
             "quick",
-            &image,
+            image,
             public,
             Duration::from_secs(3600),
             "echo quick",

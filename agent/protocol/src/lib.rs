@@ -105,7 +105,8 @@ pub enum Message {
         agent_version: String,
         /// Guest uptime when the agent was ready.
         uptime_ms: u64,
-        /// The kernel starting `/init` (PID 1) to this message.
+        /// The agent's first instructions (the kernel's exec of `/init`)
+        /// to this message, re-exec included.
         #[serde(default)]
         init_to_ready_ms: u64,
     },

@@ -61,7 +61,7 @@ pub async fn usage(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<UsageView>, ApiError> {
-    Ok(Json(state.manager.usage(&id)?))
+    Ok(Json(state.manager.usage(&id).await?))
 }
 
 /// 200 once the grant has ended, 202 if it is still stopping.

@@ -35,6 +35,13 @@ impl BackendSection {
             BackendSection::Local(s) => s.name.as_deref().unwrap_or("local"),
         }
     }
+
+    /// Its own region label, when it sets one.
+    pub fn region(&self) -> Option<&str> {
+        match self {
+            BackendSection::Local(s) => s.region.as_deref(),
+        }
+    }
 }
 
 /// `kind = "local"`. The local backend's author extends this as it needs.
@@ -44,6 +51,10 @@ pub struct LocalSection {
     /// Defaults to `local`.
     #[serde(default)]
     pub name: Option<String>,
+    /// The region label its grants run in; defaults to kilnd's `region`
+    /// (two local backends can split one host between two labels).
+    #[serde(default)]
+    pub region: Option<String>,
     /// vCPUs to offer; defaults to the host's CPUs.
     #[serde(default)]
     pub vcpus: Option<u32>,
@@ -53,6 +64,10 @@ pub struct LocalSection {
     /// `$KILN_HOME` (images, VM directories); defaults to `/var/lib/kiln`.
     #[serde(default)]
     pub kiln_home: Option<PathBuf>,
+    /// Days an ended grant's directory (state, output, logs) is kept;
+    /// defaults to 7.
+    #[serde(default)]
+    pub keep_ended_days: Option<u32>,
 }
 
 /// What every backend may need from the rest of the configuration.
@@ -109,9 +124,11 @@ mod tests {
         };
         let section = BackendSection::Local(LocalSection {
             name: Some("here".into()),
+            region: None,
             vcpus: Some(3),
             ram_mib: Some(2048),
             kiln_home: Some("/nonexistent".into()),
+            keep_ended_days: None,
         });
         let built = build(&[section], &ctx).unwrap();
         assert_eq!(built.len(), 1);

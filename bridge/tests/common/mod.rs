@@ -46,6 +46,7 @@ impl TestServer {
                 final_usage_wait: Duration::from_secs(5),
                 retry_delay: Duration::from_millis(50),
                 terminate_attempts: 3,
+                usage_interval: Duration::from_millis(200),
             };
             let manager = GrantManager::open(store, fleet, settings).expect("manager");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -77,6 +77,8 @@ pub struct SimBackend {
     /// Simulated boot time.
     pub provision_delay: Mutex<Duration>,
     pub exit_code: i32,
+    /// Grant ids `abandon` was called for.
+    pub abandoned: Mutex<Vec<String>>,
 }
 
 impl SimBackend {
@@ -92,6 +94,7 @@ impl SimBackend {
             provision_calls: AtomicUsize::new(0),
             provision_delay: Mutex::new(Duration::from_millis(30)),
             exit_code: 0,
+            abandoned: Mutex::new(Vec::new()),
         }
     }
 
@@ -234,6 +237,25 @@ impl Backend for SimBackend {
             }
         }
         self.world.ledger.release(&instance.instance_id);
+        Ok(())
+    }
+
+    async fn current_usage(
+        &self,
+        instance: &ProvisionedInstance,
+    ) -> Result<Option<UsageMetrics>, BackendError> {
+        let all = self.world.instances.lock().expect("lock");
+        Ok(all
+            .get(&instance.instance_id)
+            .filter(|inst| inst.ended.is_none())
+            .map(|inst| Self::usage_of(inst, Utc::now(), None)))
+    }
+
+    async fn abandon(&self, grant_id: &str) -> Result<(), BackendError> {
+        self.abandoned
+            .lock()
+            .expect("lock")
+            .push(grant_id.to_string());
         Ok(())
     }
 }

@@ -4,6 +4,7 @@
 //! directory, `$KILN_HOME/grants/<id>/`.
 
 pub mod process;
+mod prune;
 pub mod shim;
 
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{BuildContext, BuildError, LocalSection};
 use crate::backend::{
-    Backend, BackendCapabilities, BackendError, ProvisionedInstance, UsageMetrics,
+    Backend, BackendCapabilities, BackendError, HostUsage, ProvisionedInstance, UsageMetrics,
 };
 use crate::capacity::{CapacityLedger, Resources};
 use crate::grant::{Grant, TdxPolicy};
@@ -29,8 +30,16 @@ use shim::{Launch, Phase, State};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a workload gets between SIGTERM and SIGKILL on terminate.
 const STOP_GRACE: Duration = Duration::from_secs(5);
-/// How often the shim's state is read.
+/// How often the shim's state is read while a VM runs.
 const POLL: Duration = Duration::from_millis(250);
+/// How often it is read while a grant waits for its VM: every poll's
+/// wait lands in the grant's latency.
+const BOOT_POLL: Duration = Duration::from_millis(10);
+/// How long an ended grant's directory (state, output, logs) is kept.
+const DEFAULT_KEEP_ENDED_DAYS: u32 = 7;
+/// The shim's identity (pid and start time), written by the backend as soon
+/// as it is spawned, so an interrupted provision can still find it.
+const SHIM_FILE: &str = "shim.json";
 /// The most vCPUs kiln-vmm gives one VM.
 const MAX_VCPUS: u32 = 32;
 
@@ -81,6 +90,7 @@ pub struct LocalBackend {
     tdx: bool,
     vmm: PathBuf,
     shim: PathBuf,
+    keep_ended: chrono::Duration,
 }
 
 impl LocalBackend {
@@ -97,15 +107,37 @@ impl LocalBackend {
         let ledger = ctx.ledger_for(&name, total)?;
         let vmm = binary_beside_me("KILN_VMM", "kiln-vmm");
         let tdx = probe_tdx(&vmm);
-        Ok(LocalBackend {
+        let keep_ended = chrono::Duration::days(i64::from(
+            section.keep_ended_days.unwrap_or(DEFAULT_KEEP_ENDED_DAYS),
+        ));
+        let backend = LocalBackend {
             name,
-            region: ctx.region.clone(),
+            region: section.region.clone().unwrap_or_else(|| ctx.region.clone()),
             home,
             ledger,
             tdx,
             vmm,
             shim: binary_beside_me("KILN_SHIM", "kiln-shim"),
-        })
+            keep_ended,
+        };
+        backend.prune();
+        Ok(backend)
+    }
+
+    /// Removes the directories of grants that ended longer ago than the
+    /// configured time.
+    fn prune(&self) {
+        let cutoff = Utc::now() - self.keep_ended;
+        for dir in prune::expired(&self.home.join("grants"), cutoff) {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {
+                    tracing::info!(dir = %dir.display(), "removed an ended grant's directory")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot remove an ended grant's directory")
+                }
+            }
+        }
     }
 
     fn check(&self, grant: &Grant) -> Result<Resources, LocalError> {
@@ -154,6 +186,11 @@ impl LocalBackend {
             .map_err(|e| LocalError::Shim(shim::ShimError::Parse(launch_path.clone(), e)))?;
         std::fs::write(&launch_path, json).map_err(|e| LocalError::Dir(dir.clone(), e))?;
         let shim = self.spawn_shim(&dir)?;
+        if let Ok(json) = serde_json::to_vec(&shim) {
+            // Without it, a provision cut short by kilnd's death can still
+            // be cleaned up from state.json (see `abandon`).
+            let _ = std::fs::write(dir.join(SHIM_FILE), json);
+        }
         let state = match wait_until_running(&dir, &shim).await {
             Ok(s) => s,
             Err(e) => {
@@ -267,7 +304,66 @@ async fn wait_until_running(dir: &Path, shim: &Process) -> Result<State, LocalEr
         if tokio::time::Instant::now() >= deadline {
             return Err(LocalError::Boot(format!("not up after {BOOT_TIMEOUT:?}")));
         }
+        tokio::time::sleep(BOOT_POLL).await;
+    }
+}
+
+/// Asks the shim to stop its VM (the workload gets its grace period), and
+/// kills it if it has not ended in time; its VMM follows it.
+async fn stop_shim(shim: &Process) {
+    if !shim.alive() {
+        return;
+    }
+    shim.signal(libc::SIGTERM);
+    let deadline = tokio::time::Instant::now() + STOP_GRACE + Duration::from_secs(40);
+    while shim.alive() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(POLL).await;
+    }
+    // Its VMM follows it (parent-death signal).
+    shim.kill();
+}
+
+/// The shim of the grant in `dir`: from shim.json, or failing that from the
+/// pid in state.json if that process is still a shim of this directory.
+fn find_shim(dir: &Path) -> Option<Process> {
+    if let Some(p) = std::fs::read(dir.join(SHIM_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Process>(&b).ok())
+    {
+        return Some(p);
+    }
+    let state = shim::read_state(dir).ok().flatten()?;
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", state.shim_pid)).ok()?;
+    let dir_arg = dir.as_os_str().as_encoded_bytes();
+    cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg == dir_arg)
+        .then(|| Process::of(state.shim_pid))
+        .flatten()
+}
+
+/// The VMM's CPU time and peak RSS so far, from /proc.
+fn live_host_usage(vmm_pid: u32) -> HostUsage {
+    let stat = std::fs::read_to_string(format!("/proc/{vmm_pid}/stat")).unwrap_or_default();
+    // Fields after the command name; utime and stime are fields 14 and 15.
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let status = std::fs::read_to_string(format!("/proc/{vmm_pid}/status")).unwrap_or_default();
+    let peak_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    HostUsage {
+        vcpu_cpu_ms: ticks * 1000 / hz,
+        vmm_rss_kib: peak_kib,
     }
 }
 
@@ -338,18 +434,34 @@ impl Backend for LocalBackend {
 
     async fn terminate(&self, instance: &ProvisionedInstance) -> Result<(), BackendError> {
         let p = self.private(instance)?;
-        if p.shim.alive() {
-            p.shim.signal(libc::SIGTERM);
-            let deadline = tokio::time::Instant::now() + STOP_GRACE + Duration::from_secs(40);
-            while p.shim.alive() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(POLL).await;
-            }
-            if p.shim.alive() {
-                // Its VMM follows it (parent-death signal).
-                p.shim.kill();
-            }
-        }
+        stop_shim(&p.shim).await;
         self.ledger.release(&instance.instance_id);
+        self.prune();
+        Ok(())
+    }
+
+    async fn current_usage(
+        &self,
+        instance: &ProvisionedInstance,
+    ) -> Result<Option<UsageMetrics>, BackendError> {
+        let p = self.private(instance)?;
+        let state = shim::read_state(&p.dir).map_err(|e| BackendError::Transient(Box::new(e)))?;
+        Ok(state
+            .filter(|s| s.phase != Phase::Ended && p.shim.alive())
+            .map(|s| UsageMetrics {
+                guest: s.usage.unwrap_or_default(),
+                exit_status: None,
+                host: s.vmm_pid.map(live_host_usage).unwrap_or_default(),
+                ended_at: Utc::now(),
+            }))
+    }
+
+    async fn abandon(&self, grant_id: &str) -> Result<(), BackendError> {
+        let dir = self.grant_dir(grant_id);
+        if let Some(shim) = find_shim(&dir) {
+            tracing::info!(grant = %grant_id, pid = shim.pid, "stopping the VM of an interrupted provision");
+            stop_shim(&shim).await;
+        }
         Ok(())
     }
 }

@@ -69,6 +69,24 @@ pub struct State {
     pub updated_at: DateTime<Utc>,
 }
 
+impl State {
+    /// A shim's first state: booting, nothing known yet.
+    pub fn booting(shim_pid: u32) -> State {
+        State {
+            phase: Phase::Booting,
+            shim_pid,
+            vmm_pid: None,
+            ssh_port: None,
+            boot_ms: None,
+            usage: None,
+            exit_status: None,
+            host: HostUsage::default(),
+            error: None,
+            updated_at: Utc::now(),
+        }
+    }
+}
+
 pub const LAUNCH_FILE: &str = "launch.json";
 pub const STATE_FILE: &str = "state.json";
 /// The workload's output, for the operator.
@@ -117,19 +135,10 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
     let launch_path = dir.join(LAUNCH_FILE);
     let text = std::fs::read(&launch_path).map_err(|e| ShimError::Read(launch_path.clone(), e))?;
     let launch: Launch =
-        serde_json::from_slice(&text).map_err(|e| ShimError::Parse(launch_path, e))?;
-    let mut state = State {
-        phase: Phase::Booting,
-        shim_pid: std::process::id(),
-        vmm_pid: None,
-        ssh_port: None,
-        boot_ms: None,
-        usage: None,
-        exit_status: None,
-        host: HostUsage::default(),
-        error: None,
-        updated_at: Utc::now(),
-    };
+        serde_json::from_slice(&text).map_err(|e| ShimError::Parse(launch_path.clone(), e))?;
+    // It holds the VM's SSH host key, which has no business on disk once read.
+    let _ = std::fs::remove_file(&launch_path);
+    let mut state = State::booting(std::process::id());
     write_state(dir, &mut state)?;
 
     let spec = Spec {

@@ -1,0 +1,230 @@
+//! Grant benchmark: from `POST /v1/grants` to the first command run over
+//! SSH with the stock client, through a real kilnd, its local backend and
+//! real VMs, with the image cache warm. Beside each grant's latency stands
+//! the raw boot of that same VM (kiln-vmm start to the agent's `ready`, as
+//! the shim measured it), so what the bridge adds is visible:
+//! - to running: submit until the API says `running`, less the raw boot
+//!   (image lookup, shim and VMM start, the agent starting SSH and the
+//!   command, kilnd noticing);
+//! - first ssh: `running` until `ssh … true` has returned.
+//!
+//! Also grants per minute sustained (each grant is terminated once its SSH
+//! works; CONCURRENCY grants in flight at a time).
+//! Usage: kiln-bench-grants [GRANTS] [CONCURRENCY] (default 10 1).
+//! Needs scripts/setup.sh and `cargo build --release --workspace`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use kiln_bridge::state::GrantState;
+use kiln_tests::kilnd::{request, ssh_to, Kilnd, Requester, BOOT};
+
+/// One grant's timings, in milliseconds.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    to_running: f64,
+    to_ssh: f64,
+    raw_boot: f64,
+}
+
+impl Sample {
+    fn bridge_to_running(&self) -> f64 {
+        self.to_running - self.raw_boot
+    }
+
+    fn first_ssh(&self) -> f64 {
+        self.to_ssh - self.to_running
+    }
+}
+
+struct Bench<'a> {
+    kilnd: &'a Kilnd,
+    image: &'a str,
+    public_key: &'a str,
+    key: &'a std::path::Path,
+    dir: &'a std::path::Path,
+}
+
+impl Bench<'_> {
+    /// Submits one grant, waits for SSH to work, terminates it.
+    fn one(&self, id: &str) -> Result<Sample, String> {
+        let client = self.kilnd.client();
+        let req = request(
+            id,
+            self.image,
+            self.public_key,
+            Duration::from_secs(3600),
+            "sleep 100000",
+        );
+        let t0 = Instant::now();
+        client
+            .submit(&req)
+            .map_err(|e| format!("submit {id}: {e}"))?;
+        let running = loop {
+            let g = client.show(id).map_err(|e| format!("show {id}: {e}"))?;
+            if g.state == GrantState::Running {
+                break g;
+            }
+            if g.state.is_final() || t0.elapsed() > BOOT {
+                return Err(format!("grant {id}: {:?} {:?}", g.state, g.reason));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let to_running = t0.elapsed();
+        let ssh = ssh_to(&running, self.key, self.dir);
+        loop {
+            if ssh.ssh(&[], "true", b"").status.success() {
+                break;
+            }
+            if t0.elapsed() > BOOT {
+                return Err(format!("grant {id}: ssh never worked"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let to_ssh = t0.elapsed();
+        let state = std::fs::read(self.kilnd.home().join("grants").join(id).join("state.json"))
+            .map_err(|e| format!("state of {id}: {e}"))?;
+        let state: serde_json::Value =
+            serde_json::from_slice(&state).map_err(|e| format!("state of {id}: {e}"))?;
+        let raw_boot = state["boot_ms"]
+            .as_f64()
+            .ok_or_else(|| format!("grant {id}: no boot_ms"))?;
+        client
+            .terminate(id)
+            .map_err(|e| format!("terminate {id}: {e}"))?;
+        Ok(Sample {
+            to_running: to_running.as_secs_f64() * 1000.0,
+            to_ssh: to_ssh.as_secs_f64() * 1000.0,
+            raw_boot,
+        })
+    }
+}
+
+/// Nearest-rank percentile of `v` (0 < p <= 100).
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+    v.get(rank - 1).copied().unwrap_or(f64::NAN)
+}
+
+fn main() {
+    let arg = |n: usize, default: usize| {
+        std::env::args()
+            .nth(n)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(default)
+            .max(1)
+    };
+    let grants = arg(1, 10);
+    let concurrency = arg(2, 1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let work = dir.path();
+    let requester = Requester::new(work);
+    let kilnd = Kilnd::new(work, concurrency as u32, 320 * concurrency as u64);
+    let bench = Bench {
+        kilnd: &kilnd,
+        image: &requester.image,
+        public_key: &requester.public_key,
+        key: &requester.key,
+        dir: work,
+    };
+    println!(
+        "{grants} grants, {concurrency} at a time, 1 vCPU / 256 MiB each, busybox image from a local registry; host: {}",
+        if kiln_tests::peer::pvm_host() {
+            "nested PVM (guest kernels emulated)"
+        } else {
+            "hardware KVM"
+        }
+    );
+
+    // The first grant fills the image cache; it is reported, not counted.
+    match bench.one("warm-up") {
+        Ok(s) => println!(
+            "cold cache: submit to ssh {:.0} ms (raw boot {:.0} ms)",
+            s.to_ssh, s.raw_boot
+        ),
+        Err(e) => {
+            eprintln!("{e}\nkilnd log:\n{}", kilnd.log());
+            std::process::exit(1);
+        }
+    }
+
+    let next = AtomicUsize::new(0);
+    let samples = Mutex::new(Vec::new());
+    let failures = Mutex::new(Vec::new());
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..concurrency {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= grants {
+                    break;
+                }
+                let result = bench.one(&format!("bench-{i}"));
+                match result {
+                    Ok(sample) => {
+                        println!(
+                            "bench-{i}: submit→running {:.0} ms, →ssh {:.0} ms, raw boot {:.0} ms, bridge {:.0} ms",
+                            sample.to_running,
+                            sample.to_ssh,
+                            sample.raw_boot,
+                            sample.bridge_to_running()
+                        );
+                        samples.lock().unwrap_or_else(|p| p.into_inner()).push(sample);
+                    }
+                    Err(e) => failures.lock().unwrap_or_else(|p| p.into_inner()).push(e),
+                }
+            });
+        }
+    });
+    let wall = start.elapsed();
+    let samples = samples.into_inner().unwrap_or_else(|p| p.into_inner());
+    let failures = failures.into_inner().unwrap_or_else(|p| p.into_inner());
+    for f in &failures {
+        eprintln!("failed: {f}");
+    }
+    if samples.is_empty() {
+        eprintln!("kilnd log:\n{}", kilnd.log());
+        std::process::exit(1);
+    }
+    let column = |f: fn(&Sample) -> f64| samples.iter().map(f).collect::<Vec<f64>>();
+    let rows: [(&str, Vec<f64>); 5] = [
+        ("submit → ssh ready", column(|s| s.to_ssh)),
+        ("submit → running", column(|s| s.to_running)),
+        ("raw boot (same VMs)", column(|s| s.raw_boot)),
+        ("bridge to running", column(Sample::bridge_to_running)),
+        ("first ssh after running", column(Sample::first_ssh)),
+    ];
+    println!(
+        "\n| {} grants | p50 ms | p95 ms |\n|---|---|---|",
+        samples.len()
+    );
+    for (name, v) in &rows {
+        println!(
+            "| {name} | {:.0} | {:.0} |",
+            percentile(v, 50.0),
+            percentile(v, 95.0)
+        );
+    }
+    let per_min = samples.len() as f64 / wall.as_secs_f64() * 60.0;
+    println!(
+        "sustained: {per_min:.2} grants/min ({} in {:.0} s, {concurrency} at a time); {} failed",
+        samples.len(),
+        wall.as_secs_f64(),
+        failures.len()
+    );
+    let json = serde_json::json!({
+        "grants": samples.len(),
+        "failed": failures.len(),
+        "concurrency": concurrency,
+        "grants_per_min": per_min,
+        "p50_ms": rows.iter().map(|(n, v)| (n.to_string(), serde_json::json!(percentile(v, 50.0)))).collect::<serde_json::Map<_, _>>(),
+        "p95_ms": rows.iter().map(|(n, v)| (n.to_string(), serde_json::json!(percentile(v, 95.0)))).collect::<serde_json::Map<_, _>>(),
+    });
+    println!("{json}");
+    if !failures.is_empty() {
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,225 @@
+//! A real kilnd for end-to-end tests and benchmarks: the built binary on
+//! 127.0.0.1 with one local backend in a scratch `$KILN_HOME`, restartable
+//! on the same state, and whatever VMs it left stopped when dropped.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use chrono::Utc;
+use kiln_bridge::client::Client;
+use kiln_bridge::grant::{GrantRequest, TdxPolicy};
+use kiln_bridge::view::GrantView;
+
+use crate::images::busybox_layout;
+use crate::openssh::{keygen, Client as Ssh};
+use crate::registry::Registry;
+use crate::{agent, bin, kernel, processes_mentioning, wait_for};
+
+/// What a requester brings: an image in a registry and an SSH key pair.
+pub struct Requester {
+    /// Serves the image for as long as this lives.
+    pub registry: Registry,
+    /// `127.0.0.1:PORT/kiln/busybox:1`.
+    pub image: String,
+    /// The private key's path (the public one is beside it, `.pub`).
+    pub key: PathBuf,
+    /// `ssh-ed25519 AAAA...`.
+    pub public_key: String,
+}
+
+impl Requester {
+    /// A busybox image pushed to a fresh loopback registry, and a new key
+    /// pair, with scratch files under `work`.
+    pub fn new(work: &Path) -> Requester {
+        let registry = Registry::start();
+        registry.push(
+            &busybox_layout(&work.join("image")),
+            "1",
+            "kiln/busybox",
+            "",
+        );
+        let image = format!("{}/kiln/busybox:1", registry.addr);
+        let key = keygen(work, "requester");
+        let public_key = std::fs::read_to_string(key.with_extension("pub"))
+            .expect("public key")
+            .trim()
+            .to_string();
+        Requester {
+            registry,
+            image,
+            key,
+            public_key,
+        }
+    }
+}
+
+/// The bearer token every harness kilnd accepts.
+pub const TOKEN: &str = "kiln-test-token";
+/// Generous: VMs boot slowly where KVM emulates the guest kernel.
+pub const BOOT: Duration = Duration::from_secs(900);
+
+/// A kilnd with one local backend, restartable on the same state.
+pub struct Kilnd {
+    dir: PathBuf,
+    config: PathBuf,
+    pub url: String,
+    child: Option<Child>,
+}
+
+impl Kilnd {
+    pub fn new(dir: &Path, vcpus: u32, ram_mib: u64) -> Kilnd {
+        let home = dir.join("home");
+        std::fs::create_dir_all(home.join("kernel")).unwrap();
+        std::fs::create_dir_all(home.join("bin")).unwrap();
+        std::os::unix::fs::symlink(kernel(), home.join("kernel/vmlinux")).unwrap();
+        std::os::unix::fs::symlink(agent(), home.join("bin/kiln-agent")).unwrap();
+        std::fs::write(dir.join("token"), TOKEN).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = dir.join("kilnd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\nauth_token_file = \"{}\"\n\
+                 region = \"home\"\n[[backend]]\nkind = \"local\"\nvcpus = {vcpus}\n\
+                 ram_mib = {ram_mib}\nkiln_home = \"{}\"\n",
+                dir.join("state").display(),
+                dir.join("token").display(),
+                home.display()
+            ),
+        )
+        .unwrap();
+        let mut k = Kilnd {
+            dir: dir.to_path_buf(),
+            config,
+            url: format!("http://127.0.0.1:{port}"),
+            child: None,
+        };
+        k.start();
+        k
+    }
+
+    pub fn home(&self) -> PathBuf {
+        self.dir.join("home")
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("kilnd.log"))
+            .unwrap();
+        let child = Command::new(bin("kilnd"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("KILN_VMM", bin("kiln-vmm"))
+            .env("KILN_SHIM", bin("kiln-shim"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kilnd");
+        self.child = Some(child);
+        let client = self.client();
+        assert!(
+            wait_for(Duration::from_secs(30), || client.capabilities().ok()).is_some(),
+            "kilnd did not come up; log:\n{}",
+            self.log()
+        );
+    }
+
+    /// `kill -9`, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.url, TOKEN)
+    }
+
+    /// The `kiln` command line, pointed at this kilnd.
+    pub fn kiln(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("kiln"))
+            .args(args)
+            .env("KILN_BRIDGE_URL", &self.url)
+            .env("KILN_BRIDGE_TOKEN", TOKEN)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kiln")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("kilnd.log")).unwrap_or_default()
+    }
+
+    /// Polls the grant until `done` holds.
+    pub fn wait_grant(
+        &self,
+        id: &str,
+        limit: Duration,
+        done: impl Fn(&GrantView) -> bool,
+    ) -> GrantView {
+        let client = self.client();
+        wait_for(limit, || client.show(id).ok().filter(|g| done(g))).unwrap_or_else(|| {
+            panic!(
+                "grant {id}: {:?}\nkilnd log:\n{}",
+                client.show(id).map(|g| (g.state, g.reason)),
+                self.log()
+            )
+        })
+    }
+}
+
+impl Drop for Kilnd {
+    fn drop(&mut self) {
+        self.kill();
+        // Whatever VMs a failed test left: stop their shims.
+        for p in processes_mentioning(&self.home().to_string_lossy()) {
+            if let Some(pid) = p.split(':').next().and_then(|s| s.parse::<i32>().ok()) {
+                // SAFETY: kill(2) on a process this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+pub fn request(id: &str, image: &str, key: &str, valid_for: Duration, cmd: &str) -> GrantRequest {
+    GrantRequest {
+        request_id: Some(id.to_string()),
+        image: image.to_string(),
+        vcpus: Some(1),
+        cpu_millicores: None,
+        ram_mib: 256,
+        region: "home".to_string(),
+        tdx: TdxPolicy::No,
+        ssh_keys: vec![key.to_string()],
+        valid_to: Utc::now() + chrono::Duration::from_std(valid_for).unwrap(),
+        command: Some(vec!["sh".into(), "-c".into(), cmd.into()]),
+        env: Default::default(),
+    }
+}
+
+/// The stock ssh client, pinned to the grant's host key.
+pub fn ssh_to(grant: &GrantView, key: &Path, dir: &Path) -> Ssh {
+    let c = grant
+        .connection
+        .as_ref()
+        .expect("a running grant has a connection");
+    assert_eq!(c.host, "127.0.0.1");
+    assert!(c.host_key.starts_with("ssh-ed25519 "), "{c:?}");
+    assert!(c.host_key_fingerprint.starts_with("SHA256:"), "{c:?}");
+    let known = dir.join(format!("known_hosts-{}", grant.grant.id));
+    std::fs::write(
+        &known,
+        format!("[127.0.0.1]:{} {}\n", c.ssh_port, c.host_key),
+    )
+    .unwrap();
+    Ssh::new(key, c.ssh_port, &c.user).pinned(&known)
+}
