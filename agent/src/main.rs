@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kiln_agent::image_config::{self, ImageConfig};
 use kiln_agent::system::{self, console};
-use kiln_agent::{ssh, usage, user, vsock, workload};
+use kiln_agent::{reaper, ssh, usage, user, vsock, workload};
 use kiln_protocol::{read_frame, ExitStatus, Frame, Message, Workload, CONTROL_PORT};
 
 /// Console line that marks the agent ready (boot-time measurements look for it).
@@ -286,12 +286,9 @@ fn run_workload(conn: &Conn, start: StartRequest, host: Arc<HostRequests>) -> Ex
         start.usage_interval,
     );
 
-    let status = loop {
-        if let Some(s) = workload::reap(pid) {
-            break s;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    // Blocks (no polling: wake-ups are costly where the guest kernel is
+    // emulated), reaping every other child that exits meanwhile.
+    let status = reaper::reap_until(pid);
     done.store(true, Ordering::Release);
     // Output written just before exit must arrive before the exit status;
     // a daemonised grandchild holding the pipes must not block us forever.

@@ -2,16 +2,26 @@
 //! `waitpid(-1)`, which would steal the exit status of children that other
 //! parts of the agent (SSH sessions) started and wait for. Children started
 //! through [`spawn`] are tracked: whoever reaps them records the status here,
-//! and [`try_wait`] hands it to the owner.
+//! and [`try_wait`] / [`wait`] hand it to the owner.
+//!
+//! Nothing here polls on a timer when it can block instead: on hosts that
+//! emulate the guest kernel every wake-up is expensive, and a few threads
+//! waking every 10-20 ms slowed everything else in the guest down.
 
 use std::collections::HashMap;
 use std::process::{Child, Command};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use kiln_protocol::ExitStatus;
 
 /// Tracked pids, with their status once reaped.
 static TRACKED: Mutex<Option<HashMap<i32, Option<ExitStatus>>>> = Mutex::new(None);
+/// Signalled whenever `reap_all` records a tracked child's status.
+static REAPED: Condvar = Condvar::new();
+/// How often a waiter looks for itself when no one signals: a process that
+/// is not PID 1 may have no thread running `reap_all`.
+const SELF_CHECK: Duration = Duration::from_millis(50);
 
 fn tracked() -> MutexGuard<'static, Option<HashMap<i32, Option<ExitStatus>>>> {
     TRACKED.lock().unwrap_or_else(|p| p.into_inner())
@@ -50,11 +60,15 @@ pub fn exclusive<T>(f: impl FnOnce() -> T) -> T {
 pub fn reap_all(watched: i32) -> Option<ExitStatus> {
     let mut guard = tracked();
     let mut found = None;
+    let mut recorded = false;
     loop {
         let mut status = 0;
         // SAFETY: waitpid with a valid out-pointer.
         let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
         if pid <= 0 {
+            if recorded {
+                REAPED.notify_all();
+            }
             return found;
         }
         let status = decode(status);
@@ -62,6 +76,34 @@ pub fn reap_all(watched: i32) -> Option<ExitStatus> {
             found = Some(status);
         } else if let Some(slot) = guard.as_mut().and_then(|t| t.get_mut(&pid)) {
             *slot = Some(status);
+            recorded = true;
+        }
+    }
+}
+
+/// Blocks until `watched` has exited and returns its status, reaping every
+/// other child that exits meanwhile (PID 1's duty). It sleeps in
+/// `waitid(WNOWAIT)` until some child can be reaped, without reaping it,
+/// so `spawn`'s guarantee holds: reaping happens under the lock.
+pub fn reap_until(watched: i32) -> ExitStatus {
+    loop {
+        if let Some(status) = reap_all(watched) {
+            return status;
+        }
+        // SAFETY: waitid with a zeroed out-struct; WNOWAIT leaves the child
+        // to `reap_all`.
+        let rc = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT)
+        };
+        if rc != 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => {}
+                // No children at all: someone else reaped `watched`. Report
+                // it gone rather than wait forever, as `try_wait` does.
+                Some(libc::ECHILD) => return reap_all(watched).unwrap_or(ExitStatus::Code(255)),
+                _ => std::thread::sleep(SELF_CHECK),
+            }
         }
     }
 }
@@ -69,6 +111,29 @@ pub fn reap_all(watched: i32) -> Option<ExitStatus> {
 /// The status of tracked child `pid` once it has exited (then forgotten).
 pub fn try_wait(pid: i32) -> Option<ExitStatus> {
     let mut guard = tracked();
+    take_status(&mut guard, pid)
+}
+
+/// Blocks until tracked child `pid` has exited and returns its status.
+/// Woken by `reap_all` when another thread reaps it; checks for itself
+/// every `SELF_CHECK` in case none does.
+pub fn wait(pid: i32) -> ExitStatus {
+    let mut guard = tracked();
+    loop {
+        if let Some(status) = take_status(&mut guard, pid) {
+            return status;
+        }
+        guard = REAPED
+            .wait_timeout(guard, SELF_CHECK)
+            .map(|(g, _)| g)
+            .unwrap_or_else(|p| p.into_inner().0);
+    }
+}
+
+fn take_status(
+    guard: &mut MutexGuard<'static, Option<HashMap<i32, Option<ExitStatus>>>>,
+    pid: i32,
+) -> Option<ExitStatus> {
     let map = guard.get_or_insert_with(HashMap::new);
     if let Some(Some(status)) = map.get(&pid) {
         let status = *status;

@@ -136,12 +136,7 @@ fn pump<R: Read + Send + 'static>(
 /// Waits for the program, lets its output drain, then reports its status
 /// and closes the channel.
 fn finish(pid: i32, readers: Vec<JoinHandle<()>>, channel: ChannelId, ssh: Handle, rt: Runtime) {
-    let status = loop {
-        if let Some(s) = reaper::try_wait(pid) {
-            break s;
-        }
-        std::thread::sleep(POLL);
-    };
+    let status = reaper::wait(pid);
     let deadline = Instant::now() + DRAIN;
     for r in &readers {
         while !r.is_finished() && Instant::now() < deadline {

@@ -74,7 +74,7 @@ pub struct Ready {
     pub agent_version: String,
     /// Guest uptime when the agent was ready.
     pub guest_uptime_ms: u64,
-    /// The kernel starting `/init` to the agent's `ready`.
+    /// The kernel's exec of `/init` (the agent) to its `ready`.
     pub init_to_ready_ms: u64,
 }
 

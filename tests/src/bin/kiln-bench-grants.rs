@@ -3,9 +3,10 @@
 //! real VMs, with the image cache warm. Beside each grant's latency stands
 //! the raw boot of that same VM (kiln-vmm start to the agent's `ready`, as
 //! the shim measured it), so what the bridge adds is visible:
-//! - to running: submit until the API says `running`, less the raw boot
-//!   (image lookup, shim and VMM start, the agent starting SSH and the
-//!   command, kilnd noticing);
+//! - to running: submit until the API says `running`, less the raw boot;
+//!   split into the agent's part (`ready` to `started`: its SSH server and
+//!   the command started, as the shim timed it) and the bridge's own
+//!   (image lookup, shim and VMM start, noticing `started`, the API);
 //! - first ssh: `running` until `ssh … true` has returned.
 //!
 //! Also grants per minute sustained (each grant is terminated once its SSH
@@ -26,11 +27,21 @@ struct Sample {
     to_running: f64,
     to_ssh: f64,
     raw_boot: f64,
+    /// VMM start to the agent's `started`.
+    started: f64,
 }
 
 impl Sample {
     fn bridge_to_running(&self) -> f64 {
         self.to_running - self.raw_boot
+    }
+
+    fn agent_ready_to_started(&self) -> f64 {
+        self.started - self.raw_boot
+    }
+
+    fn bridge_own(&self) -> f64 {
+        self.to_running - self.started
     }
 
     fn first_ssh(&self) -> f64 {
@@ -90,6 +101,9 @@ impl Bench<'_> {
         let raw_boot = state["boot_ms"]
             .as_f64()
             .ok_or_else(|| format!("grant {id}: no boot_ms"))?;
+        let started = state["started_ms"]
+            .as_f64()
+            .ok_or_else(|| format!("grant {id}: no started_ms"))?;
         client
             .terminate(id)
             .map_err(|e| format!("terminate {id}: {e}"))?;
@@ -97,6 +111,7 @@ impl Bench<'_> {
             to_running: to_running.as_secs_f64() * 1000.0,
             to_ssh: to_ssh.as_secs_f64() * 1000.0,
             raw_boot,
+            started,
         })
     }
 }
@@ -166,11 +181,13 @@ fn main() {
                 match result {
                     Ok(sample) => {
                         println!(
-                            "bench-{i}: submit→running {:.0} ms, →ssh {:.0} ms, raw boot {:.0} ms, bridge {:.0} ms",
+                            "bench-{i}: submit→running {:.0} ms, →ssh {:.0} ms, raw boot {:.0} ms, bridge {:.0} ms (agent {:.0}, kilnd+shim {:.0})",
                             sample.to_running,
                             sample.to_ssh,
                             sample.raw_boot,
-                            sample.bridge_to_running()
+                            sample.bridge_to_running(),
+                            sample.agent_ready_to_started(),
+                            sample.bridge_own()
                         );
                         samples.lock().unwrap_or_else(|p| p.into_inner()).push(sample);
                     }
@@ -190,11 +207,16 @@ fn main() {
         std::process::exit(1);
     }
     let column = |f: fn(&Sample) -> f64| samples.iter().map(f).collect::<Vec<f64>>();
-    let rows: [(&str, Vec<f64>); 5] = [
+    let rows: [(&str, Vec<f64>); 7] = [
         ("submit → ssh ready", column(|s| s.to_ssh)),
         ("submit → running", column(|s| s.to_running)),
         ("raw boot (same VMs)", column(|s| s.raw_boot)),
         ("bridge to running", column(Sample::bridge_to_running)),
+        (
+            "  of which agent: ready → started",
+            column(Sample::agent_ready_to_started),
+        ),
+        ("  of which kilnd + shim", column(Sample::bridge_own)),
         ("first ssh after running", column(Sample::first_ssh)),
     ];
     println!(

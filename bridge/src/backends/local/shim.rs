@@ -60,6 +60,10 @@ pub struct State {
     pub ssh_port: Option<u16>,
     /// VMM start to the agent's `ready`.
     pub boot_ms: Option<u64>,
+    /// VMM start to the agent's `started` (SSH served, command running):
+    /// when the grant became usable, as the shim saw it.
+    #[serde(default)]
+    pub started_ms: Option<u64>,
     /// The latest report from the agent.
     pub usage: Option<Usage>,
     pub exit_status: Option<ExitStatus>,
@@ -78,6 +82,7 @@ impl State {
             vmm_pid: None,
             ssh_port: None,
             boot_ms: None,
+            started_ms: None,
             usage: None,
             exit_status: None,
             host: HostUsage::default(),
@@ -156,6 +161,8 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
         Ok(m) => m,
         Err(e) => return ended(dir, &mut state, Some(error_chain(&e))),
     };
+    // `launch` returns at the agent's `ready`; later steps count from here.
+    let ready_at = Instant::now();
     let forwarder = Forwarder::start("127.0.0.1:0", machine.vsock_uds(), SSH_PORT, |e| {
         tracing::warn!("ssh forwarding: {e}");
     });
@@ -212,6 +219,9 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
             }
             Ok(Event::Frame(Frame::Control(Message::Started { .. }))) => {
                 state.phase = Phase::Running;
+                state.started_ms = state
+                    .boot_ms
+                    .map(|b| b + ready_at.elapsed().as_millis() as u64);
                 write_state(dir, &mut state)?;
             }
             Ok(Event::Frame(Frame::Control(Message::Usage(u)))) => {
@@ -297,6 +307,7 @@ mod tests {
             vmm_pid: Some(8),
             ssh_port: Some(2222),
             boot_ms: Some(100),
+            started_ms: Some(150),
             usage: None,
             exit_status: Some(ExitStatus::Code(3)),
             host: HostUsage::default(),
