@@ -215,10 +215,7 @@ impl Fleet {
         backend
             .watch_until_exit(instance)
             .await
-            .map_err(|error| FleetError::Backend {
-                backend: instance.backend.clone(),
-                error,
-            })
+            .map_err(|error| failed(instance, error))
     }
 
     pub async fn terminate(&self, instance: &ProvisionedInstance) -> Result<(), FleetError> {
@@ -226,10 +223,7 @@ impl Fleet {
         backend
             .terminate(instance)
             .await
-            .map_err(|error| FleetError::Backend {
-                backend: instance.backend.clone(),
-                error,
-            })
+            .map_err(|error| failed(instance, error))
     }
 
     /// Usage so far, from the instance's backend (None if it cannot tell).
@@ -241,10 +235,7 @@ impl Fleet {
         backend
             .current_usage(instance)
             .await
-            .map_err(|error| FleetError::Backend {
-                backend: instance.backend.clone(),
-                error,
-            })
+            .map_err(|error| failed(instance, error))
     }
 
     /// Asks every backend to remove what an interrupted provision of
@@ -263,5 +254,13 @@ impl Fleet {
             .iter()
             .find(|b| b.name() == instance.backend)
             .ok_or_else(|| FleetError::UnknownBackend(instance.backend.clone()))
+    }
+}
+
+/// A failure of the backend that owns `instance`.
+fn failed(instance: &ProvisionedInstance, error: BackendError) -> FleetError {
+    FleetError::Backend {
+        backend: instance.backend.clone(),
+        error,
     }
 }

@@ -6,7 +6,7 @@ mod preflight;
 pub mod stop_signals;
 mod tail;
 
-pub use preflight::{meminfo_kib, preflight, PreflightError};
+pub use preflight::{kib_field, meminfo_kib, preflight, PreflightError};
 pub use tail::Tail;
 
 use std::io::{Read, Write};

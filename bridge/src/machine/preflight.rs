@@ -97,12 +97,13 @@ fn available_mib() -> Option<u64> {
 
 /// One field of /proc/meminfo (e.g. `MemTotal`), in KiB.
 pub fn meminfo_kib(key: &str) -> Option<u64> {
-    parse_meminfo_kib(&std::fs::read_to_string("/proc/meminfo").ok()?, key)
+    kib_field(&std::fs::read_to_string("/proc/meminfo").ok()?, key)
 }
 
-fn parse_meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
-    meminfo
-        .lines()
+/// The number in a `Key:   1234 kB` line, as /proc/meminfo and
+/// /proc/PID/status write them.
+pub fn kib_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|n| n.parse().ok())
@@ -181,8 +182,8 @@ mod tests {
     #[test]
     fn reads_mem_available() {
         let info = "MemTotal: 100 kB\nMemAvailable:   20480 kB\n";
-        assert_eq!(parse_meminfo_kib(info, "MemAvailable"), Some(20480));
-        assert_eq!(parse_meminfo_kib(info, "MemTotal"), Some(100));
-        assert_eq!(parse_meminfo_kib("MemTotal: 1 kB\n", "MemAvailable"), None);
+        assert_eq!(kib_field(info, "MemAvailable"), Some(20480));
+        assert_eq!(kib_field(info, "MemTotal"), Some(100));
+        assert_eq!(kib_field("MemTotal: 1 kB\n", "MemAvailable"), None);
     }
 }

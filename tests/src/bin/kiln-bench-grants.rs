@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use kiln_bridge::backends::local::shim::read_state;
 use kiln_bridge::state::GrantState;
 use kiln_tests::kilnd::{request, ssh_to, Kilnd, Requester, BOOT};
 
@@ -94,16 +95,15 @@ impl Bench<'_> {
             std::thread::sleep(Duration::from_millis(20));
         }
         let to_ssh = t0.elapsed();
-        let state = std::fs::read(self.kilnd.home().join("grants").join(id).join("state.json"))
-            .map_err(|e| format!("state of {id}: {e}"))?;
-        let state: serde_json::Value =
-            serde_json::from_slice(&state).map_err(|e| format!("state of {id}: {e}"))?;
-        let raw_boot = state["boot_ms"]
-            .as_f64()
-            .ok_or_else(|| format!("grant {id}: no boot_ms"))?;
-        let started = state["started_ms"]
-            .as_f64()
-            .ok_or_else(|| format!("grant {id}: no started_ms"))?;
+        let state = read_state(&self.kilnd.home().join("grants").join(id))
+            .map_err(|e| format!("state of {id}: {e}"))?
+            .ok_or_else(|| format!("grant {id}: no state"))?;
+        let raw_boot = state
+            .boot_ms
+            .ok_or_else(|| format!("grant {id}: no boot_ms"))? as f64;
+        let started = state
+            .started_ms
+            .ok_or_else(|| format!("grant {id}: no started_ms"))? as f64;
         client
             .terminate(id)
             .map_err(|e| format!("terminate {id}: {e}"))?;

@@ -22,7 +22,7 @@ use crate::backend::{
 use crate::capacity::{CapacityLedger, Resources};
 use crate::grant::{Grant, TdxPolicy};
 use crate::host_key::HostKey;
-use crate::machine::{binary_beside_me, meminfo_kib};
+use crate::machine::{binary_beside_me, kib_field, meminfo_kib};
 use process::Process;
 use shim::{Launch, Phase, State};
 
@@ -344,9 +344,8 @@ fn find_shim(dir: &Path) -> Option<Process> {
 
 /// The VMM's CPU time and peak RSS so far, from /proc.
 fn live_host_usage(vmm_pid: u32) -> HostUsage {
-    let stat = std::fs::read_to_string(format!("/proc/{vmm_pid}/stat")).unwrap_or_default();
-    // Fields after the command name; utime and stime are fields 14 and 15.
-    let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let rest = process::stat_fields(vmm_pid).unwrap_or_default();
+    // `rest` starts at field 3; utime and stime are fields 14 and 15.
     let ticks: u64 = rest
         .split_whitespace()
         .skip(11)
@@ -356,11 +355,7 @@ fn live_host_usage(vmm_pid: u32) -> HostUsage {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     let status = std::fs::read_to_string(format!("/proc/{vmm_pid}/status")).unwrap_or_default();
-    let peak_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
+    let peak_kib = kib_field(&status, "VmHWM").unwrap_or(0);
     HostUsage {
         vcpu_cpu_ms: ticks * 1000 / hz,
         vmm_rss_kib: peak_kib,

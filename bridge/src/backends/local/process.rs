@@ -10,11 +10,16 @@ pub struct Process {
     pub start_time: u64,
 }
 
-/// (state, start time) from /proc/PID/stat.
-fn stat(pid: u32) -> Option<(char, u64)> {
+/// Fields 3 (state) onwards of /proc/PID/stat, as text.
+pub fn stat_fields(pid: u32) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields follow the last ')'.
-    let rest = &text[text.rfind(')')? + 1..];
+    Some(text[text.rfind(')')? + 1..].to_string())
+}
+
+/// (state, start time) from /proc/PID/stat.
+fn stat(pid: u32) -> Option<(char, u64)> {
+    let rest = stat_fields(pid)?;
     let mut fields = rest.split_whitespace();
     let state = fields.next()?.chars().next()?;
     // `rest` starts at field 3 (state); start time is field 22.
