@@ -202,7 +202,7 @@ impl AgentVm {
         let port = kiln_protocol::CONTROL_PORT;
         let control = std::os::unix::net::UnixListener::bind(format!("{}_{port}", uds.display()))
             .expect("bind control socket");
-        let vmm = VmmProcess::spawn(&[
+        let mut vmm = VmmProcess::spawn(&[
             "--kernel",
             kernel().to_str().unwrap_or_default(),
             "--initrd",
@@ -217,8 +217,9 @@ impl AgentVm {
         control.set_nonblocking(true).expect("nonblocking listener");
         let serial_text = || std::fs::read_to_string(&serial).unwrap_or_default();
         // Generous: boots are slow on emulating hosts, slower on a busy machine.
-        let (conn, _) = wait_for(Duration::from_secs(600), || control.accept().ok())
-            .unwrap_or_else(|| panic!("agent never connected; serial:\n{}", serial_text()));
+        let (conn, _) = vmm
+            .poll(Duration::from_secs(600), || control.accept().ok())
+            .unwrap_or_else(|e| panic!("agent never connected: {e}\nserial:\n{}", serial_text()));
         conn.set_nonblocking(false).expect("blocking stream");
         conn.set_read_timeout(Some(Duration::from_secs(120)))
             .expect("read timeout");
@@ -284,22 +285,51 @@ impl VmmProcess {
         self.child.id() as i32
     }
 
+    /// The status and stderr once the VMM has exited; None while it runs.
+    pub fn exited(&mut self) -> Option<(ExitStatus, String)> {
+        let status = self.child.try_wait().expect("wait kiln-vmm")?;
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        Some((status, err))
+    }
+
     /// Waits up to `timeout`; returns the status and stderr.
     pub fn wait(mut self, timeout: Duration) -> (ExitStatus, String) {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.child.try_wait().expect("wait kiln-vmm") {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut err);
-                }
-                return (status, err);
+            if let Some(exit) = self.exited() {
+                return exit;
             }
             assert!(
                 Instant::now() < deadline,
                 "kiln-vmm still running after {timeout:?}"
             );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls `f` like [`wait_for`], but gives up as soon as the VMM exits:
+    /// a guest that will never answer should not cost the whole timeout.
+    /// The error says which happened (with the VMM's status and stderr).
+    pub fn poll<T>(
+        &mut self,
+        timeout: Duration,
+        mut f: impl FnMut() -> Option<T>,
+    ) -> Result<T, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f() {
+                return Ok(v);
+            }
+            if let Some((status, stderr)) = self.exited() {
+                return Err(format!("kiln-vmm exited ({status}); stderr:\n{stderr}"));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("still waiting after {timeout:?}"));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }

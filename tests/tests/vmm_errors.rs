@@ -82,6 +82,16 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing() {
     assert_error(&["--kernel", k, "--initrd", initrd, "--tdx"], "TDX");
     assert_eq!(files_in(d), before, "a failed start must leave no files");
 
+    // The boot tests' waits end when the VMM does, with its reason, rather
+    // than running out their (long) timeouts.
+    let mut early = VmmProcess::spawn(&["--kernel", k, "--initrd", "/no/such/initrd"]);
+    let waited = early.poll(Duration::from_secs(30), || None::<()>);
+    let why = waited.expect_err("nothing to wait for");
+    assert!(
+        why.contains("exited") && why.contains("initramfs not found"),
+        "{why}"
+    );
+
     // A socket path that exists belongs to someone else: refused, untouched.
     std::fs::write(d.join("vm.sock"), b"not ours").unwrap();
     assert_error(
