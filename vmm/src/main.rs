@@ -90,6 +90,8 @@ fn main() -> ExitCode {
     kiln_vmm::vm::block_stop_signals();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour only for a person: logs often go to files (shim.log, journals).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -230,6 +230,14 @@ fn main() {
             percentile(v, 95.0)
         );
     }
+    println!("\nwhere each local provision's time went (kilnd's log):");
+    for line in kilnd
+        .log()
+        .lines()
+        .filter(|l| l.contains("local VM running"))
+    {
+        println!("  {line}");
+    }
     let per_min = samples.len() as f64 / wall.as_secs_f64() * 60.0;
     println!(
         "sustained: {per_min:.2} grants/min ({} in {:.0} s, {concurrency} at a time); {} failed",

@@ -9,7 +9,7 @@ pub mod shim;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::Utc;
@@ -162,7 +162,9 @@ impl LocalBackend {
 
     /// Builds the image, starts the shim, waits for the VM to run.
     async fn boot(&self, grant: &Grant) -> Result<ProvisionedInstance, LocalError> {
+        let begun = Instant::now();
         let initrd = self.build_image(&grant.image).await?;
+        let image_ms = begun.elapsed().as_millis() as u64;
         let dir = self.grant_dir(&grant.id);
         // A directory left by an earlier, failed attempt holds nothing live.
         let _ = std::fs::remove_dir_all(&dir);
@@ -191,6 +193,7 @@ impl LocalBackend {
             // be cleaned up from state.json (see `abandon`).
             let _ = std::fs::write(dir.join(SHIM_FILE), json);
         }
+        let shim_ms = begun.elapsed().as_millis() as u64;
         let state = match wait_until_running(&dir, &shim).await {
             Ok(s) => s,
             Err(e) => {
@@ -199,6 +202,17 @@ impl LocalBackend {
                 return Err(e);
             }
         };
+        // Where the provision's time went: the image, the launch up to the
+        // shim's start, and the VM (VMM start to the agent starting the
+        // command); the rest is the shim's and this backend's own.
+        tracing::info!(
+            grant = %grant.id,
+            image_ms,
+            shim_ms,
+            vm_ms = state.started_ms,
+            total_ms = begun.elapsed().as_millis() as u64,
+            "local VM running"
+        );
         let private = Private {
             dir,
             shim,
