@@ -298,17 +298,8 @@ impl VmmProcess {
 
     /// Waits up to `timeout`; returns the status and stderr.
     pub fn wait(mut self, timeout: Duration) -> (ExitStatus, String) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(exit) = self.exited() {
-                return exit;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "kiln-vmm still running after {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for(timeout, || self.exited())
+            .unwrap_or_else(|| panic!("kiln-vmm still running after {timeout:?}"))
     }
 
     /// Polls `f` like [`wait_for`], but gives up as soon as the VMM exits:
@@ -319,19 +310,13 @@ impl VmmProcess {
         timeout: Duration,
         mut f: impl FnMut() -> Option<T>,
     ) -> Result<T, String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(v) = f() {
-                return Ok(v);
-            }
-            if let Some((status, stderr)) = self.exited() {
-                return Err(format!("kiln-vmm exited ({status}); stderr:\n{stderr}"));
-            }
-            if Instant::now() >= deadline {
-                return Err(format!("still waiting after {timeout:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for(timeout, || match f() {
+            Some(v) => Some(Ok(v)),
+            None => self.exited().map(|(status, stderr)| {
+                Err(format!("kiln-vmm exited ({status}); stderr:\n{stderr}"))
+            }),
+        })
+        .unwrap_or_else(|| Err(format!("still waiting after {timeout:?}")))
     }
 }
 

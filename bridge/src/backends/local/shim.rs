@@ -223,11 +223,6 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
                     .boot_ms
                     .map(|b| b + ready_at.elapsed().as_millis() as u64);
                 write_state(dir, &mut state)?;
-                tracing::info!(
-                    boot_ms = state.boot_ms,
-                    started_ms = state.started_ms,
-                    "the agent started the workload"
-                );
             }
             Ok(Event::Frame(Frame::Control(Message::Usage(u)))) => {
                 state.usage = Some(u);
