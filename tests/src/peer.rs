@@ -6,12 +6,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use kiln_vmm::host::PvmCmdline;
+
 /// The console line every benchmarked boot waits for.
 pub const MARKER: &str = "KILN_READY";
 /// kiln-vmm's default command line.
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
-/// What kiln-vmm's PVM host profile adds, given to QEMU by hand.
-const PVM_CMDLINE: &str = "noxsave clearcpuid=popcnt,smap kiln_pvm_quirks";
 
 /// Whether this host's KVM is PVM (guest kernel code emulated).
 pub fn pvm_host() -> bool {
@@ -20,18 +20,21 @@ pub fn pvm_host() -> bool {
 
 /// QEMU microvm with the same devices kiln-vmm gives a guest (serial,
 /// virtio-rng; QEMU's vsock needs vhost-vsock, which a PVM host lacks).
-/// `init_args` go after ` -- ` on the command line.
+/// `init_args` go after ` -- ` on the command line. On a PVM host QEMU
+/// gets by hand what kiln-vmm's host profile adds, at the given `level`:
+/// the workarounds without which no guest boots here, or also kiln's tuning.
 pub fn qemu_microvm(
     kernel: &Path,
     initrd: &Path,
     vcpus: u8,
     mem_mib: u64,
     init_args: &str,
+    level: PvmCmdline,
 ) -> Command {
     let pvm = pvm_host();
     let mut append = BASE_CMDLINE.to_string();
     if pvm {
-        append = format!("{append} {PVM_CMDLINE}");
+        append = format!("{append} {}", kiln_vmm::host::pvm_cmdline(level).join(" "));
     }
     if !init_args.is_empty() {
         append = format!("{append} -- {init_args}");
