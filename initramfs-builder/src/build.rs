@@ -183,7 +183,7 @@ pub fn build(
 }
 
 fn agent_digest(path: &Path) -> Result<Digest, BuildError> {
-    digest::of_file(path).map_err(|e| match e.kind() {
+    digest::of_file_remembered(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => BuildError::AgentMissing(path.display().to_string()),
         _ => BuildError::Agent(path.display().to_string(), e),
     })

@@ -2,8 +2,11 @@
 //! streaming, so a blob is never trusted before its last byte is seen.
 
 use sha2::{Digest as _, Sha256};
+use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::sync::{Mutex, PoisonError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DigestError {
@@ -182,9 +185,76 @@ pub fn of_file(path: &std::path::Path) -> io::Result<Digest> {
     Ok(d)
 }
 
+/// What identifies a file's content without reading it, as `make` trusts:
+/// device, inode, size and modification time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl FileIdentity {
+    fn of(file: &std::fs::File) -> io::Result<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+        })
+    }
+}
+
+/// [`of_file`], remembered for this process while the file's identity is
+/// unchanged. A long-running caller (kilnd builds for every grant) would
+/// otherwise hash the same multi-megabyte agent binary on every call.
+pub fn of_file_remembered(path: &std::path::Path) -> io::Result<Digest> {
+    type Seen = HashMap<PathBuf, (FileIdentity, Digest)>;
+    static SEEN: Mutex<Option<Seen>> = Mutex::new(None);
+    let file = std::fs::File::open(path)?;
+    let id = FileIdentity::of(&file)?;
+    let seen = |g: &mut Option<Seen>| g.get_or_insert_with(HashMap::new).get(path).cloned();
+    if let Some((known, d)) = seen(&mut SEEN.lock().unwrap_or_else(PoisonError::into_inner)) {
+        if known == id {
+            return Ok(d);
+        }
+    }
+    let (d, _) = HashingReader::new(file).finish()?;
+    SEEN.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get_or_insert_with(HashMap::new)
+        .insert(path.to_path_buf(), (id, d.clone()));
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_remembered_file_digest_follows_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent");
+        std::fs::write(&path, b"first").unwrap();
+        assert_eq!(of_file_remembered(&path).unwrap(), Digest::of(b"first"));
+        assert_eq!(of_file_remembered(&path).unwrap(), Digest::of(b"first"));
+        // Same size, new content and modification time: hashed again.
+        std::fs::write(&path, b"other").unwrap();
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(7))
+            .unwrap();
+        assert_eq!(of_file_remembered(&path).unwrap(), Digest::of(b"other"));
+        // Replaced by a new file (a new inode), as installs do.
+        let new = dir.path().join("agent.new");
+        std::fs::write(&new, b"third").unwrap();
+        std::fs::rename(&new, &path).unwrap();
+        assert_eq!(of_file_remembered(&path).unwrap(), Digest::of(b"third"));
+        std::fs::remove_file(&path).unwrap();
+        assert!(of_file_remembered(&path).is_err());
+    }
 
     #[test]
     fn parses_and_rejects() {
