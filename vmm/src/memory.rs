@@ -1,5 +1,11 @@
-//! Guest RAM: anonymous mappings (optionally 2 MiB huge pages), one per range.
+//! Guest RAM: anonymous mappings (optionally 2 MiB huge pages), one per
+//! range, and their registration with KVM.
 
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
@@ -22,6 +28,8 @@ pub enum MemoryError {
     },
     #[error("invalid guest memory layout")]
     Layout,
+    #[error("cannot start the thread that registers guest memory")]
+    Thread(#[source] std::io::Error),
 }
 
 pub fn create(mem_bytes: u64, hugepages: bool) -> Result<GuestMemoryMmap, MemoryError> {
@@ -44,8 +52,8 @@ pub fn create(mem_bytes: u64, hugepages: bool) -> Result<GuestMemoryMmap, Memory
                 }
             })?;
         if !hugepages {
-            // Transparent huge pages where the host allows them: loading the
-            // kernel then faults in a few 2 MiB pages instead of thousands.
+            // Transparent huge pages where the host allows them: the guest's
+            // first touches fault in 2 MiB at a time instead of 4 KiB.
             // SAFETY: advice on a mapping we own; failure is harmless.
             unsafe { libc::madvise(region.as_ptr().cast(), size as usize, libc::MADV_HUGEPAGE) };
         }
@@ -54,25 +62,102 @@ pub fn create(mem_bytes: u64, hugepages: bool) -> Result<GuestMemoryMmap, Memory
     GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Layout)
 }
 
-/// Bytes of guest memory the host has actually backed (mincore).
-pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-    let mut total = 0u64;
-    for region in mem.iter() {
-        let Ok(ptr) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
-            continue;
-        };
-        let len = region.len() as usize;
-        let mut vec = vec![0u8; len.div_ceil(page)];
-        // SAFETY: `ptr..ptr+len` is this region's live mapping and `vec` has
-        // one byte per page of it.
-        let rc = unsafe { libc::mincore(ptr.cast(), len, vec.as_mut_ptr()) };
-        if rc == 0 {
-            total += vec.iter().filter(|b| *b & 1 == 1).count() as u64 * page as u64;
+/// Guest memory being registered with KVM on a thread of its own. On a PVM
+/// host that takes ~6 ms for 256 MiB, the longest step before the first
+/// KVM_RUN, and loading the kernel or setting up devices need not wait for
+/// it. Dropping it waits too, so KVM is never told of a mapping that is gone.
+pub struct Registration(Option<JoinHandle<Result<(), kvm_ioctls::Error>>>);
+
+/// Starts registering every region of `mem` as a KVM memory slot.
+pub fn register(vm_fd: &Arc<VmFd>, mem: &GuestMemoryMmap) -> Result<Registration, MemoryError> {
+    let mut slots = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| MemoryError::Layout)?;
+        slots.push(kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        });
+    }
+    let vm_fd = vm_fd.clone();
+    let thread = std::thread::Builder::new()
+        .name("kiln-memslots".to_string())
+        .spawn(move || {
+            for slot in slots {
+                // SAFETY: each slot is a live mapping owned by the VM's guest
+                // memory, which the VM keeps as long as its VM fd.
+                unsafe { vm_fd.set_user_memory_region(slot) }?;
+            }
+            Ok(())
+        })
+        .map_err(MemoryError::Thread)?;
+    Ok(Registration(Some(thread)))
+}
+
+impl Registration {
+    /// Waits until KVM knows every slot (needed before any vCPU exists).
+    pub fn wait(mut self) -> Result<(), kvm_ioctls::Error> {
+        match self.0.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result,
+            // The thread panicked: the slots' state is unknown.
+            Some(Err(_)) => Err(kvm_ioctls::Error::new(libc::EIO)),
+            None => Ok(()),
         }
     }
-    total
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(thread) = self.0.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Bytes of guest memory resident in this process: the Rss of its mappings
+/// inside guest memory (from /proc/self/smaps), anonymous pages and pages of
+/// the kernel or initramfs mapped from the page cache alike.
+pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
+    let guest: Vec<(u64, u64)> = mem
+        .iter()
+        .filter_map(|r| {
+            let start = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()? as u64;
+            Some((start, start + r.len()))
+        })
+        .collect();
+    std::fs::read_to_string("/proc/self/smaps")
+        .map(|smaps| rss_within(&smaps, &guest))
+        .unwrap_or(0)
+}
+
+/// Sums the `Rss:` of the smaps entries that lie inside one of `ranges`.
+fn rss_within(smaps: &str, ranges: &[(u64, u64)]) -> u64 {
+    let mut inside = false;
+    let mut kib = 0u64;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or_default();
+        let header = first.split_once('-').and_then(|(a, b)| {
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        });
+        if let Some((start, end)) = header {
+            inside = ranges.iter().any(|&(s, e)| start >= s && end <= e);
+        } else if let Some(v) = line.strip_prefix("Rss:").filter(|_| inside) {
+            kib += v
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0);
+        }
+    }
+    kib * 1024
 }
 
 #[cfg(test)]
@@ -90,5 +175,22 @@ mod tests {
         let after = resident_bytes(&mem);
         assert!(after >= before + 16 * 4096, "{before} -> {after}");
         assert!(after < 64 << 20);
+    }
+
+    #[test]
+    fn only_mappings_inside_guest_memory_count() {
+        let smaps = "\
+1000-3000 rw-p 00000000 00:00 0
+Size:                  8 kB
+Rss:                   8 kB
+VmFlags: rd wr mr mw me ac
+3000-4000 rw-p 00000000 08:01 42    /var/lib/kiln/kernel/vmlinux
+Rss:                   4 kB
+9000-a000 rw-p 00000000 00:00 0    [heap]
+Rss:                   4 kB
+";
+        assert_eq!(rss_within(smaps, &[(0x1000, 0x4000)]), 12 * 1024);
+        assert_eq!(rss_within(smaps, &[(0x1000, 0x3000)]), 8 * 1024);
+        assert_eq!(rss_within(smaps, &[]), 0);
     }
 }

@@ -9,11 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vm_superio::Serial;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -99,7 +97,7 @@ pub struct Vm {
     config: VmConfig,
     profile: HostProfile,
     mem: GuestMemoryMmap,
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
     vcpus: Vec<VcpuFd>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
@@ -148,23 +146,33 @@ impl Vm {
             })
             .map_err(kvm_err("create the PIT"))?;
 
+        let vm_fd = Arc::new(vm_fd);
         let mem_bytes = config.mem_mib << 20;
         let mem = memory::create(mem_bytes, config.hugepages)?;
-        for (slot, region) in mem.iter().enumerate() {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|_| VmError::Memory(MemoryError::Layout))?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the region is a live mapping owned by `mem`, which the
-            // Vm keeps for as long as the VM fd exists.
-            unsafe { vm_fd.set_user_memory_region(r) }.map_err(kvm_err("map guest memory"))?;
-        }
+        let registration = memory::register(&vm_fd, &mem)?;
+
+        // Loading needs only the memory mapping, not KVM's slots.
+        let linux = matches!(payload, Payload::Kernel);
+        let (kernel, initrd) = match payload {
+            Payload::Kernel => {
+                let entry = boot::load_kernel(&mem, &config.kernel)?;
+                let initrd = match &config.initrd {
+                    Some(path) => Some(boot::load_initrd(&mem, path, entry.kernel_end)?),
+                    None => None,
+                };
+                (entry, initrd)
+            }
+            Payload::Code(code) => {
+                mem.write_slice(&code, GuestAddress(HIMEM_START))
+                    .map_err(|_| BootError::GuestMemory("payload"))?;
+                let entry = KernelEntry::raw(GuestAddress(HIMEM_START), BootProtocol::Pvh);
+                for (i, e) in crate::boot::gdt::GDT_PVH.iter().enumerate() {
+                    mem.write_obj(*e, GuestAddress(BOOT_GDT_START + 8 * i as u64))
+                        .map_err(|_| BootError::GuestMemory("GDT"))?;
+                }
+                (entry, None)
+            }
+        };
 
         let timeline = Arc::new(Timeline::new(started));
         let state = Arc::new(
@@ -279,43 +287,26 @@ impl Vm {
             cmdline_devices.push((base, irq));
         }
 
-        let kernel = match payload {
-            Payload::Kernel => {
-                let entry = boot::load_kernel(&mem, &config.kernel)?;
-                let initrd = match &config.initrd {
-                    Some(path) => Some(boot::load_initrd(&mem, path, entry.kernel_end)?),
-                    None => None,
-                };
-                let cmdline =
-                    boot::build_cmdline(&config.cmdline, &profile.cmdline_extra, &cmdline_devices)?;
-                tracing::info!(
-                    "kernel {} ({:?} entry at {:#x}), command line: {}",
-                    config.kernel.display(),
-                    entry.protocol,
-                    entry.entry.0,
-                    cmdline
-                        .as_cstring()
-                        .map(|c| c.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                );
-                boot::configure(&mem, &entry, initrd, &cmdline, config.vcpus, mem_bytes)?;
-                entry
-            }
-            Payload::Code(code) => {
-                mem.write_slice(&code, GuestAddress(HIMEM_START))
-                    .map_err(|_| BootError::GuestMemory("payload"))?;
-                let entry = KernelEntry::raw(GuestAddress(HIMEM_START), BootProtocol::Pvh);
-                for (i, e) in crate::boot::gdt::GDT_PVH.iter().enumerate() {
-                    mem.write_obj(*e, GuestAddress(BOOT_GDT_START + 8 * i as u64))
-                        .map_err(|_| BootError::GuestMemory("GDT"))?;
-                }
-                entry
-            }
-        };
+        if linux {
+            let cmdline =
+                boot::build_cmdline(&config.cmdline, &profile.cmdline_extra, &cmdline_devices)?;
+            tracing::info!(
+                "kernel {} ({:?} entry at {:#x}), command line: {}",
+                config.kernel.display(),
+                kernel.protocol,
+                kernel.entry.0,
+                cmdline
+                    .as_cstring()
+                    .map(|c| c.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            );
+            boot::configure(&mem, &kernel, initrd, &cmdline, config.vcpus, mem_bytes)?;
+        }
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("report supported CPUID"))?;
+        registration.wait().map_err(kvm_err("map guest memory"))?;
         let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
         for index in 0..config.vcpus {
             let fd = vm_fd

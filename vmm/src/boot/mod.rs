@@ -3,6 +3,7 @@
 //! Linux zero page.
 
 pub mod gdt;
+pub mod mapped_file;
 pub mod mptable;
 
 use std::fs::File;
@@ -22,6 +23,7 @@ use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader, KernelLoade
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::layout::*;
+use mapped_file::MappedFile;
 
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
@@ -134,10 +136,12 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<KernelEntry, Bo
         }
     })?;
     let format = kernel_format(path, &mut file)?;
-    file.rewind().map_err(|source| BootError::ReadKernel {
+    let read_err = |source| BootError::ReadKernel {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    file.rewind().map_err(read_err)?;
+    let mut file = MappedFile::new(file, mem).map_err(read_err)?;
     let load_err = |e: linux_loader::loader::Error| BootError::LoadKernel {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -150,10 +154,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<KernelEntry, Bo
                 PvhBootCapability::PvhEntryPresent(addr) => (addr, BootProtocol::Pvh),
                 _ => {
                     // No PVH note: enter at the ELF entry point in long mode.
-                    let e_entry = elf_entry(&mut file).map_err(|source| BootError::ReadKernel {
-                        path: path.to_path_buf(),
-                        source,
-                    })?;
+                    let e_entry = elf_entry(&mut file).map_err(read_err)?;
                     (GuestAddress(e_entry), BootProtocol::Linux64)
                 }
             };
@@ -177,7 +178,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<KernelEntry, Bo
 }
 
 /// The physical entry point of an ELF64 image (e_entry masked to its load address).
-fn elf_entry(file: &mut File) -> std::io::Result<u64> {
+fn elf_entry(file: &mut (impl Read + Seek)) -> std::io::Result<u64> {
     let mut raw = [0u8; 8];
     file.seek(SeekFrom::Start(0x18))?;
     file.read_exact(&mut raw)?;
@@ -193,13 +194,13 @@ pub struct InitrdPlacement {
     pub size: u64,
 }
 
-/// Copies the initramfs to the top of low memory, page aligned.
+/// Places the initramfs at the top of low memory, page aligned.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     path: &Path,
     kernel_end: u64,
 ) -> Result<InitrdPlacement, BootError> {
-    let mut file = File::open(path).map_err(|source| {
+    let file = File::open(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             BootError::InitrdNotFound(path.to_path_buf())
         } else {
@@ -222,6 +223,10 @@ pub fn load_initrd(
         return Err(BootError::InitrdTooLarge { size, room });
     }
     let addr = (low_end - size) & !(PAGE_SIZE - 1);
+    let mut file = MappedFile::new(file, mem).map_err(|source| BootError::ReadInitrd {
+        path: path.to_path_buf(),
+        source,
+    })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|_| BootError::GuestMemory("initramfs"))?;
     Ok(InitrdPlacement { addr, size })
