@@ -122,28 +122,31 @@ impl Drop for Registration {
 /// inside guest memory (from /proc/self/smaps), anonymous pages and pages of
 /// the kernel or initramfs mapped from the page cache alike.
 pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
-    let guest: Vec<(u64, u64)> = mem
-        .iter()
-        .filter_map(|r| {
-            let start = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()? as u64;
-            Some((start, start + r.len()))
-        })
-        .collect();
     std::fs::read_to_string("/proc/self/smaps")
-        .map(|smaps| rss_within(&smaps, &guest))
+        .map(|smaps| rss_within(&smaps, &host_ranges(mem)))
         .unwrap_or(0)
 }
 
+/// The host address range (start, end) of each guest memory region.
+pub fn host_ranges(mem: &GuestMemoryMmap) -> Vec<(usize, usize)> {
+    mem.iter()
+        .filter_map(|r| {
+            let start = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()? as usize;
+            Some((start, start + r.len() as usize))
+        })
+        .collect()
+}
+
 /// Sums the `Rss:` of the smaps entries that lie inside one of `ranges`.
-fn rss_within(smaps: &str, ranges: &[(u64, u64)]) -> u64 {
+fn rss_within(smaps: &str, ranges: &[(usize, usize)]) -> u64 {
     let mut inside = false;
     let mut kib = 0u64;
     for line in smaps.lines() {
         let first = line.split_whitespace().next().unwrap_or_default();
         let header = first.split_once('-').and_then(|(a, b)| {
             Some((
-                u64::from_str_radix(a, 16).ok()?,
-                u64::from_str_radix(b, 16).ok()?,
+                usize::from_str_radix(a, 16).ok()?,
+                usize::from_str_radix(b, 16).ok()?,
             ))
         });
         if let Some((start, end)) = header {

@@ -13,10 +13,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{
-    GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, ReadVolatile, VolatileSlice,
-};
-use vm_memory::{MemoryRegionAddress, VolatileMemoryError};
+use vm_memory::{GuestMemoryMmap, ReadVolatile, VolatileMemoryError, VolatileSlice};
 
 const PAGE: u64 = 4096;
 
@@ -32,13 +29,7 @@ pub struct MappedFile {
 impl MappedFile {
     pub fn new(file: File, mem: &GuestMemoryMmap) -> std::io::Result<MappedFile> {
         let len = file.metadata()?.len();
-        let guest = mem
-            .iter()
-            .filter_map(|r| {
-                let start = r.get_host_address(MemoryRegionAddress(0)).ok()? as usize;
-                Some((start, start + r.len() as usize))
-            })
-            .collect();
+        let guest = crate::memory::host_ranges(mem);
         Ok(MappedFile { file, len, guest })
     }
 
