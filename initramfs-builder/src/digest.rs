@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{LazyLock, Mutex, PoisonError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DigestError {
@@ -212,21 +212,16 @@ impl FileIdentity {
 /// unchanged. A long-running caller (kilnd builds for every grant) would
 /// otherwise hash the same multi-megabyte agent binary on every call.
 pub fn of_file_remembered(path: &std::path::Path) -> io::Result<Digest> {
-    type Seen = HashMap<PathBuf, (FileIdentity, Digest)>;
-    static SEEN: Mutex<Option<Seen>> = Mutex::new(None);
+    static SEEN: LazyLock<Mutex<HashMap<PathBuf, (FileIdentity, Digest)>>> =
+        LazyLock::new(Default::default);
+    let seen = || SEEN.lock().unwrap_or_else(PoisonError::into_inner);
     let file = std::fs::File::open(path)?;
     let id = FileIdentity::of(&file)?;
-    let seen = |g: &mut Option<Seen>| g.get_or_insert_with(HashMap::new).get(path).cloned();
-    if let Some((known, d)) = seen(&mut SEEN.lock().unwrap_or_else(PoisonError::into_inner)) {
-        if known == id {
-            return Ok(d);
-        }
+    if let Some((_, d)) = seen().get(path).filter(|(known, _)| *known == id) {
+        return Ok(d.clone());
     }
     let (d, _) = HashingReader::new(file).finish()?;
-    SEEN.lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get_or_insert_with(HashMap::new)
-        .insert(path.to_path_buf(), (id, d.clone()));
+    seen().insert(path.to_path_buf(), (id, d.clone()));
     Ok(d)
 }
 
