@@ -118,13 +118,28 @@ impl Drop for Registration {
     }
 }
 
-/// Bytes of guest memory resident in this process: the Rss of its mappings
-/// inside guest memory (from /proc/self/smaps), anonymous pages and pages of
-/// the kernel or initramfs mapped from the page cache alike.
-pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
+/// Guest memory resident in this process, from `/proc/self/smaps`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resident {
+    /// The `Rss:` of mappings inside guest memory: anonymous pages, and pages
+    /// of the kernel or initramfs mapped from the page cache. Counted in the
+    /// process's RSS.
+    pub rss_bytes: u64,
+    /// Huge pages from hugetlbfs (`--hugepages`), which the kernel counts
+    /// apart from RSS.
+    pub hugetlb_bytes: u64,
+}
+
+impl Resident {
+    pub fn total_bytes(&self) -> u64 {
+        self.rss_bytes + self.hugetlb_bytes
+    }
+}
+
+pub fn resident(mem: &GuestMemoryMmap) -> Resident {
     std::fs::read_to_string("/proc/self/smaps")
-        .map(|smaps| rss_within(&smaps, &host_ranges(mem)))
-        .unwrap_or(0)
+        .map(|smaps| resident_within(&smaps, &host_ranges(mem)))
+        .unwrap_or_default()
 }
 
 /// The host address range (start, end) of each guest memory region.
@@ -137,10 +152,11 @@ pub fn host_ranges(mem: &GuestMemoryMmap) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// Sums the `Rss:` of the smaps entries that lie inside one of `ranges`.
-fn rss_within(smaps: &str, ranges: &[(usize, usize)]) -> u64 {
+/// Sums the resident sizes of the smaps entries that lie inside one of `ranges`.
+fn resident_within(smaps: &str, ranges: &[(usize, usize)]) -> Resident {
+    let kib = |v: &str| -> u64 { v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0) };
     let mut inside = false;
-    let mut kib = 0u64;
+    let mut r = Resident::default();
     for line in smaps.lines() {
         let first = line.split_whitespace().next().unwrap_or_default();
         let header = first.split_once('-').and_then(|(a, b)| {
@@ -151,16 +167,18 @@ fn rss_within(smaps: &str, ranges: &[(usize, usize)]) -> u64 {
         });
         if let Some((start, end)) = header {
             inside = ranges.iter().any(|&(s, e)| start >= s && end <= e);
-        } else if let Some(v) = line.strip_prefix("Rss:").filter(|_| inside) {
-            kib += v
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .unwrap_or(0);
+        } else if !inside {
+            continue;
+        } else if let Some(v) = line.strip_prefix("Rss:") {
+            r.rss_bytes += kib(v) * 1024;
+        } else if let Some(v) = line
+            .strip_prefix("Private_Hugetlb:")
+            .or_else(|| line.strip_prefix("Shared_Hugetlb:"))
+        {
+            r.hugetlb_bytes += kib(v) * 1024;
         }
     }
-    kib * 1024
+    r
 }
 
 #[cfg(test)]
@@ -171,11 +189,11 @@ mod tests {
     #[test]
     fn touched_pages_become_resident() {
         let mem = create(64 << 20, false).unwrap();
-        let before = resident_bytes(&mem);
+        let before = resident(&mem).rss_bytes;
         for i in 0..16u64 {
             mem.write_obj(1u64, GuestAddress(i * 4096)).unwrap();
         }
-        let after = resident_bytes(&mem);
+        let after = resident(&mem).rss_bytes;
         assert!(after >= before + 16 * 4096, "{before} -> {after}");
         assert!(after < 64 << 20);
     }
@@ -192,8 +210,32 @@ Rss:                   4 kB
 9000-a000 rw-p 00000000 00:00 0    [heap]
 Rss:                   4 kB
 ";
-        assert_eq!(rss_within(smaps, &[(0x1000, 0x4000)]), 12 * 1024);
-        assert_eq!(rss_within(smaps, &[(0x1000, 0x3000)]), 8 * 1024);
-        assert_eq!(rss_within(smaps, &[]), 0);
+        let rss = |ranges: &[(usize, usize)]| resident_within(smaps, ranges).rss_bytes;
+        assert_eq!(rss(&[(0x1000, 0x4000)]), 12 * 1024);
+        assert_eq!(rss(&[(0x1000, 0x3000)]), 8 * 1024);
+        assert_eq!(resident_within(smaps, &[]), Resident::default());
+    }
+
+    #[test]
+    fn huge_pages_count_as_guest_memory_outside_rss() {
+        let smaps = "\
+7f0000000000-7f0010000000 rw-p 00000000 00:0f 1234    /anon_hugepage (deleted)
+Size:             262144 kB
+Rss:                   0 kB
+Shared_Hugetlb:        0 kB
+Private_Hugetlb:   20480 kB
+7f0010000000-7f0010001000 rw-p 00000000 00:00 0
+Rss:                   4 kB
+Private_Hugetlb:    2048 kB
+";
+        let r = resident_within(smaps, &[(0x7f00_0000_0000, 0x7f00_1000_0000)]);
+        assert_eq!(
+            r,
+            Resident {
+                rss_bytes: 0,
+                hugetlb_bytes: 20480 * 1024
+            }
+        );
+        assert_eq!(r.total_bytes(), 20 << 20);
     }
 }

@@ -25,7 +25,8 @@ pub struct Metrics {
     pub vmm_system_cpu_ms: f64,
     pub peak_rss_kib: u64,
     pub rss_kib: u64,
-    /// Guest memory resident in the VMM process (Rss of its guest mappings).
+    /// Guest memory resident in the VMM process (Rss of its guest mappings,
+    /// plus their huge pages with `--hugepages`).
     pub guest_resident_kib: u64,
     /// RSS minus guest memory touched: what the VMM itself costs.
     pub vmm_overhead_kib: u64,

@@ -436,7 +436,7 @@ impl Vm {
         let timeline = &self.state.timeline;
         let (user, system) = metrics::cpu_times();
         let (rss, hwm) = metrics::rss_kib();
-        let guest = memory::resident_bytes(&self.mem) / 1024;
+        let guest = memory::resident(&self.mem);
         Metrics {
             exit_reason: reason.to_string(),
             exit_code: reason.exit_code(),
@@ -452,8 +452,9 @@ impl Vm {
             vmm_system_cpu_ms: system.as_secs_f64() * 1000.0,
             peak_rss_kib: hwm,
             rss_kib: rss,
-            guest_resident_kib: guest,
-            vmm_overhead_kib: rss.saturating_sub(guest),
+            guest_resident_kib: guest.total_bytes() / 1024,
+            // Huge pages are not in the RSS, so only the rest comes off it.
+            vmm_overhead_kib: rss.saturating_sub(guest.rss_bytes / 1024),
         }
     }
 }
