@@ -43,8 +43,10 @@ const NO_AVX: &str =
 /// kernel runs with `noxsave` and so does not preserve the upper halves of
 /// the YMM registers across context switches. glibc's AVX memcpy then
 /// corrupts data in a busy multi-threaded process (seen as SFTP stream
-/// corruption over SSH). As PID 1, re-exec once with glibc's AVX variants
-/// turned off; if that fails, carry on as we are.
+/// corruption over SSH). kiln-vmm puts `GLIBC_TUNABLES` on such a guest's
+/// command line, which the kernel hands to init's environment; without it,
+/// PID 1 re-execs once with glibc's AVX variants turned off (if that fails,
+/// it carries on as it is).
 fn without_avx(started_ms: u64) {
     use std::os::unix::process::CommandExt;
     if std::env::var_os("GLIBC_TUNABLES").is_some() {

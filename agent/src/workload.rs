@@ -56,9 +56,10 @@ pub fn spawn(r: &Resolved, id: &Identity, interactive: bool) -> std::io::Result<
     // `child` is dropped without waiting: the reaper collects it.
 }
 
-/// Passes the agent's own `GLIBC_TUNABLES` (set by PID 1 to keep glibc off
-/// AVX, whose register state the guest kernel cannot preserve on PVM hosts)
-/// to a child whose environment does not set it.
+/// Passes the agent's own `GLIBC_TUNABLES` (from the PVM host's guest command
+/// line or PID 1's re-exec: it keeps glibc off AVX, whose register state the
+/// guest kernel cannot preserve there) to a child whose environment does not
+/// set it.
 pub fn inherit_glibc_tunables<'a>(cmd: &mut Command, mut child_env: impl Iterator<Item = &'a str>) {
     if let Some(t) = std::env::var_os("GLIBC_TUNABLES") {
         if !child_env.any(|k| k == "GLIBC_TUNABLES") {

@@ -31,7 +31,7 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
         other => panic!("expected ready, got {other:?}"),
     }
 
-    let script = "echo out:$FOO:$FROM_IMAGE:${KILN_AGENT_STARTED_MS:-unset}; echo err >&2; id -u; id -g; pwd; echo $HOME; \
+    let script = "echo out:$FOO:$FROM_IMAGE:${KILN_AGENT_STARTED_MS:-unset}:${GLIBC_TUNABLES%%,*}; echo err >&2; id -u; id -g; pwd; echo $HOME; \
                   i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; echo last; exit 3";
     let start = Frame::Control(Message::Start {
         workload: Workload {
@@ -69,7 +69,9 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
     let stdout = String::from_utf8(stdout).unwrap();
     assert_eq!(
         stdout,
-        "out:bar:1:unset\n1000\n1000\n/tmp\n/home/app\nlast\n"
+        // glibc stays off AVX in workloads too, whether the tunable came
+        // from a PVM host's command line or from the agent's re-exec.
+        "out:bar:1:unset:glibc.cpu.hwcaps=-AVX\n1000\n1000\n/tmp\n/home/app\nlast\n"
     );
     assert_eq!(String::from_utf8(stderr).unwrap(), "err\n");
     assert_eq!(status, ExitStatus::Code(3));
