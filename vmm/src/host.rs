@@ -112,13 +112,14 @@ pub fn pvm_cmdline(level: PvmCmdline) -> Vec<String> {
         // each one (quadratic): ~6 s of a ~40 s boot here.
         args.push("kiln_batch_sysfs");
         // Patch 0003: no /sys/kernel/slab, whose ~200 cache directories one
-        // late initcall builds (~4 s here); nothing in kiln's guest reads it.
+        // late initcall builds (~5 s of a ~36 s boot here); nothing in
+        // kiln's guest reads it.
         args.push("kiln_no_slab_sysfs");
         // An unknown `NAME=value` argument becomes an environment variable
         // of init. With `noxsave` the guest kernel does not preserve YMM
         // registers, so glibc in the guest must not pick its AVX routines;
         // kiln's agent re-execs itself with this set when it is missing,
-        // which costs ~2 s of emulated exec here.
+        // which costs ~1.5 s of emulated exec here.
         args.push(GLIBC_WITHOUT_AVX);
     }
     let clearcpuid = format!("clearcpuid={}", clear.join(","));
