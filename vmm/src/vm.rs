@@ -133,6 +133,10 @@ impl Vm {
         );
         let kvm_err = |what| move |source| VmError::Kvm { what, source };
         let vm_fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        // Memory first: see `memory::register` for why.
+        let mem_bytes = config.mem_mib << 20;
+        let mem = memory::create(mem_bytes, config.hugepages)?;
+        memory::register(&vm_fd, &mem)?;
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("set the TSS address"))?;
@@ -147,9 +151,6 @@ impl Vm {
             .map_err(kvm_err("create the PIT"))?;
 
         let vm_fd = Arc::new(vm_fd);
-        let mem_bytes = config.mem_mib << 20;
-        let mem = memory::create(mem_bytes, config.hugepages)?;
-        let registration = memory::register(&vm_fd, &mem)?;
 
         // Loading needs only the memory mapping, not KVM's slots.
         let linux = matches!(payload, Payload::Kernel);
@@ -306,7 +307,6 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("report supported CPUID"))?;
-        registration.wait().map_err(kvm_err("map guest memory"))?;
         let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
         for index in 0..config.vcpus {
             let fd = vm_fd
