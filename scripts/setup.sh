@@ -42,12 +42,13 @@ fi
 "$repo/scripts/build-kernel.sh"
 cargo build --workspace --quiet
 
-# The agent runs as PID 1 in a bare initramfs: a static binary, installed
-# where `kiln image build` looks for it.
+# The agent runs as PID 1 in a bare initramfs: a static binary, built for
+# size (the `guest` profile in Cargo.toml), installed where `kiln image
+# build` looks for it.
 kiln_home=${KILN_HOME:-/var/lib/kiln}
 RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$repo/target/guest" \
-  cargo build --quiet --release --target x86_64-unknown-linux-gnu -p kiln-agent --bin kiln-agent
-install -D -m 0755 "$repo/target/guest/x86_64-unknown-linux-gnu/release/kiln-agent" "$kiln_home/bin/kiln-agent"
+  cargo build --quiet --profile guest --target x86_64-unknown-linux-gnu -p kiln-agent --bin kiln-agent
+install -D -m 0755 "$repo/target/guest/x86_64-unknown-linux-gnu/guest/kiln-agent" "$kiln_home/bin/kiln-agent"
 
 "$repo/scripts/build-demo-image.sh" "$kiln_home/demo/oci"
 echo "setup: done"

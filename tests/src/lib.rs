@@ -77,7 +77,9 @@ pub fn static_guest_binary(package: &str, bin: &str) -> PathBuf {
     let status = Command::new(cargo)
         .args([
             "build",
-            "--release",
+            // The profile scripts/setup.sh builds the agent with.
+            "--profile",
+            "guest",
             "--quiet",
             "--target",
             triple,
@@ -92,7 +94,7 @@ pub fn static_guest_binary(package: &str, bin: &str) -> PathBuf {
         .status()
         .expect("run cargo");
     assert!(status.success(), "building static {bin} failed");
-    target_dir.join(triple).join("release").join(bin)
+    target_dir.join(triple).join("guest").join(bin)
 }
 
 /// The static test guest program (`kiln-test-init`), built once per test run.
