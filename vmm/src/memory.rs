@@ -184,17 +184,19 @@ mod tests {
         assert!(after < 64 << 20);
     }
 
-    /// The VmFlags of the smaps entry that starts at `addr`.
+    /// The VmFlags of the smaps entry whose range holds `addr`.
     fn vm_flags_at(addr: usize) -> String {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
         let mut inside = false;
         for line in smaps.lines() {
-            if let Some((range, _)) = line.split_once(' ') {
-                if let Some((start, _)) = range.split_once('-') {
-                    if let Ok(start) = usize::from_str_radix(start, 16) {
-                        inside = start == addr;
-                        continue;
-                    }
+            let range = line.split_once(' ').and_then(|(r, _)| r.split_once('-'));
+            if let Some((start, end)) = range {
+                if let (Ok(start), Ok(end)) = (
+                    usize::from_str_radix(start, 16),
+                    usize::from_str_radix(end, 16),
+                ) {
+                    inside = (start..end).contains(&addr);
+                    continue;
                 }
             }
             if inside {
@@ -203,7 +205,7 @@ mod tests {
                 }
             }
         }
-        panic!("no mapping starts at {addr:#x}")
+        panic!("no mapping holds {addr:#x}")
     }
 
     #[test]
