@@ -152,7 +152,8 @@ impl Vm {
 
         let vm_fd = Arc::new(vm_fd);
 
-        // Loading needs only the memory mapping, not KVM's slots.
+        // The kernel and initramfs replace parts of the mapping KVM already
+        // knows; its MMU notifier follows, and no vCPU has run yet.
         let linux = matches!(payload, Payload::Kernel);
         let (kernel, initrd) = match payload {
             Payload::Kernel => {
