@@ -138,20 +138,24 @@ pub fn host_ranges(mem: &GuestMemoryMmap) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// The address range (start, end) of an smaps entry's header line; `None`
+/// for the entry's field lines.
+fn smaps_entry_range(line: &str) -> Option<(usize, usize)> {
+    let first = line.split_whitespace().next()?;
+    let (a, b) = first.split_once('-')?;
+    Some((
+        usize::from_str_radix(a, 16).ok()?,
+        usize::from_str_radix(b, 16).ok()?,
+    ))
+}
+
 /// Sums the resident sizes of the smaps entries that lie inside one of `ranges`.
 fn resident_within(smaps: &str, ranges: &[(usize, usize)]) -> Resident {
     let kib = |v: &str| -> u64 { v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0) };
     let mut inside = false;
     let mut r = Resident::default();
     for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or_default();
-        let header = first.split_once('-').and_then(|(a, b)| {
-            Some((
-                usize::from_str_radix(a, 16).ok()?,
-                usize::from_str_radix(b, 16).ok()?,
-            ))
-        });
-        if let Some((start, end)) = header {
+        if let Some((start, end)) = smaps_entry_range(line) {
             inside = ranges.iter().any(|&(s, e)| start >= s && end <= e);
         } else if !inside {
             continue;
@@ -189,20 +193,10 @@ mod tests {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
         let mut inside = false;
         for line in smaps.lines() {
-            let range = line.split_once(' ').and_then(|(r, _)| r.split_once('-'));
-            if let Some((start, end)) = range {
-                if let (Ok(start), Ok(end)) = (
-                    usize::from_str_radix(start, 16),
-                    usize::from_str_radix(end, 16),
-                ) {
-                    inside = (start..end).contains(&addr);
-                    continue;
-                }
-            }
-            if inside {
-                if let Some(flags) = line.strip_prefix("VmFlags:") {
-                    return flags.trim().to_string();
-                }
+            if let Some((start, end)) = smaps_entry_range(line) {
+                inside = (start..end).contains(&addr);
+            } else if let Some(flags) = line.strip_prefix("VmFlags:").filter(|_| inside) {
+                return flags.trim().to_string();
             }
         }
         panic!("no mapping holds {addr:#x}")
