@@ -97,7 +97,7 @@ pub struct Vm {
     config: VmConfig,
     profile: HostProfile,
     mem: GuestMemoryMmap,
-    _vm_fd: Arc<VmFd>,
+    _vm_fd: VmFd,
     vcpus: Vec<VcpuFd>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
@@ -149,8 +149,6 @@ impl Vm {
                 ..Default::default()
             })
             .map_err(kvm_err("create the PIT"))?;
-
-        let vm_fd = Arc::new(vm_fd);
 
         // The kernel and initramfs replace parts of the mapping KVM already
         // knows; its MMU notifier follows, and no vCPU has run yet.
