@@ -194,14 +194,14 @@ mod tests {
         for arg in boot.iter().filter(|a| !a.starts_with("clearcpuid=")) {
             assert!(tuned.contains(arg), "{arg} missing from {tuned:?}");
         }
-        for patch_arg in [
+        for tuning_arg in [
             "kiln_batch_sysfs",
             "kiln_no_slab_sysfs",
             "kiln_no_endbr_seal",
             "noreplace-smp",
         ] {
-            assert!(tuned.iter().any(|a| a == patch_arg));
-            assert!(!boot.iter().any(|a| a == patch_arg));
+            assert!(tuned.iter().any(|a| a == tuning_arg));
+            assert!(!boot.iter().any(|a| a == tuning_arg));
         }
         let tunables = tuned.iter().find_map(|a| a.strip_prefix("GLIBC_TUNABLES="));
         assert_eq!(
