@@ -18,8 +18,9 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-/// Bumped when the initramfs layout changes, so old builds are not reused.
-const FORMAT: &str = "kiln-initramfs/1";
+/// Bumped when the initramfs layout changes, so old builds are not reused
+/// (2: large files' data on page boundaries).
+const FORMAT: &str = "kiln-initramfs/2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {

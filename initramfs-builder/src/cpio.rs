@@ -6,6 +6,13 @@ use std::io::{self, Write};
 
 const MAGIC: &str = "070701";
 const TRAILER: &str = "TRAILER!!!";
+/// newc's fixed header length.
+const HEADER_LEN: u64 = 110;
+const PAGE: u64 = 4096;
+/// Regular files at least this large get their data on a page boundary of
+/// the archive (`Writer::align_data`); below it the padding would cost the
+/// unpacker more than the pages save.
+pub const PAGE_ALIGN_MIN: u64 = 64 * 1024;
 
 pub const S_IFDIR: u32 = 0o040000;
 pub const S_IFREG: u32 = 0o100000;
@@ -65,6 +72,9 @@ impl<W: Write> Writer<W> {
     }
 
     pub fn file(&mut self, path: &str, meta: Meta, data: &[u8]) -> Result<(), CpioError> {
+        if data.len() as u64 >= PAGE_ALIGN_MIN {
+            self.align_data(checked_name(path)?)?;
+        }
         self.entry(path, S_IFREG | (meta.mode & 0o7777), meta, 1, data)
     }
 
@@ -127,6 +137,9 @@ impl<W: Write> Writer<W> {
         let nlink =
             u32::try_from(paths.len()).map_err(|_| CpioError::TooLarge(first.to_string()))?;
         let mode = S_IFREG | (meta.mode & 0o7777);
+        if size >= PAGE_ALIGN_MIN {
+            self.align_data(checked_name(first)?)?;
+        }
         let ino = self.header(first, mode, meta, nlink, size32, (0, 0))?;
         let copied = io::copy(&mut io::Read::take(data, size), &mut self.out)?;
         self.written += copied;
@@ -170,6 +183,25 @@ impl<W: Write> Writer<W> {
         self.next_ino += 1;
         self.raw_header(name, ino, mode, meta, nlink, size, rdev)?;
         Ok(ino)
+    }
+
+    /// Ends the archive and pads it with NULs so that the data of the next
+    /// entry, `name`, starts on a page boundary: the kernel unpacks archives
+    /// laid end to end with NUL padding between them. kiln's guest kernel
+    /// then gives those pages to the file as they are instead of copying
+    /// them (guest patch 0013), where the VMM loads the initramfs on a page
+    /// boundary too, as kiln-vmm does. Hardlinked names follow their data
+    /// (`file_from`), so no link spans the trailer.
+    fn align_data(&mut self, name: &str) -> Result<(), CpioError> {
+        let entry = (HEADER_LEN + name.len() as u64 + 1).next_multiple_of(4);
+        if (self.written + entry).is_multiple_of(PAGE) {
+            return Ok(());
+        }
+        self.raw_header(TRAILER, 0, 0, Meta::root(0), 1, 0, (0, 0))?;
+        let zeros = (PAGE - (self.written + entry) % PAGE) % PAGE;
+        io::copy(&mut io::Read::take(io::repeat(0), zeros), &mut self.out)?;
+        self.written += zeros;
+        Ok(())
     }
 
     /// Bytes written so far.
@@ -237,7 +269,8 @@ pub struct Entry {
 }
 
 /// Reads a whole newc archive back (tests and inspection; the kernel is
-/// the real reader). Stops at the trailer.
+/// the real reader), across the trailers and NUL padding between archives
+/// laid end to end, as the kernel does.
 pub fn parse(mut b: &[u8]) -> Result<Vec<Entry>, CpioError> {
     let bad = || CpioError::Io(io::Error::new(io::ErrorKind::InvalidData, "malformed newc"));
     let mut out = Vec::new();
@@ -263,8 +296,21 @@ pub fn parse(mut b: &[u8]) -> Result<Vec<Entry>, CpioError> {
         let data_end = data_start + size;
         let data = b.get(data_start..data_end).ok_or_else(bad)?.to_vec();
         let next = (offset + data_end).next_multiple_of(4) - offset;
+        b = b.get(next..).ok_or_else(bad)?;
+        offset += next;
         if name == TRAILER {
-            return Ok(out);
+            // The kernel skips NULs to the next archive, which starts on a
+            // 4-byte boundary.
+            let zeros = b.iter().take_while(|&&c| c == 0).count();
+            if zeros == b.len() {
+                return Ok(out);
+            }
+            if zeros % 4 != 0 {
+                return Err(bad());
+            }
+            b = &b[zeros..];
+            offset += zeros;
+            continue;
         }
         out.push(Entry {
             path: name,
@@ -276,8 +322,6 @@ pub fn parse(mut b: &[u8]) -> Result<Vec<Entry>, CpioError> {
             rdev,
             data,
         });
-        b = b.get(next..).ok_or_else(bad)?;
-        offset += next;
     }
 }
 
@@ -353,6 +397,57 @@ mod tests {
         assert_eq!(entries[4].data, b"abc");
         assert_eq!((entries[4].uid, entries[4].gid), (1000, 100));
         assert_eq!(entries[1].rdev, (5, 1));
+    }
+
+    #[test]
+    fn large_files_have_their_data_on_a_page_boundary() {
+        let big: Vec<u8> = (0..PAGE_ALIGN_MIN + 5).map(|i| (i % 251) as u8).collect();
+        let mut w = Writer::new(Vec::new());
+        w.file("small", Meta::root(0o644), b"abc").unwrap();
+        w.file_from(
+            &["bin/big", "bin/big2"],
+            Meta::root(0o755),
+            big.len() as u64,
+            &mut &big[..],
+        )
+        .unwrap();
+        w.file("after", Meta::root(0o644), b"xyz").unwrap();
+        let out = w.finish().unwrap();
+        assert_eq!(out.len() % 4, 0);
+        // The data sits, whole, at a page boundary of the archive.
+        let at = out.windows(64).position(|w| w == &big[..64]).unwrap();
+        assert_eq!(at % PAGE as usize, 0);
+        assert_eq!(&out[at..at + big.len()], &big[..]);
+        // Read back across the trailer and padding before it, links intact.
+        let entries = parse(&out).unwrap();
+        let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["small", "bin/big", "bin/big2", "after"]);
+        assert_eq!(entries[1].data, big);
+        assert_eq!(entries[1].ino, entries[2].ino);
+        assert_eq!(entries[3].data, b"xyz");
+        // In-memory files too.
+        let mut w = Writer::new(Vec::new());
+        w.file("a", Meta::root(0o644), b"abc").unwrap();
+        w.file("b", Meta::root(0o644), &big).unwrap();
+        let out = w.finish().unwrap();
+        let at = out.windows(64).position(|w| w == &big[..64]).unwrap();
+        assert_eq!(at % PAGE as usize, 0);
+        assert_eq!(parse(&out).unwrap()[1].data, big);
+        // Small files are not padded.
+        let mut w = Writer::new(Vec::new());
+        w.file(
+            "small",
+            Meta::root(0o644),
+            &big[..PAGE_ALIGN_MIN as usize - 1],
+        )
+        .unwrap();
+        let out = w.finish().unwrap();
+        assert_eq!(out.windows(10).filter(|w| w == b"TRAILER!!!").count(), 1);
+        // Padding that is not a whole number of words is malformed.
+        let mut bad = sample();
+        bad.extend_from_slice(&[0, 0]);
+        bad.extend_from_slice(&sample());
+        assert!(parse(&bad).is_err());
     }
 
     #[test]
