@@ -14,6 +14,7 @@ const PAGE: u64 = 4096;
 /// unpacker more than the pages save.
 pub const PAGE_ALIGN_MIN: u64 = 64 * 1024;
 
+const S_IFMT: u32 = 0o170000;
 pub const S_IFDIR: u32 = 0o040000;
 pub const S_IFREG: u32 = 0o100000;
 pub const S_IFLNK: u32 = 0o120000;
@@ -72,9 +73,6 @@ impl<W: Write> Writer<W> {
     }
 
     pub fn file(&mut self, path: &str, meta: Meta, data: &[u8]) -> Result<(), CpioError> {
-        if data.len() as u64 >= PAGE_ALIGN_MIN {
-            self.align_data(checked_name(path)?)?;
-        }
         self.entry(path, S_IFREG | (meta.mode & 0o7777), meta, 1, data)
     }
 
@@ -137,9 +135,6 @@ impl<W: Write> Writer<W> {
         let nlink =
             u32::try_from(paths.len()).map_err(|_| CpioError::TooLarge(first.to_string()))?;
         let mode = S_IFREG | (meta.mode & 0o7777);
-        if size >= PAGE_ALIGN_MIN {
-            self.align_data(checked_name(first)?)?;
-        }
         let ino = self.header(first, mode, meta, nlink, size32, (0, 0))?;
         let copied = io::copy(&mut io::Read::take(data, size), &mut self.out)?;
         self.written += copied;
@@ -179,6 +174,9 @@ impl<W: Write> Writer<W> {
         rdev: (u32, u32),
     ) -> Result<u32, CpioError> {
         let name = checked_name(path)?;
+        if mode & S_IFMT == S_IFREG && u64::from(size) >= PAGE_ALIGN_MIN {
+            self.align_data(name)?;
+        }
         let ino = self.next_ino;
         self.next_ino += 1;
         self.raw_header(name, ino, mode, meta, nlink, size, rdev)?;
