@@ -18,6 +18,9 @@ packages=(
   cpio zstd busybox-static
   # image builder tests: a real registry, daemonless image tools, lz4 -d
   docker-registry skopeo umoci lz4
+  # block roots: erofs-utils checks the erofs writer's images in tests;
+  # mkfs.ext4 formats `kiln run --disk` scratch disks
+  erofs-utils e2fsprogs
   # the boot-time peer for benchmarks
   qemu-system-x86
   # tests: setpriv (util-linux), OpenSSH client

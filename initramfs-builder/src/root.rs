@@ -1,0 +1,69 @@
+//! Which root filesystem a build makes: the whole image in the initramfs
+//! (unpacked into guest RAM by the kernel), or an erofs image the guest
+//! mounts from a virtio-blk device next to an initramfs holding only the
+//! agent and kiln's files.
+
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RootKind {
+    #[default]
+    Initramfs,
+    Block,
+}
+
+/// The kernel command line argument that tells the agent its root is the
+/// first virtio-blk device (`/dev/vda`).
+pub const BLOCK_ROOT_ARG: &str = "kiln.root=vda";
+
+/// `auto` picks the block root from this much unpacked file data up. Not
+/// yet measured on a PVM host: below it the initramfs path boots a
+/// busybox-sized image without the erofs mount and overlay; above it the
+/// guest kernel's unpacking (emulated there) and the second copy in RAM
+/// cost more than reading blocks on demand.
+pub const AUTO_BLOCK_MIN: u64 = 32 << 20;
+
+impl RootKind {
+    /// The choice for an image with `unpacked` bytes of file data.
+    pub fn auto(unpacked: u64) -> RootKind {
+        if unpacked >= AUTO_BLOCK_MIN {
+            RootKind::Block
+        } else {
+            RootKind::Initramfs
+        }
+    }
+
+    /// What the kernel command line must carry for this root.
+    pub fn kernel_arg(self) -> Option<&'static str> {
+        match self {
+            RootKind::Initramfs => None,
+            RootKind::Block => Some(BLOCK_ROOT_ARG),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown root filesystem kind {0:?} (initramfs, block)")]
+pub struct UnknownRootKind(String);
+
+impl FromStr for RootKind {
+    type Err = UnknownRootKind;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "initramfs" => Ok(RootKind::Initramfs),
+            "block" => Ok(RootKind::Block),
+            _ => Err(UnknownRootKind(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for RootKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RootKind::Initramfs => "initramfs",
+            RootKind::Block => "block",
+        })
+    }
+}
