@@ -8,6 +8,7 @@
 
 pub mod image_config;
 pub mod reaper;
+pub mod rootfs;
 pub mod ssh;
 pub mod system;
 pub mod usage;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kiln_agent::image_config::{self, ImageConfig};
 use kiln_agent::system::{self, console};
-use kiln_agent::{reaper, ssh, usage, user, vsock, workload};
+use kiln_agent::{reaper, rootfs, ssh, usage, user, vsock, workload};
 use kiln_protocol::{read_frame, ExitStatus, Frame, Message, Workload, CONTROL_PORT};
 
 /// Console line that marks the agent ready (boot-time measurements look for it).
@@ -112,6 +112,17 @@ fn main() {
     let boot = Instant::now();
     if is_init {
         system::mount_pseudo_filesystems();
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        if let Some(req) = rootfs::requested(&cmdline) {
+            if let Err(e) = rootfs::switch(&req) {
+                // Before `ready`: the host reports this line as the failure.
+                console(&format!(
+                    "KILN_AGENT_FATAL block root: {}",
+                    rootfs::describe(&e)
+                ));
+                system::power_off();
+            }
+        }
         system::set_hostname("kiln");
         system::loopback_up();
         if !system::seed_entropy() {

@@ -52,6 +52,8 @@ pub fn demo(cache: &Cache, home: &Path, a: DemoArgs) -> Result<i32> {
         insecure: Vec::new(),
         kernel: None,
         vmm_metrics: None,
+        rootfs: crate::image::Rootfs::Auto,
+        disk: None,
         cmd: Vec::new(),
     };
     run::run(cache, home, args)

@@ -5,6 +5,7 @@ use clap::{Args, Subcommand};
 use kiln_image::build::{self, Built, Event, Input, Options};
 use kiln_image::cache::Cache;
 use kiln_image::compress::Compression;
+use kiln_image::root::RootKind;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
@@ -45,9 +46,13 @@ pub struct BuildArgs {
     /// none | gzip | zstd | lz4 (none boots fastest on kiln hosts).
     #[arg(long, default_value = "none")]
     compression: Compression,
-    /// Also write the initramfs to FILE.
+    /// Also write the initramfs to FILE (a block root's image to FILE.erofs).
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Root filesystem: the whole image in the initramfs, an erofs image
+    /// for a virtio-blk root next to an agent-only initramfs, or by size.
+    #[arg(long, value_enum, default_value = "initramfs")]
+    rootfs: Rootfs,
     /// Refuse images whose layers expand to more than this many bytes.
     #[arg(long, value_name = "BYTES", default_value_t = kiln_image::assemble::DEFAULT_MAX_EXPANDED)]
     max_size: u64,
@@ -96,6 +101,7 @@ fn image_build(cache: &Cache, home: &Path, a: BuildArgs) -> Result<()> {
         docker_config: None,
         refresh: a.refresh,
         output: a.output,
+        root: a.rootfs.kind(),
     };
     let built = build_with_progress(cache, &opts)?;
     if a.json {
@@ -108,6 +114,8 @@ fn image_build(cache: &Cache, home: &Path, a: BuildArgs) -> Result<()> {
                 "path": built.path,
                 "cached": built.cached,
                 "compression": built.compression,
+                "rootfs": built.root,
+                "root_image": built.root_image,
             })
         );
     } else {
@@ -119,8 +127,29 @@ fn image_build(cache: &Cache, home: &Path, a: BuildArgs) -> Result<()> {
             built.digest,
             if built.cached { ", cached" } else { "" }
         );
+        if let Some(img) = &built.root_image {
+            println!("root image {}", img.display());
+        }
     }
     Ok(())
+}
+
+/// `--rootfs`: a root kind, or `auto` to pick by the image's size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Rootfs {
+    Auto,
+    Initramfs,
+    Block,
+}
+
+impl Rootfs {
+    pub fn kind(self) -> Option<RootKind> {
+        match self {
+            Rootfs::Auto => None,
+            Rootfs::Initramfs => Some(RootKind::Initramfs),
+            Rootfs::Block => Some(RootKind::Block),
+        }
+    }
 }
 
 /// The image source the user named: an archive, a layout, or a reference.
@@ -181,6 +210,7 @@ fn image_ls(cache: &Cache, json: bool) -> Result<()> {
                     "key": b.key, "digest": b.image, "source": b.source, "references": names,
                     "compression": b.compression, "size": b.size,
                     "measurement": b.measurement, "path": cache.build_path(b),
+                    "rootfs": b.root, "root_image": cache.root_image_path(b),
                 })
             })
             .collect();

@@ -9,6 +9,7 @@ mod image;
 mod kilnd;
 mod output;
 mod run;
+mod scratch;
 mod ssh;
 
 use anyhow::{Context, Result};

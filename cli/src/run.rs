@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kiln_bridge::machine::stop_signals as signals;
-use kiln_bridge::machine::{binary_beside_me, Event, Machine, MachineError, Sender, Spec};
+use kiln_bridge::machine::{binary_beside_me, Drive, Event, Machine, MachineError, Sender, Spec};
 use kiln_image::build::Options;
 use kiln_image::cache::Cache;
 use kiln_protocol::{Frame, Message, Usage, Workload};
 use serde::Serialize;
 
-use crate::{exit_code, image};
+use crate::image::Rootfs;
+use crate::{exit_code, image, scratch};
 
 #[derive(Args, Clone)]
 pub struct RunArgs {
@@ -60,6 +61,14 @@ pub struct RunArgs {
     /// A registry (host[:port]) to reach over plain HTTP (repeatable).
     #[arg(long = "insecure-registry", value_name = "HOST")]
     pub insecure: Vec<String>,
+    /// Root filesystem: the image in the initramfs, on a read-only virtio-blk
+    /// disk under a writable overlay, or picked by the image's size.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub rootfs: Rootfs,
+    /// Give the VM a scratch disk of SIZE (e.g. 1G, 512M) for everything it
+    /// writes (a block root's overlay); removed when the run ends.
+    #[arg(long, value_name = "SIZE", value_parser = scratch::parse_size)]
+    pub disk: Option<u64>,
     /// Guest kernel [default: $KILN_HOME/kernel/vmlinux].
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
@@ -111,8 +120,38 @@ pub fn run(cache: &Cache, home: &Path, a: RunArgs) -> Result<i32> {
         docker_config: None,
         refresh: false,
         output: None,
+        // A scratch disk only has a place on a block root.
+        root: match (a.rootfs.kind(), a.disk) {
+            (None, Some(_)) => Some(kiln_image::root::RootKind::Block),
+            (kind, _) => kind,
+        },
     };
+    if a.disk.is_some() && a.rootfs == Rootfs::Initramfs {
+        bail!("--disk needs a block root: leave out --rootfs initramfs");
+    }
     let built = image::build_with_progress(cache, &opts)?;
+    let mut drives = Vec::new();
+    let mut kernel_args = Vec::new();
+    if let (Some(img), Some(arg)) = (&built.root_image, built.kernel_arg()) {
+        drives.push(Drive {
+            path: img.clone(),
+            read_only: true,
+        });
+        kernel_args.push(arg.to_string());
+    }
+    // Held open (and already unlinked) until kiln-vmm has exited.
+    let scratch = match a.disk {
+        Some(size) => {
+            let disk = scratch::Disk::create(&home.join("vms"), size)?;
+            drives.push(Drive {
+                path: disk.path(),
+                read_only: false,
+            });
+            kernel_args.push(scratch::KERNEL_ARG.to_string());
+            Some(disk)
+        }
+        None => None,
+    };
     let spec = Spec {
         vmm: binary_beside_me("KILN_VMM", "kiln-vmm"),
         kernel: a
@@ -126,6 +165,8 @@ pub fn run(cache: &Cache, home: &Path, a: RunArgs) -> Result<i32> {
         die_with_parent: true,
         boot_timeout: BOOT_TIMEOUT,
         metrics: a.vmm_metrics.clone(),
+        drives,
+        kernel_args,
     };
     signals::catch_stop_signals();
     let mut machine = match Machine::launch_cancellable(&spec, &|| signals::count() > 0) {
@@ -145,6 +186,7 @@ pub fn run(cache: &Cache, home: &Path, a: RunArgs) -> Result<i32> {
     if let Some(message) = &ended.not_started {
         eprintln!("kiln: {message}: {}", not_started_advice(ended.code));
     }
+    drop(scratch);
     Ok(ended.code)
 }
 
@@ -452,6 +494,8 @@ mod tests {
             insecure: vec![],
             kernel: None,
             vmm_metrics: None,
+            rootfs: Rootfs::Auto,
+            disk: None,
             cmd: vec!["true".into()],
         };
         let w = workload(&a).unwrap();

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use kiln_tests::images::busybox_layout;
+use kiln_tests::images::{busybox_layout, styled_archive};
 use kiln_tests::registry::Registry;
 use kiln_tests::{agent, bin, kernel, processes_mentioning, wait_for, workspace_root};
 
@@ -313,5 +313,113 @@ fn demo_runs_the_setup_image() {
     let stats: serde_json::Value =
         serde_json::from_str(stderr.lines().last().unwrap_or_default()).expect("stats JSON");
     assert_eq!(stats["outcome"], "exited");
+    home.assert_clean();
+}
+
+/// What the block-root workload prints about the tree and its writes.
+const BLOCK_ROOT_SCRIPT: &str = r#"
+for p in /etc/keep /etc/new /etc/drop /gone /opq/old /opq/new /kiln/config.json; do
+  if [ -e $p ]; then echo "present $p"; else echo "absent $p"; fi
+done
+cd / && sha256sum data/big data/big-link data/suid | sed 's/^/sum /'
+stat -c 'stat %n %a %h %s %u:%g' /data/big /data/big-link /data/suid /home/user/file
+echo "link $(readlink /data/bb-link)"
+echo tmp-ok > /tmp/t && echo "tmp $(cat /tmp/t)"
+echo root-ok > /root/r && echo "root $(cat /root/r)"
+echo changed > /etc/keep && echo "etc $(cat /etc/keep)"
+grep -q '^overlay / overlay ' /proc/mounts && echo "root is an overlay"
+echo "vda ro $(cat /sys/block/vda/ro)"
+if (echo x > /dev/vda) 2>/dev/null; then echo "lower written"; else echo "lower refused"; fi
+"#;
+
+/// The block root (erofs on a read-only virtio-blk disk under an overlay),
+/// two VMs side by side: one shows the image's whiteouts, opaque dir,
+/// hardlinks, symlink, owners and modes from inside the guest and writes
+/// under /tmp, /root and over an image file (the overlay takes them, the
+/// disk refuses); the other writes more than its RAM to a `--disk`
+/// scratch disk, whose file is gone afterwards.
+#[test]
+fn block_root_shows_the_image_and_takes_writes_in_its_overlay() {
+    let _host = share_host();
+    let home = Home::new();
+    let work = tempfile::tempdir().unwrap();
+    let (archive, sums) = styled_archive(work.path());
+    let archive = archive.to_str().unwrap();
+    let tree = home
+        .kiln(&[
+            "run",
+            "--rootfs",
+            "block",
+            "--docker-archive",
+            archive,
+            "--",
+            "sh",
+            "-c",
+            BLOCK_ROOT_SCRIPT,
+        ])
+        .spawn()
+        .unwrap();
+    let fill = "dd if=/dev/zero of=/root/fill bs=1M count=200 2>/dev/null && sync \
+                && echo \"filled $(stat -c %s /root/fill)\"";
+    let disk = home
+        .kiln(&[
+            "run",
+            "--disk",
+            "1G",
+            "--mem",
+            "128",
+            "--docker-archive",
+            archive,
+            "--",
+            "sh",
+            "-c",
+            fill,
+        ])
+        .spawn()
+        .unwrap();
+    let tree = finish(tree, LIMIT);
+    let (out, err) = (text(&tree.stdout), text(&tree.stderr));
+    assert_eq!(
+        tree.status.code(),
+        Some(0),
+        "stderr:\n{err}\nstdout:\n{out}"
+    );
+    assert_eq!(sums.lines().count(), 3);
+    for line in sums.lines() {
+        let (sum, path) = line.split_once("  ").unwrap();
+        let guest = format!("sum {sum}  {path}");
+        assert!(out.contains(&guest), "missing {guest:?} in:\n{out}");
+    }
+    for line in [
+        "present /etc/keep",
+        "present /etc/new",
+        "absent /etc/drop",
+        "absent /gone",
+        "absent /opq/old",
+        "present /opq/new",
+        "present /kiln/config.json",
+        "stat /data/big 644 2 300001 0:0",
+        "stat /data/big-link 644 2 300001 0:0",
+        "stat /data/suid 4755 1 65536 0:0",
+        "stat /home/user/file 640 1 7 1000:1000",
+        "link ../bin/busybox",
+        "tmp tmp-ok",
+        "root root-ok",
+        "etc changed",
+        "root is an overlay",
+        "vda ro 1",
+        "lower refused",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+
+    let disk = finish(disk, LIMIT);
+    let (out, err) = (text(&disk.stdout), text(&disk.stderr));
+    assert_eq!(
+        disk.status.code(),
+        Some(0),
+        "stderr:\n{err}\nstdout:\n{out}"
+    );
+    assert_eq!(out, format!("filled {}\n", 200 << 20));
     home.assert_clean();
 }

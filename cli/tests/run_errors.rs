@@ -102,6 +102,40 @@ fn host_and_image_problems() {
     );
     assert_one_line_error(&out, &["not enough memory", "--mem"]);
 
+    // The initramfs path holds the image twice in guest RAM: refused, with
+    // the figure, before any VM boots.
+    let out = kiln(
+        &good,
+        &[
+            "run",
+            "--rootfs",
+            "initramfs",
+            "--mem",
+            "40",
+            "--oci-layout",
+            &amd64,
+            "--",
+            "true",
+        ],
+    );
+    assert_one_line_error(&out, &["40 MiB is too little", "at least", "--mem"]);
+
+    let out = kiln(
+        &good,
+        &[
+            "run",
+            "--rootfs",
+            "initramfs",
+            "--disk",
+            "1G",
+            "--oci-layout",
+            &amd64,
+            "--",
+            "true",
+        ],
+    );
+    assert_one_line_error(&out, &["--disk needs a block root"]);
+
     let no_kernel = home(&dir.path().join("bare"), false);
     let out = kiln(&no_kernel, &["run", "--oci-layout", &amd64, "--", "true"]);
     assert_one_line_error(&out, &["guest kernel missing", "scripts/setup.sh"]);

@@ -3,7 +3,7 @@
 //! and commit into the cache atomically.
 
 use crate::assemble::{self, AssembleError, Recipe};
-use crate::cache::{build_key, BuildRecord, Cache, CacheError, RefRecord};
+use crate::cache::{build_key_for, BuildRecord, Cache, CacheError, RefRecord, RootImage};
 use crate::compress::Compression;
 use crate::digest::{self, Digest};
 use crate::image::AgentConfig;
@@ -11,6 +11,7 @@ use crate::layers::{Expected, LayerSet};
 use crate::lock::Mode;
 use crate::reference::{Reference, ReferenceError};
 use crate::registry::RegistrySource;
+use crate::root::RootKind;
 use crate::source::archive::DockerArchive;
 use crate::source::files::FirstOf;
 use crate::source::layout::Layout;
@@ -40,8 +41,12 @@ pub struct Options {
     pub docker_config: Option<PathBuf>,
     /// Re-resolve a registry tag even if the cache knows it.
     pub refresh: bool,
-    /// Also write the initramfs here.
+    /// Also write the initramfs here (and a block root's image to the
+    /// same name plus `.erofs`).
     pub output: Option<PathBuf>,
+    /// The root filesystem kind; `None` picks by the image's size
+    /// ([`RootKind::auto`]).
+    pub root: Option<RootKind>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +78,17 @@ pub struct Built {
     pub path: PathBuf,
     pub cached: bool,
     pub compression: Compression,
+    pub root: RootKind,
+    /// A block root's erofs image (`path` is then its agent initramfs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root_image: Option<PathBuf>,
+}
+
+impl Built {
+    /// What the guest kernel's command line must carry for this build.
+    pub fn kernel_arg(&self) -> Option<&'static str> {
+        self.root.kernel_arg()
+    }
 }
 
 /// Progress reports for a UI.
@@ -106,26 +122,35 @@ pub fn build(
             .then(|| cache.lookup_ref(&reg.reference.to_string()))
             .flatten()
         {
-            let key = build_key(&r.image, &agent, opts.compression);
-            if let Some(rec) = cache.build(&key) {
+            if let Some(rec) = cached(cache, &r.image, &agent, opts) {
                 return finish(cache, &rec, true, opts);
             }
         }
     }
     let staging = cache.staging()?;
     let resolved = source.resolve(cache, &staging.blobs(), opts.refresh)?;
-    let key = build_key(&resolved.config_digest, &agent, opts.compression);
     let refs = source.ref_record(&resolved);
-    if let Some(rec) = cache.build(&key) {
+    if let Some(rec) = cached(cache, &resolved.config_digest, &agent, opts) {
         cache.commit(staging, None, &refs)?;
         return finish(cache, &rec, true, opts);
     }
-    let _key_lock = cache.key_lock(&key)?;
-    // Another process may have built it while we waited for the lock.
-    if let Some(rec) = cache.build(&key) {
-        cache.commit(staging, None, &refs)?;
-        return finish(cache, &rec, true, opts);
-    }
+    let key_of = |root| build_key_for(&resolved.config_digest, &agent, opts.compression, root);
+    // A chosen kind is locked before the download, so a concurrent build
+    // of the same key waits instead of fetching too; `auto` knows its key
+    // only after pass one.
+    let mut key_lock = match opts.root {
+        Some(root) => {
+            let key = key_of(root);
+            let lock = cache.key_lock(&key)?;
+            // Another process may have built it while we waited.
+            if let Some(rec) = cache.build(&key) {
+                cache.commit(staging, None, &refs)?;
+                return finish(cache, &rec, true, opts);
+            }
+            Some(lock)
+        }
+        None => None,
+    };
     tracing::info!(image = %resolved.config_digest, source = %source.describe(), "building");
     let staged = staging.blobs();
     let config = AgentConfig::new(
@@ -141,7 +166,7 @@ pub fn build(
     let out_path = staging.output();
     let out = std::fs::File::create(&out_path)
         .map_err(|e| BuildError::Output(out_path.display().to_string(), e))?;
-    let (_, assembled) = {
+    let (root, key, unpacked, assembled, root_image) = {
         let mut layers = source.layers(
             &resolved,
             cache,
@@ -157,7 +182,40 @@ pub fn build(
             },
         )?;
         let mut flatten_progress = |layer, of| progress(Event::Flatten { layer, of });
-        assemble::assemble(&mut *layers, recipe, out, &mut flatten_progress)?
+        let tree = assemble::flatten(&mut *layers, opts.max_expanded, &mut flatten_progress)?;
+        let unpacked = assemble::unpacked_size(&tree);
+        let root = opts.root.unwrap_or(RootKind::auto(unpacked));
+        let key = key_of(root);
+        if key_lock.is_none() {
+            key_lock = Some(cache.key_lock(&key)?);
+            if let Some(rec) = cache.build(&key) {
+                drop(layers);
+                cache.commit(staging, None, &refs)?;
+                return finish(cache, &rec, true, opts);
+            }
+        }
+        match root {
+            RootKind::Initramfs => {
+                let (_, a) = assemble::assemble_tree(tree, &mut *layers, recipe, out)?;
+                (root, key, unpacked, a, None)
+            }
+            RootKind::Block => {
+                let img_path = staging.root_output();
+                let img = std::fs::File::create(&img_path)
+                    .map_err(|e| BuildError::Output(img_path.display().to_string(), e))?;
+                let (_, _, b) = assemble::assemble_block(tree, &mut *layers, recipe, img, out)?;
+                let image = RootImage {
+                    file: format!("{key}.erofs"),
+                    size: b.root.size,
+                    measurement: b.root.measurement,
+                };
+                let a = assemble::Assembled {
+                    size: b.initrd.size,
+                    measurement: b.measurement,
+                };
+                (root, key, unpacked, a, Some(image))
+            }
+        }
     };
     progress(Event::Write);
     let record = BuildRecord {
@@ -175,11 +233,35 @@ pub fn build(
             .iter()
             .filter_map(|l| l.blob.clone())
             .collect(),
+        root,
+        root_image,
+        unpacked,
     };
     // Only blobs the cache keeps are registry ones; layouts and archives
     // stay where they are.
     cache.commit(staging, Some(&record), &refs)?;
+    drop(key_lock);
     finish(cache, &record, false, opts)
+}
+
+/// A cached build that fits `opts`: of the chosen kind, or for `auto` one
+/// whose recorded size makes it the kind `auto` would choose.
+fn cached(cache: &Cache, image: &Digest, agent: &Digest, opts: &Options) -> Option<BuildRecord> {
+    let key = |root| build_key_for(image, agent, opts.compression, root);
+    if let Some(root) = opts.root {
+        return cache.build(&key(root));
+    }
+    [RootKind::Initramfs, RootKind::Block]
+        .into_iter()
+        .filter_map(|root| cache.build(&key(root)))
+        .find_map(|rec| {
+            let wanted = RootKind::auto(rec.unpacked);
+            if wanted == rec.root {
+                Some(rec)
+            } else {
+                cache.build(&key(wanted))
+            }
+        })
 }
 
 fn agent_digest(path: &Path) -> Result<Digest, BuildError> {
@@ -196,10 +278,19 @@ fn finish(
     opts: &Options,
 ) -> Result<Built, BuildError> {
     let stored = cache.build_path(rec);
+    let mut root_image = cache.root_image_path(rec);
     let path = match &opts.output {
         Some(dest) => {
             copy_atomic(&stored, dest)
                 .map_err(|e| BuildError::Output(dest.display().to_string(), e))?;
+            if let Some(img) = &root_image {
+                let mut name = dest.clone().into_os_string();
+                name.push(".erofs");
+                let img_dest = PathBuf::from(name);
+                copy_atomic(img, &img_dest)
+                    .map_err(|e| BuildError::Output(img_dest.display().to_string(), e))?;
+                root_image = Some(img_dest);
+            }
             dest.clone()
         }
         None => stored,
@@ -212,6 +303,8 @@ fn finish(
         path,
         cached,
         compression: rec.compression,
+        root: rec.root,
+        root_image,
     })
 }
 

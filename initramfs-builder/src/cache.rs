@@ -13,6 +13,7 @@
 use crate::compress::Compression;
 use crate::digest::Digest;
 use crate::lock::{Lock, Mode};
+use crate::root::RootKind;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::{self, Write};
@@ -57,6 +58,23 @@ pub struct BuildRecord {
     pub file: String,
     /// Blobs this build was made from (kept by `prune`).
     pub blobs: Vec<Digest>,
+    /// The root kind; `file` is then the (agent-only) initramfs of a block
+    /// root and `root_image` its erofs image.
+    #[serde(default)]
+    pub root: RootKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_image: Option<RootImage>,
+    /// Bytes of file data in the image, which `auto` decides by.
+    #[serde(default)]
+    pub unpacked: u64,
+}
+
+/// The erofs root image of a block-root build.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RootImage {
+    pub file: String,
+    pub size: u64,
+    pub measurement: String,
 }
 
 /// A registry reference and what it resolved to.
@@ -83,12 +101,35 @@ impl Staging {
     pub fn output(&self) -> PathBuf {
         self.dir.path().join("initramfs")
     }
+    /// Where a block-root build writes its root image.
+    pub fn root_output(&self) -> PathBuf {
+        self.dir.path().join("root.erofs")
+    }
 }
 
 /// The cache key of a build: everything that decides its bytes.
 pub fn build_key(image: &Digest, agent: &Digest, compression: Compression) -> String {
     let text = format!("{FORMAT}\nimage {image}\nagent {agent}\ncompression {compression}\n");
     Digest::of(text.as_bytes()).hex().to_string()
+}
+
+/// [`build_key`] for a root kind: the initramfs kind keeps the keys it
+/// always had, so existing cached builds stay valid.
+pub fn build_key_for(
+    image: &Digest,
+    agent: &Digest,
+    compression: Compression,
+    root: RootKind,
+) -> String {
+    match root {
+        RootKind::Initramfs => build_key(image, agent, compression),
+        RootKind::Block => {
+            let text = format!(
+                "{FORMAT}\nimage {image}\nagent {agent}\ncompression {compression}\nroot block\n"
+            );
+            Digest::of(text.as_bytes()).hex().to_string()
+        }
+    }
 }
 
 /// Writes `bytes` to `path` atomically (temp file in the same directory,
@@ -166,11 +207,22 @@ impl Cache {
         self.root.join("builds").join(&record.file)
     }
 
+    /// The root image of a block-root build.
+    pub fn root_image_path(&self, record: &BuildRecord) -> Option<PathBuf> {
+        let r = record.root_image.as_ref()?;
+        Some(self.root.join("builds").join(&r.file))
+    }
+
     /// A finished build, if present and whole.
     pub fn build(&self, key: &str) -> Option<BuildRecord> {
         let bytes = fs::read(self.record_path(key)).ok()?;
         let r: BuildRecord = serde_json::from_slice(&bytes).ok()?;
         let meta = fs::metadata(self.build_path(&r)).ok()?;
+        if let (Some(path), Some(img)) = (self.root_image_path(&r), &r.root_image) {
+            if fs::metadata(path).ok()?.len() != img.size {
+                return None;
+            }
+        }
         (meta.len() == r.size).then_some(r)
     }
 
@@ -191,6 +243,11 @@ impl Cache {
             }
         }
         if let Some(r) = record {
+            if let Some(dest) = self.root_image_path(r) {
+                let img = staging.root_output();
+                out_sync(&img).map_err(io_err(&img))?;
+                fs::rename(&img, &dest).map_err(io_err(&dest))?;
+            }
             let out = staging.output();
             out_sync(&out).map_err(io_err(&out))?;
             let dest = self.build_path(r);
@@ -260,6 +317,9 @@ impl Cache {
             if hit {
                 remove_if_exists(&self.record_path(&b.key))?;
                 remove_if_exists(&self.build_path(&b))?;
+                if let Some(img) = self.root_image_path(&b) {
+                    remove_if_exists(&img)?;
+                }
                 removed.push(b);
             }
         }

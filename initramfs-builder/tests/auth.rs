@@ -149,6 +149,7 @@ fn bearer_token_auth_with_docker_config_credentials() {
         docker_config: Some(docker_config(dir.path(), &gate.addr, user, pass)),
         refresh: false,
         output: None,
+        root: Some(kiln_image::root::RootKind::Initramfs),
     };
     let cache = Cache::open(&dir.path().join("home")).unwrap();
     let built = build(&cache, &opts("alice", "s3cret:x"), &mut |_| {}).unwrap();

@@ -24,6 +24,7 @@ fn options(input: Input, agent: &Path) -> Options {
         docker_config: Some("/nonexistent/config.json".into()),
         refresh: false,
         output: None,
+        root: Some(kiln_image::root::RootKind::Initramfs),
     }
 }
 

@@ -2,6 +2,7 @@
 //! ready when its agent says so, and stopped and cleaned up however it
 //! ends. `kiln run` and the local backend both drive VMs through this.
 
+mod cause;
 mod preflight;
 pub mod stop_signals;
 mod tail;
@@ -38,7 +39,21 @@ pub struct Spec {
     pub boot_timeout: Duration,
     /// Where the VMM writes its metrics (JSON) when the VM ends.
     pub metrics: Option<PathBuf>,
+    /// virtio-blk drives in order: the first is the guest's `/dev/vda`.
+    pub drives: Vec<Drive>,
+    /// Words added to kiln-vmm's default kernel command line.
+    pub kernel_args: Vec<String>,
 }
+
+/// A file the guest sees as a virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Drive {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// kiln-vmm's default kernel command line, which `--cmdline` replaces.
+const VMM_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
@@ -189,6 +204,14 @@ impl Machine {
         }
         if let Some(m) = &spec.metrics {
             cmd.arg("--metrics").arg(m);
+        }
+        for d in &spec.drives {
+            cmd.arg(if d.read_only { "--drive-ro" } else { "--drive" })
+                .arg(&d.path);
+        }
+        if !spec.kernel_args.is_empty() {
+            cmd.arg("--cmdline")
+                .arg(format!("{VMM_CMDLINE} {}", spec.kernel_args.join(" ")));
         }
         // SAFETY: setpgid is async-signal-safe. Its own process group keeps
         // the VMM out of the terminal's Ctrl-C, which the launcher handles.
@@ -448,7 +471,11 @@ impl Drop for Booting {
 
 fn failure_detail(vmm_log: &Tail, console: &Tail) -> String {
     let log = vmm_log.last_line();
+    let cause = cause::from_console(&console.text());
     let console = console.last_line();
+    if let Some(cause) = cause {
+        return format!("{cause} (console: {console})");
+    }
     match (log.is_empty(), console.is_empty()) {
         (false, true) => log,
         (true, false) => format!("console: {console}"),
@@ -533,6 +560,8 @@ mod tests {
             die_with_parent: true,
             boot_timeout: Duration::from_secs(10),
             metrics: None,
+            drives: Vec::new(),
+            kernel_args: Vec::new(),
         };
         match Machine::launch(&spec) {
             Err(MachineError::VmmExited { status, detail }) => {

@@ -18,6 +18,8 @@ pub enum PreflightError {
     KernelMissing(PathBuf),
     #[error("initramfs missing at {0}")]
     InitrdMissing(PathBuf),
+    #[error("disk image missing at {0}")]
+    DriveMissing(PathBuf),
     #[error("{problem}: {advice}")]
     Kvm {
         problem: String,
@@ -41,6 +43,9 @@ pub fn preflight(spec: &Spec) -> Result<(), PreflightError> {
     }
     let initrd = std::fs::metadata(&spec.initrd)
         .map_err(|_| PreflightError::InitrdMissing(spec.initrd.clone()))?;
+    if let Some(d) = spec.drives.iter().find(|d| !d.path.exists()) {
+        return Err(PreflightError::DriveMissing(d.path.clone()));
+    }
     check_kvm(Path::new(KVM))?;
     if spec.vcpus == 0 {
         return Err(PreflightError::NoVcpus);
@@ -130,6 +135,8 @@ mod tests {
             die_with_parent: true,
             boot_timeout: Duration::from_secs(1),
             metrics: None,
+            drives: Vec::new(),
+            kernel_args: Vec::new(),
         }
     }
 

@@ -247,6 +247,8 @@ impl LocalBackend {
                 docker_config: None,
                 refresh: false,
                 output: None,
+                // The shim boots initramfs roots only.
+                root: Some(kiln_image::root::RootKind::Initramfs),
             };
             kiln_image::build::build(&cache, &opts, &mut |_| {})
                 .map(|b| b.path)

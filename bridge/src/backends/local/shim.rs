@@ -156,6 +156,8 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
         die_with_parent: true,
         boot_timeout: Duration::from_millis(launch.boot_timeout_ms),
         metrics: Some(dir.join(METRICS_FILE)),
+        drives: Vec::new(),
+        kernel_args: Vec::new(),
     };
     let mut machine = match Machine::launch_cancellable(&spec, &|| stop_signals::count() > 0) {
         Ok(m) => m,
