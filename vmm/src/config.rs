@@ -4,12 +4,16 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::virtio::block::{Disk, DiskError, ID_BYTES};
+
 /// Most vCPUs a kiln micro-VM may have.
 pub const MAX_VCPUS: u8 = 32;
 /// Smallest guest memory that boots the kiln kernel with an initramfs.
 pub const MIN_MEM_MIB: u64 = 32;
 /// Guest CID used for the vsock device unless configured.
 pub const DEFAULT_GUEST_CID: u64 = 3;
+/// Most virtio-blk drives: the IOAPIC pins left after the other devices.
+pub const MAX_DRIVES: usize = 16;
 
 /// Where a configuration is invalid.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +38,12 @@ pub enum ConfigError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("at most {MAX_DRIVES} drives, got {0}")]
+    TooManyDrives(usize),
+    #[error("drive id {0:?} must be at most 20 ASCII bytes")]
+    DriveId(String),
+    #[error(transparent)]
+    Drive(#[from] DiskError),
 }
 
 /// Where the serial console's output goes.
@@ -62,6 +72,49 @@ fn default_guest_cid() -> u64 {
     DEFAULT_GUEST_CID
 }
 
+/// A virtio-blk drive: a regular file or block device whose size is a
+/// multiple of 512 bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Serial the guest reads (`/sys/block/vdX/serial`); `kiln-vdX` unless set.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl DriveConfig {
+    /// The id the guest sees for the drive at `index` (0 is /dev/vda).
+    pub fn id_or_default(&self, index: usize) -> String {
+        self.id
+            .clone()
+            .unwrap_or_else(|| format!("kiln-vd{}", drive_letters(index)))
+    }
+
+    /// Checks the id, and the file by opening it as the VM will.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(id) = &self.id {
+            if id.len() > ID_BYTES || !id.is_ascii() {
+                return Err(ConfigError::DriveId(id.clone()));
+            }
+        }
+        Disk::open(&self.path, self.read_only)?;
+        Ok(())
+    }
+}
+
+/// The guest's letters for the drive at `index`: a..z, then aa, ab, ...
+fn drive_letters(index: usize) -> String {
+    let letter = |i: usize| char::from(b'a' + (i % 26) as u8);
+    if index < 26 {
+        letter(index).to_string()
+    } else {
+        format!("{}{}", letter(index / 26 - 1), letter(index))
+    }
+}
+
 /// One micro-VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,6 +139,9 @@ pub struct VmConfig {
     /// Add a virtio-rng device.
     #[serde(default = "default_true")]
     pub rng: bool,
+    /// virtio-blk drives, in guest order: the first is /dev/vda.
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
     /// A line on the serial console that marks the guest ready (for metrics).
     #[serde(default = "default_ready_marker")]
     pub ready_marker: String,
@@ -136,6 +192,7 @@ impl VmConfig {
             serial: SerialOutput::None,
             vsock: None,
             rng: true,
+            drives: Vec::new(),
             ready_marker: default_ready_marker(),
             init_failed_marker: default_init_failed_marker(),
             watchdog_secs: default_watchdog_secs(),
@@ -175,6 +232,12 @@ impl VmConfig {
             if v.guest_cid < 3 {
                 return Err(ConfigError::GuestCid(v.guest_cid));
             }
+        }
+        if self.drives.len() > MAX_DRIVES {
+            return Err(ConfigError::TooManyDrives(self.drives.len()));
+        }
+        for d in &self.drives {
+            d.validate()?;
         }
         Ok(())
     }
@@ -235,5 +298,41 @@ mod tests {
                 .unwrap();
         assert_eq!(ok.vcpus, 2);
         assert_eq!(ok.serial, SerialOutput::File("/tmp/s".into()));
+    }
+
+    #[test]
+    fn drives_are_checked_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.img");
+        std::fs::write(&img, vec![0u8; 1024]).unwrap();
+        let json = format!(
+            r#"{{"kernel":"/k","drives":[{{"path":"{}","read_only":true}}]}}"#,
+            img.display()
+        );
+        let mut c: VmConfig = serde_json::from_str(&json).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.drives[0].id_or_default(0), "kiln-vda");
+        assert_eq!(c.drives[0].id_or_default(27), "kiln-vdab");
+
+        c.drives[0].id = Some("x".repeat(21));
+        assert!(matches!(c.validate(), Err(ConfigError::DriveId(_))));
+        c.drives[0].id = Some("disk-é".into());
+        assert!(matches!(c.validate(), Err(ConfigError::DriveId(_))));
+        c.drives[0].id = Some("y".repeat(20));
+        c.validate().unwrap();
+
+        std::fs::write(&img, vec![0u8; 1000]).unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("not a multiple of 512"), "{err}");
+        c.drives[0].path = dir.path().join("missing.img");
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Drive(DiskError::Open { .. }))
+        ));
+        c.drives = vec![c.drives[0].clone(); MAX_DRIVES + 1];
+        assert!(matches!(c.validate(), Err(ConfigError::TooManyDrives(17))));
+
+        let err = serde_json::from_str::<DriveConfig>(r#"{"path":"/x","ro":true}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
     }
 }

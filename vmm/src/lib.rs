@@ -2,7 +2,7 @@
 //!
 //! Guest memory, vCPUs, CPUID normalised per host profile, PVH/bzImage
 //! boot, a serial console, an i8042 reset line and virtio-mmio devices
-//! (vsock, rng), driven by an event-manager loop. It knows nothing of
+//! (vsock, rng, blk), driven by an event-manager loop. It knows nothing of
 //! grants, images or clouds.
 
 pub mod boot;
@@ -19,6 +19,6 @@ pub mod timeline;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{SerialOutput, VmConfig, VsockConfig};
+pub use config::{DriveConfig, SerialOutput, VmConfig, VsockConfig};
 pub use exit::ExitReason;
 pub use vm::{Payload, Vm, VmError, VmOutcome};

@@ -5,8 +5,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use clap::Parser;
-use kiln_vmm::config::{default_kernel_path, VmConfig, VsockConfig, DEFAULT_GUEST_CID};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
+use kiln_vmm::config::{
+    default_kernel_path, DriveConfig, VmConfig, VsockConfig, DEFAULT_GUEST_CID,
+};
 use kiln_vmm::{capabilities, Payload, SerialOutput, Vm};
 
 const EXIT_STATUS_HELP: &str = "\
@@ -55,6 +57,18 @@ struct Args {
     /// Leave out the virtio-rng device
     #[arg(long)]
     no_rng: bool,
+    /// Attach a file or block device as a read-write virtio-blk drive
+    /// (repeatable). --drive and --drive-ro attach in the order given,
+    /// together: the first is /dev/vda in the guest, then /dev/vdb, ...
+    /// Given, they replace the config file's drives
+    #[arg(long, value_name = "PATH")]
+    drive: Vec<PathBuf>,
+    /// Attach a read-only virtio-blk drive (repeatable; ordered with --drive)
+    #[arg(long, value_name = "PATH")]
+    drive_ro: Vec<PathBuf>,
+    /// --drive and --drive-ro merged in command-line order.
+    #[arg(skip)]
+    drives_in_order: Vec<DriveConfig>,
     /// Console text that marks the guest ready (for metrics)
     #[arg(long)]
     ready_marker: Option<String>,
@@ -98,7 +112,7 @@ fn main() -> ExitCode {
         )
         .with_target(false)
         .init();
-    let args = Args::parse();
+    let args = parse_args(Args::command().get_matches());
     let _cleanup = Cleanup(args.cleanup.clone());
     match run(args, started) {
         Ok(code) => ExitCode::from(code as u8),
@@ -195,6 +209,9 @@ fn merge_config(args: &Args) -> anyhow::Result<VmConfig> {
     if args.no_rng {
         c.rng = false;
     }
+    if !args.drives_in_order.is_empty() {
+        c.drives = args.drives_in_order.clone();
+    }
     if let Some(m) = &args.ready_marker {
         c.ready_marker = m.clone();
     }
@@ -203,6 +220,34 @@ fn merge_config(args: &Args) -> anyhow::Result<VmConfig> {
     }
     c.tdx |= args.tdx;
     Ok(c)
+}
+
+fn parse_args(matches: ArgMatches) -> Args {
+    let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    args.drives_in_order = drives_in_order(&matches);
+    args
+}
+
+/// --drive and --drive-ro in the order they were given: that order is the
+/// guest's vda, vdb, ...
+fn drives_in_order(matches: &ArgMatches) -> Vec<DriveConfig> {
+    let mut drives = Vec::new();
+    for (name, read_only) in [("drive", false), ("drive_ro", true)] {
+        if let (Some(indices), Some(paths)) =
+            (matches.indices_of(name), matches.get_many::<PathBuf>(name))
+        {
+            drives.extend(indices.zip(paths).map(|(i, path)| {
+                let drive = DriveConfig {
+                    path: path.clone(),
+                    read_only,
+                    id: None,
+                };
+                (i, drive)
+            }));
+        }
+    }
+    drives.sort_by_key(|(i, _)| *i);
+    drives.into_iter().map(|(_, d)| d).collect()
 }
 
 /// Paths removed when `main` returns.
@@ -240,4 +285,37 @@ fn die_with_parent() -> anyhow::Result<()> {
         anyhow::bail!("parent process exited before the VM started");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drives_attach_in_command_line_order() {
+        let matches = Args::command().get_matches_from([
+            "kiln-vmm",
+            "--drive-ro",
+            "/root.img",
+            "--mem-mib",
+            "64",
+            "--drive",
+            "/scratch.img",
+            "--drive-ro",
+            "/extra.img",
+        ]);
+        let got: Vec<(String, bool)> = parse_args(matches)
+            .drives_in_order
+            .iter()
+            .map(|d| (d.path.display().to_string(), d.read_only))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/root.img".to_string(), true),
+                ("/scratch.img".to_string(), false),
+                ("/extra.img".to_string(), true),
+            ]
+        );
+    }
 }

@@ -1,10 +1,12 @@
 //! Figures written when a VM ends (`--metrics PATH`).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
+
+use crate::devices::virtio::block::BlockCounters;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Metrics {
@@ -30,6 +32,18 @@ pub struct Metrics {
     pub guest_resident_kib: u64,
     /// RSS minus guest memory touched: what the VMM itself costs.
     pub vmm_overhead_kib: u64,
+    /// virtio-blk drives, in guest order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<DriveMetrics>,
+}
+
+/// What one virtio-blk drive served.
+#[derive(Clone, Debug, Serialize)]
+pub struct DriveMetrics {
+    pub path: PathBuf,
+    pub read_only: bool,
+    #[serde(flatten)]
+    pub counters: BlockCounters,
 }
 
 pub fn ms(d: Option<Duration>) -> Option<f64> {

@@ -20,6 +20,7 @@ use crate::boot::{self, BootError, BootProtocol, KernelEntry};
 use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{ConsoleSink, IrqTrigger, Markers, SerialDevice};
+use crate::devices::virtio::block::{Block, Disk};
 use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{MuxerError, Vsock};
@@ -29,7 +30,7 @@ use crate::exit::{ExitReason, RunState};
 use crate::host::HostProfile;
 use crate::layout::*;
 use crate::memory::{self, MemoryError};
-use crate::metrics::{self, Metrics};
+use crate::metrics::{self, DriveMetrics, Metrics};
 use crate::timeline::Timeline;
 use crate::vcpu::{self, VcpuContext, VcpuError};
 
@@ -104,6 +105,8 @@ pub struct Vm {
     state: Arc<RunState>,
     events: EventManager<Subscriber>,
     serial: Arc<Mutex<SerialDevice>>,
+    /// virtio-blk devices, in guest order (for metrics).
+    drives: Vec<Arc<Mutex<Block>>>,
     /// Files this VM created and must remove.
     owned_paths: Vec<PathBuf>,
 }
@@ -259,6 +262,22 @@ impl Vm {
             })?));
             virtio.push((dev.clone(), dev));
         }
+        // Drives last and in order: the guest names them vda, vdb, ... as it
+        // probes the command line's devices.
+        let mut drives = Vec::new();
+        for (i, drive) in config.drives.iter().enumerate() {
+            let disk = Disk::open(&drive.path, drive.read_only).map_err(ConfigError::from)?;
+            let dev = Arc::new(Mutex::new(
+                Block::new(disk, &drive.id_or_default(i)).map_err(|source| VmError::Setup {
+                    what: "virtio-blk",
+                    source,
+                })?,
+            ));
+            let activity = timeline.clone();
+            lock(&dev).set_activity_hook(Box::new(move || activity.mark_activity()));
+            drives.push(dev.clone());
+            virtio.push((dev.clone(), dev));
+        }
         let mut cmdline_devices = Vec::new();
         for (i, (device, subscriber)) in virtio.into_iter().enumerate() {
             let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
@@ -327,6 +346,7 @@ impl Vm {
             state,
             events,
             serial,
+            drives,
             owned_paths,
         })
     }
@@ -454,6 +474,18 @@ impl Vm {
             guest_resident_kib: guest.total_bytes() / 1024,
             // Huge pages are not in the RSS, so only the rest comes off it.
             vmm_overhead_kib: rss.saturating_sub(guest.rss_bytes / 1024),
+            drives: self
+                .drives
+                .iter()
+                .map(|d| {
+                    let d = lock(d);
+                    DriveMetrics {
+                        path: d.disk().path().to_path_buf(),
+                        read_only: d.disk().read_only(),
+                        counters: d.counters(),
+                    }
+                })
+                .collect(),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! `event_manager::MutEventSubscriber` for its queue events, and keeps its
 //! queue logic in plain methods that tests drive without KVM.
 
+pub mod block;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;
@@ -21,6 +22,7 @@ pub type Memory = GuestMemoryMmap;
 
 /// VIRTIO_F_VERSION_1: the modern interface, required by virtio-mmio v2.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
 
