@@ -51,6 +51,9 @@ pub struct BuildArgs {
     /// Refuse images whose layers expand to more than this many bytes.
     #[arg(long, value_name = "BYTES", default_value_t = kiln_image::assemble::DEFAULT_MAX_EXPANDED)]
     max_size: u64,
+    /// Refuse images with more than this many paths (files, directories, links).
+    #[arg(long, value_name = "N", default_value_t = kiln_image::layers::DEFAULT_MAX_ENTRIES)]
+    max_entries: u64,
     /// A registry (host[:port]) to reach over plain HTTP (repeatable).
     #[arg(long = "insecure-registry", value_name = "HOST")]
     insecure: Vec<String>,
@@ -97,7 +100,7 @@ fn image_build(cache: &Cache, home: &Path, a: BuildArgs) -> Result<()> {
         refresh: a.refresh,
         output: a.output,
     };
-    let built = build_with_progress(cache, &opts)?;
+    let built = build_limited_with_progress(cache, &opts, a.max_entries)?;
     if a.json {
         println!(
             "{}",
@@ -139,6 +142,11 @@ pub fn input(
 
 /// Builds (or finds) the initramfs, showing progress on a terminal.
 pub fn build_with_progress(cache: &Cache, opts: &Options) -> Result<Built> {
+    build_limited_with_progress(cache, opts, kiln_image::layers::DEFAULT_MAX_ENTRIES)
+}
+
+/// `build_with_progress` for an image of at most `max_entries` paths.
+fn build_limited_with_progress(cache: &Cache, opts: &Options, max_entries: u64) -> Result<Built> {
     let tty = std::io::stderr().is_terminal();
     let mut progress = |e: Event<'_>| {
         if !tty {
@@ -162,7 +170,12 @@ pub fn build_with_progress(cache: &Cache, opts: &Options) -> Result<Built> {
             Event::Write => write!(err, "\r\x1b[K"),
         };
     };
-    Ok(build::build(cache, opts, &mut progress)?)
+    Ok(build::build_limited(
+        cache,
+        opts,
+        max_entries,
+        &mut progress,
+    )?)
 }
 
 fn image_ls(cache: &Cache, json: bool) -> Result<()> {

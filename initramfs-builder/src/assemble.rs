@@ -50,6 +50,8 @@ pub struct Recipe<'a> {
     pub config: AgentConfig,
     pub compression: Compression,
     pub max_expanded: u64,
+    /// Most paths the image may have (`layers::DEFAULT_MAX_ENTRIES`).
+    pub max_entries: u64,
 }
 
 pub fn assemble<W: Write>(
@@ -61,7 +63,8 @@ pub fn assemble<W: Write>(
     let agent_err = |e| AssembleError::Agent(recipe.agent.display().to_string(), e);
     let mut agent = File::open(recipe.agent).map_err(agent_err)?;
     let agent_size = agent.metadata().map_err(agent_err)?.len();
-    let mut tree = layers::flatten(layers, recipe.max_expanded, progress)?;
+    let mut tree =
+        layers::flatten_limited(layers, recipe.max_expanded, recipe.max_entries, progress)?;
     let mut config = recipe.config;
     config.image_init = initramfs::make_room(&mut tree);
     tracing::debug!(paths = tree.len(), "flattened");

@@ -7,7 +7,7 @@ use crate::cache::{build_key, BuildRecord, Cache, CacheError, RefRecord};
 use crate::compress::Compression;
 use crate::digest::{self, Digest};
 use crate::image::AgentConfig;
-use crate::layers::{Expected, LayerSet};
+use crate::layers::{Expected, LayerSet, DEFAULT_MAX_ENTRIES};
 use crate::lock::Mode;
 use crate::reference::{Reference, ReferenceError};
 use crate::registry::RegistrySource;
@@ -96,6 +96,16 @@ pub fn build(
     opts: &Options,
     progress: &mut dyn FnMut(Event<'_>),
 ) -> Result<Built, BuildError> {
+    build_limited(cache, opts, DEFAULT_MAX_ENTRIES, progress)
+}
+
+/// `build` with a limit on the paths in the image other than the default.
+pub fn build_limited(
+    cache: &Cache,
+    opts: &Options,
+    max_entries: u64,
+    progress: &mut dyn FnMut(Event<'_>),
+) -> Result<Built, BuildError> {
     let agent = agent_digest(&opts.agent)?;
     let _shared = cache.lock(Mode::Shared)?;
     let mut source = Source::open(&opts.input, opts)?;
@@ -137,6 +147,7 @@ pub fn build(
         config,
         compression: opts.compression,
         max_expanded: opts.max_expanded,
+        max_entries,
     };
     let out_path = staging.output();
     let out = std::fs::File::create(&out_path)
