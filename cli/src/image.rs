@@ -19,7 +19,8 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove builds by reference, image digest or build key.
+    /// Remove builds by reference, or by a unique prefix of a build key
+    /// or image digest (as `kiln image ls` shows them).
     Rm {
         #[arg(required = true)]
         what: Vec<String>,
@@ -71,11 +72,7 @@ pub fn run(cache: &Cache, home: &Path, cmd: ImageCommand) -> Result<()> {
         ImageCommand::Ls { json } => image_ls(cache, json),
         ImageCommand::Rm { what } => {
             for w in what {
-                let removed = cache.remove(&w)?;
-                if removed.is_empty() {
-                    bail!("no build matches {w:?}");
-                }
-                for r in removed {
+                for r in cache.remove(&w)? {
                     println!("removed {} ({})", r.key, r.source);
                 }
             }
