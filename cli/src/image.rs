@@ -20,7 +20,8 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove builds by reference, image digest or build key.
+    /// Remove builds by reference, or by a unique prefix of a build key
+    /// or image digest (as `kiln image ls` shows them).
     Rm {
         #[arg(required = true)]
         what: Vec<String>,
@@ -56,6 +57,9 @@ pub struct BuildArgs {
     /// Refuse images whose layers expand to more than this many bytes.
     #[arg(long, value_name = "BYTES", default_value_t = kiln_image::assemble::DEFAULT_MAX_EXPANDED)]
     max_size: u64,
+    /// Refuse images with more than this many paths (files, directories, links).
+    #[arg(long, value_name = "N", default_value_t = kiln_image::layers::DEFAULT_MAX_ENTRIES)]
+    max_entries: u64,
     /// A registry (host[:port]) to reach over plain HTTP (repeatable).
     #[arg(long = "insecure-registry", value_name = "HOST")]
     insecure: Vec<String>,
@@ -73,11 +77,7 @@ pub fn run(cache: &Cache, home: &Path, cmd: ImageCommand) -> Result<()> {
         ImageCommand::Ls { json } => image_ls(cache, json),
         ImageCommand::Rm { what } => {
             for w in what {
-                let removed = cache.remove(&w)?;
-                if removed.is_empty() {
-                    bail!("no build matches {w:?}");
-                }
-                for r in removed {
+                for r in cache.remove(&w)? {
                     println!("removed {} ({})", r.key, r.source);
                 }
             }
@@ -103,7 +103,7 @@ fn image_build(cache: &Cache, home: &Path, a: BuildArgs) -> Result<()> {
         output: a.output,
         root: a.rootfs.kind(),
     };
-    let built = build_with_progress(cache, &opts)?;
+    let built = build_limited_with_progress(cache, &opts, a.max_entries)?;
     if a.json {
         println!(
             "{}",
@@ -168,6 +168,11 @@ pub fn input(
 
 /// Builds (or finds) the initramfs, showing progress on a terminal.
 pub fn build_with_progress(cache: &Cache, opts: &Options) -> Result<Built> {
+    build_limited_with_progress(cache, opts, kiln_image::layers::DEFAULT_MAX_ENTRIES)
+}
+
+/// `build_with_progress` for an image of at most `max_entries` paths.
+fn build_limited_with_progress(cache: &Cache, opts: &Options, max_entries: u64) -> Result<Built> {
     let tty = std::io::stderr().is_terminal();
     let mut progress = |e: Event<'_>| {
         if !tty {
@@ -191,7 +196,12 @@ pub fn build_with_progress(cache: &Cache, opts: &Options) -> Result<Built> {
             Event::Write => write!(err, "\r\x1b[K"),
         };
     };
-    Ok(build::build(cache, opts, &mut progress)?)
+    Ok(build::build_limited(
+        cache,
+        opts,
+        max_entries,
+        &mut progress,
+    )?)
 }
 
 fn image_ls(cache: &Cache, json: bool) -> Result<()> {

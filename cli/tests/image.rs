@@ -147,3 +147,142 @@ fn two_concurrent_builds_of_one_image_are_safe() {
         0
     );
 }
+
+/// The files under `images/locks`.
+fn locks(home: &Path) -> Vec<String> {
+    std::fs::read_dir(home.join("images/locks"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn build_lock_files_do_not_pile_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let layout = image(dir.path());
+    std::fs::create_dir_all(home.join("bin")).unwrap();
+    std::fs::write(home.join("bin/kiln-agent"), b"agent").unwrap();
+    ok(kiln(&home, &["image", "build", "--oci-layout", &layout]));
+    assert_eq!(locks(&home), Vec::<String>::new());
+    // A build that fails after taking its key lock (over --max-size).
+    let fail = kiln(
+        &home,
+        &[
+            "image",
+            "build",
+            "--compression",
+            "gzip",
+            "--max-size",
+            "10",
+            "--oci-layout",
+            &layout,
+        ],
+    );
+    assert!(!fail.status.success());
+    assert_eq!(locks(&home), Vec::<String>::new());
+    // One left by a killed build or an older kiln: prune removes it.
+    std::fs::write(home.join("images/locks/0123abcd"), b"").unwrap();
+    ok(kiln(&home, &["image", "prune"]));
+    assert_eq!(locks(&home), Vec::<String>::new());
+}
+
+#[test]
+fn rm_takes_a_unique_prefix_of_what_ls_shows() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let layout = image(dir.path());
+    std::fs::create_dir_all(home.join("bin")).unwrap();
+    std::fs::write(home.join("bin/kiln-agent"), b"agent").unwrap();
+    for c in ["none", "gzip"] {
+        ok(kiln(
+            &home,
+            &[
+                "image",
+                "build",
+                "--compression",
+                c,
+                "--oci-layout",
+                &layout,
+            ],
+        ));
+    }
+    let ls = ok(kiln(&home, &["image", "ls"]));
+    let rows: Vec<Vec<&str>> = ls.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows.len(), 2, "{ls}");
+    // The short key (first column) removes that build only.
+    let out = ok(kiln(&home, &["image", "rm", rows[0][0]]));
+    assert!(out.starts_with(&format!("removed {}", rows[0][0])), "{out}");
+    let left = ok(kiln(&home, &["image", "ls"]));
+    assert_eq!(left.lines().count(), 1);
+    assert!(left.starts_with(rows[1][0]));
+    // A key prefix shared by two builds is refused, naming the count.
+    let record = |key: &str| home.join(format!("images/builds/{key}.json"));
+    let json: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            std::fs::read_dir(home.join("images/builds"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| p.extension().is_some_and(|e| e == "json"))
+                .unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let key = json["key"].as_str().unwrap().to_string();
+    let twin = format!("{}{}", &key[..6], "0".repeat(58));
+    let mut copy = json.clone();
+    copy["key"] = twin.clone().into();
+    std::fs::write(record(&twin), copy.to_string()).unwrap();
+    let amb = kiln(&home, &["image", "rm", &key[..6]]);
+    assert!(!amb.status.success());
+    let err = String::from_utf8_lossy(&amb.stderr);
+    assert!(err.contains("matches 2 builds"), "{err}");
+    assert_eq!(ok(kiln(&home, &["image", "ls"])).lines().count(), 2);
+    // The short digest (`sha256:` and 12 hex) names the image: both go.
+    let short_digest = rows[1].iter().find(|c| c.starts_with("sha256:")).unwrap();
+    assert_eq!(short_digest.len(), 19);
+    let out = ok(kiln(&home, &["image", "rm", short_digest]));
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(ok(kiln(&home, &["image", "ls"])).is_empty());
+    let none = kiln(&home, &["image", "rm", "abc"]);
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no build matches"));
+}
+
+#[test]
+fn another_user_gets_a_hint_and_never_an_empty_listing() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = dir.path().join("home");
+    let layout = image(dir.path());
+    std::fs::create_dir_all(home.join("bin")).unwrap();
+    std::fs::write(home.join("bin/kiln-agent"), b"agent").unwrap();
+    ok(kiln(&home, &["image", "build", "--oci-layout", &layout]));
+    // The real binary as an unprivileged user against root's cache.
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .env("KILN_HOME", &home)
+            .output()
+            .expect("setpriv")
+    };
+    for args in [
+        &["image", "ls"][..],
+        &["image", "ls", "--json"],
+        &["image", "build", "--oci-layout", &layout],
+    ] {
+        let out = as_nobody(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded: {err}");
+        assert!(out.stdout.is_empty(), "{args:?} printed a listing");
+        assert!(
+            err.contains("permission denied") && err.contains("KILN_HOME"),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -59,6 +59,8 @@ pub struct Recipe<'a> {
     pub config: AgentConfig,
     pub compression: Compression,
     pub max_expanded: u64,
+    /// Most paths the image may have (`layers::DEFAULT_MAX_ENTRIES`).
+    pub max_entries: u64,
 }
 
 pub fn assemble<W: Write>(
@@ -67,7 +69,7 @@ pub fn assemble<W: Write>(
     out: W,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(W, Assembled), AssembleError> {
-    let tree = flatten(layers, recipe.max_expanded, progress)?;
+    let tree = flatten(layers, recipe.max_expanded, recipe.max_entries, progress)?;
     assemble_tree(tree, layers, recipe, out)
 }
 
@@ -75,9 +77,15 @@ pub fn assemble<W: Write>(
 pub fn flatten(
     layers: &mut dyn LayerSet,
     max_expanded: u64,
+    max_entries: u64,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Tree, AssembleError> {
-    Ok(layers::flatten(layers, max_expanded, progress)?)
+    Ok(layers::flatten_limited(
+        layers,
+        max_expanded,
+        max_entries,
+        progress,
+    )?)
 }
 
 /// Bytes of regular-file data in `tree`, each hardlinked file once: what
@@ -188,6 +196,7 @@ pub fn assemble_block<R: Write, I: Write>(
         config,
         compression: recipe.compression,
         max_expanded: recipe.max_expanded,
+        max_entries: recipe.max_entries,
     };
     let (initrd_out, initrd) = assemble_tree(boot, layers, boot_recipe, initrd_out)?;
     let measurement = block_measurement(&initrd.measurement, &root.measurement);

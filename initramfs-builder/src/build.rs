@@ -7,7 +7,7 @@ use crate::cache::{build_key_for, BuildRecord, Cache, CacheError, RefRecord, Roo
 use crate::compress::Compression;
 use crate::digest::{self, Digest};
 use crate::image::AgentConfig;
-use crate::layers::{Expected, LayerSet};
+use crate::layers::{Expected, LayerSet, DEFAULT_MAX_ENTRIES};
 use crate::lock::Mode;
 use crate::reference::{Reference, ReferenceError};
 use crate::registry::RegistrySource;
@@ -112,6 +112,16 @@ pub fn build(
     opts: &Options,
     progress: &mut dyn FnMut(Event<'_>),
 ) -> Result<Built, BuildError> {
+    build_limited(cache, opts, DEFAULT_MAX_ENTRIES, progress)
+}
+
+/// `build` with a limit on the paths in the image other than the default.
+pub fn build_limited(
+    cache: &Cache,
+    opts: &Options,
+    max_entries: u64,
+    progress: &mut dyn FnMut(Event<'_>),
+) -> Result<Built, BuildError> {
     let agent = agent_digest(&opts.agent)?;
     let _shared = cache.lock(Mode::Shared)?;
     let mut source = Source::open(&opts.input, opts)?;
@@ -162,6 +172,7 @@ pub fn build(
         config,
         compression: opts.compression,
         max_expanded: opts.max_expanded,
+        max_entries,
     };
     let out_path = staging.output();
     let out = std::fs::File::create(&out_path)
@@ -182,7 +193,12 @@ pub fn build(
             },
         )?;
         let mut flatten_progress = |layer, of| progress(Event::Flatten { layer, of });
-        let tree = assemble::flatten(&mut *layers, opts.max_expanded, &mut flatten_progress)?;
+        let tree = assemble::flatten(
+            &mut *layers,
+            opts.max_expanded,
+            max_entries,
+            &mut flatten_progress,
+        )?;
         let unpacked = assemble::unpacked_size(&tree);
         let root = opts.root.unwrap_or(RootKind::auto(unpacked));
         let key = key_of(root);

@@ -7,8 +7,8 @@
 //!   a warm rebuild needs no network;
 //! - `tmp/`: staging; nothing is visible in the store until renamed in.
 //!
-//! Builds hold `lock` shared and `locks/<key>` exclusive; `rm` and
-//! `prune` hold `lock` exclusive.
+//! Builds hold `lock` shared and `locks/<key>` exclusive (deleted when the
+//! build ends); `rm` and `prune` hold `lock` exclusive.
 
 use crate::compress::Compression;
 use crate::digest::Digest;
@@ -33,12 +33,23 @@ pub enum CacheError {
     },
     #[error("corrupt cache record {0}")]
     Record(String),
+    #[error("image cache {path}: permission denied (run as root, or set KILN_HOME to a directory you own)")]
+    Denied { path: String },
+    #[error("no build matches {0:?}")]
+    NotFound(String),
+    #[error("{what:?} matches {count} builds; give more of the key or digest")]
+    Ambiguous { what: String, count: usize },
 }
 
 fn io_err(path: &Path) -> impl Fn(io::Error) -> CacheError + '_ {
-    move |source| CacheError::Io {
-        path: path.display().to_string(),
-        source,
+    move |source| {
+        let path = path.display().to_string();
+        // The usual cause is a cache made by root used by another user.
+        if source.kind() == io::ErrorKind::PermissionDenied {
+            CacheError::Denied { path }
+        } else {
+            CacheError::Io { path, source }
+        }
     }
 }
 
@@ -163,9 +174,11 @@ impl Cache {
         Lock::acquire(&p, mode).map_err(io_err(&p))
     }
 
-    pub fn key_lock(&self, key: &str) -> Result<Lock, CacheError> {
+    /// The lock of one build key; its file is deleted when it is dropped.
+    pub fn key_lock(&self, key: &str) -> Result<KeyLock, CacheError> {
         let p = self.root.join("locks").join(key);
-        Lock::acquire(&p, Mode::Exclusive).map_err(io_err(&p))
+        let lock = Lock::acquire(&p, Mode::Exclusive).map_err(io_err(&p))?;
+        Ok(KeyLock(Some(lock)))
     }
 
     pub fn staging(&self) -> Result<Staging, CacheError> {
@@ -215,15 +228,30 @@ impl Cache {
 
     /// A finished build, if present and whole.
     pub fn build(&self, key: &str) -> Option<BuildRecord> {
-        let bytes = fs::read(self.record_path(key)).ok()?;
-        let r: BuildRecord = serde_json::from_slice(&bytes).ok()?;
-        let meta = fs::metadata(self.build_path(&r)).ok()?;
+        self.read_build(key).ok().flatten()
+    }
+
+    /// A finished build, if present and whole; an unreadable one is an
+    /// error, not an absence.
+    fn read_build(&self, key: &str) -> Result<Option<BuildRecord>, CacheError> {
+        let rp = self.record_path(key);
+        let bytes = match fs::read(&rp) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&rp)(e)),
+        };
+        let Ok(r) = serde_json::from_slice::<BuildRecord>(&bytes) else {
+            return Ok(None);
+        };
+        if !has_size(&self.build_path(&r), r.size)? {
+            return Ok(None);
+        }
         if let (Some(path), Some(img)) = (self.root_image_path(&r), &r.root_image) {
-            if fs::metadata(path).ok()?.len() != img.size {
-                return None;
+            if !has_size(&path, img.size)? {
+                return Ok(None);
             }
         }
-        (meta.len() == r.size).then_some(r)
+        Ok(Some(r))
     }
 
     /// Moves a successful build into the store: staged blobs first, then
@@ -271,7 +299,7 @@ impl Cache {
             let e = e.map_err(io_err(&dir))?;
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(key) = name.strip_suffix(".json") {
-                if let Some(r) = self.build(key) {
+                if let Some(r) = self.read_build(key)? {
                     out.push(r);
                 }
             }
@@ -285,46 +313,95 @@ impl Cache {
         let mut out = Vec::new();
         for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let e = e.map_err(io_err(&dir))?;
-            if let Ok(bytes) = fs::read(e.path()) {
-                if let Ok(r) = serde_json::from_slice::<RefRecord>(&bytes) {
-                    out.push(r);
+            let bytes = match fs::read(e.path()) {
+                Ok(b) => b,
+                Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+                    return Err(io_err(&e.path())(err))
                 }
+                Err(_) => continue,
+            };
+            if let Ok(r) = serde_json::from_slice::<RefRecord>(&bytes) {
+                out.push(r);
             }
         }
         out.sort_by(|a, b| a.reference.cmp(&b.reference));
         Ok(out)
     }
 
-    /// Removes builds whose key, image digest or reference matches
-    /// `what` (the reference's mapping goes too). Returns what went.
-    pub fn remove(&self, what: &str) -> Result<Vec<BuildRecord>, CacheError> {
-        let _g = self.lock(Mode::Exclusive)?;
-        let refs = self.refs()?;
+    /// The builds `what` names, as `kiln image rm` takes it: a reference
+    /// that was built (all its builds), or a prefix of a build key or of
+    /// an image digest (`sha256:` optional; all builds of that image), as
+    /// `kiln image ls` shows them. A prefix naming more than one build
+    /// key or image is refused, as `docker rmi` does.
+    pub fn find(&self, what: &str) -> Result<Vec<BuildRecord>, CacheError> {
+        let builds = self.list()?;
         let canonical = crate::reference::Reference::parse(what)
             .map(|r| r.to_string())
             .unwrap_or_default();
-        let images: Vec<Digest> = refs
-            .iter()
+        let named: Vec<Digest> = self
+            .refs()?
+            .into_iter()
             .filter(|r| r.reference == what || r.reference == canonical)
-            .map(|r| r.image.clone())
+            .map(|r| r.image)
             .collect();
-        let mut removed = Vec::new();
-        for b in self.list()? {
-            let hit = b.key == what
-                || b.image.to_string() == what
-                || b.image.hex() == what
-                || images.contains(&b.image);
-            if hit {
-                remove_if_exists(&self.record_path(&b.key))?;
-                remove_if_exists(&self.build_path(&b))?;
-                if let Some(img) = self.root_image_path(&b) {
-                    remove_if_exists(&img)?;
-                }
-                removed.push(b);
+        let by_ref: Vec<BuildRecord> = builds
+            .iter()
+            .filter(|b| named.contains(&b.image))
+            .cloned()
+            .collect();
+        if !by_ref.is_empty() {
+            return Ok(by_ref);
+        }
+        let (digest_only, hex) = match what.strip_prefix("sha256:") {
+            Some(h) => (true, h),
+            None => (false, what),
+        };
+        if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(CacheError::NotFound(what.to_string()));
+        }
+        let hex = hex.to_ascii_lowercase();
+        // What the prefix names: whole images, and single builds of
+        // images it does not name as a whole.
+        let images: std::collections::BTreeSet<&Digest> = builds
+            .iter()
+            .filter(|b| b.image.hex().starts_with(&hex))
+            .map(|b| &b.image)
+            .collect();
+        let keys: Vec<&BuildRecord> = builds
+            .iter()
+            .filter(|b| !digest_only && b.key.starts_with(&hex) && !images.contains(&b.image))
+            .collect();
+        match images.len() + keys.len() {
+            0 => Err(CacheError::NotFound(what.to_string())),
+            1 => Ok(builds
+                .iter()
+                .filter(|b| images.contains(&b.image) || keys.iter().any(|k| k.key == b.key))
+                .cloned()
+                .collect()),
+            count => Err(CacheError::Ambiguous {
+                what: what.to_string(),
+                count,
+            }),
+        }
+    }
+
+    /// Removes the builds `what` names (see `find`) and the references
+    /// that led to them. Returns what went.
+    pub fn remove(&self, what: &str) -> Result<Vec<BuildRecord>, CacheError> {
+        let _g = self.lock(Mode::Exclusive)?;
+        let removed = self.find(what)?;
+        for b in &removed {
+            remove_if_exists(&self.record_path(&b.key))?;
+            remove_if_exists(&self.build_path(b))?;
+            if let Some(img) = self.root_image_path(b) {
+                remove_if_exists(&img)?;
             }
         }
-        for r in refs {
-            if removed.iter().any(|b| b.image == r.image) || r.reference == canonical {
+        // A reference goes when no build of its image is left.
+        let left = self.list()?;
+        for r in self.refs()? {
+            let gone = removed.iter().any(|b| b.image == r.image);
+            if gone && !left.iter().any(|b| b.image == r.image) {
                 remove_if_exists(&self.ref_path(&r.reference))?;
             }
         }
@@ -359,18 +436,48 @@ impl Cache {
                 remove_if_exists(&self.ref_path(&r.reference))?;
             }
         }
-        // No build runs while the exclusive lock is held: staging is stale.
+        // No build runs while the exclusive lock is held: staging and
+        // key locks (left by killed builds or older kiln) are stale.
         let tmp = self.root.join("tmp");
         for e in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
             let e = e.map_err(io_err(&tmp))?;
             fs::remove_dir_all(e.path()).map_err(io_err(&e.path()))?;
         }
+        let locks = self.root.join("locks");
+        for e in fs::read_dir(&locks).map_err(io_err(&locks))? {
+            let e = e.map_err(io_err(&locks))?;
+            remove_if_exists(&e.path())?;
+        }
         Ok(freed)
+    }
+}
+
+/// The lock of one build key (`Cache::key_lock`).
+pub struct KeyLock(Option<Lock>);
+
+impl Drop for KeyLock {
+    fn drop(&mut self) {
+        // Failed builds too: nothing else would ever delete the file.
+        if let Some(lock) = self.0.take() {
+            if let Err(e) = lock.remove() {
+                tracing::debug!(error = %e, "cannot delete a build's lock file");
+            }
+        }
     }
 }
 
 fn out_sync(p: &Path) -> io::Result<()> {
     fs::File::open(p)?.sync_all()
+}
+
+/// Whether `p` exists with `size` bytes (a build cut short has fewer);
+/// an unreadable file is an error, not an absence.
+fn has_size(p: &Path, size: u64) -> Result<bool, CacheError> {
+    match fs::metadata(p) {
+        Ok(meta) => Ok(meta.len() == size),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err(p)(e)),
+    }
 }
 
 fn remove_if_exists(p: &Path) -> Result<(), CacheError> {

@@ -7,7 +7,6 @@ use crate::image::AgentConfig;
 use crate::layers::cap::Capped;
 use crate::layers::tree::{Content, Kind, Node, Tree};
 use crate::layers::{decompress, readahead, EntryError, LayerError, LayerSet};
-use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
 pub const CONFIG_PATH: &str = "kiln/config.json";
@@ -23,11 +22,12 @@ pub enum InitramfsError {
     Agent(#[source] io::Error),
 }
 
-/// kiln's own entries: moves the image's `/init` aside (it must not be
-/// overwritten silently), makes room for `/kiln` and adds `/dev/console`. Returns where the
-/// image's init went, for the agent config.
+/// kiln's own entries: moves the image's `/init` (a file, link or whole
+/// directory) aside to `/kiln/image-init` (it must not be overwritten
+/// silently), makes room for `/kiln` and adds `/dev/console`. Returns where
+/// the image's init went, for the agent config.
 pub fn make_room(tree: &mut Tree) -> Option<String> {
-    let init = tree.take("init");
+    let init = tree.take_subtree("init");
     if !matches!(tree.get("kiln"), Some(n) if n.kind == Kind::Dir) {
         if tree.take("kiln").is_some() {
             tracing::warn!("image has a non-directory /kiln; replaced");
@@ -67,25 +67,59 @@ pub fn make_room(tree: &mut Tree) -> Option<String> {
             tracing::warn!(path = reserved, "image path is reserved by kiln; dropped");
         }
     }
-    let mut node = init?;
-    match &mut node.kind {
-        Kind::Dir => {
-            tracing::warn!("image has a directory at /init; dropped");
-            return None;
-        }
-        // A relative target was relative to /, it now sits one level down.
-        Kind::Symlink(t) if !t.starts_with('/') => *t = format!("../{t}"),
-        _ => {}
+    if init.is_empty() {
+        return None;
     }
-    tree.put(IMAGE_INIT_PATH, node);
+    if init.len() > 1 || init[0].1.kind == Kind::Dir {
+        tracing::warn!(
+            "image has a directory at /init; moved to /{IMAGE_INIT_PATH} (kiln's agent is /init)"
+        );
+    }
+    for (path, mut node) in init {
+        let rest = &path["init".len()..];
+        if let Kind::Symlink(t) = &mut node.kind {
+            if let Some(fixed) = moved_link(&path, t) {
+                *t = fixed;
+            }
+        }
+        tree.put(&format!("{IMAGE_INIT_PATH}{rest}"), node);
+    }
     Some(format!("/{IMAGE_INIT_PATH}"))
 }
 
-/// One file's names (hardlinks), owner/mode and size.
-struct FileOut<'a> {
-    paths: Vec<&'a str>,
-    meta: Meta,
-    size: u64,
+/// The new target of a relative symlink at `path` (under `/init`) once the
+/// subtree sits one level deeper, at `/kiln/image-init`: a target that
+/// stays inside the subtree is still right; one that climbs out of it is
+/// made absolute (the same place, found lexically: the tree's symlinks
+/// inside `/init` are not followed, as the kernel would, a simplification
+/// for a rare layout). `None`: leave it.
+fn moved_link(path: &str, target: &str) -> Option<String> {
+    if target.starts_with('/') {
+        return None;
+    }
+    if path == "init" {
+        // The link itself moves one level down.
+        return Some(format!("../{target}"));
+    }
+    let mut at: Vec<&str> = path.split('/').collect();
+    at.pop();
+    let mut left = false;
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                // An escape from the root was refused at write time; keep it.
+                at.pop()?;
+                left |= at.is_empty();
+            }
+            c => at.push(c),
+        }
+    }
+    if at.first() == Some(&"init") {
+        // Back into the moved subtree.
+        at[0] = IMAGE_INIT_PATH;
+    }
+    left.then(|| format!("/{}", at.join("/")))
 }
 
 /// Writes the whole initramfs. `tree` must have been through `make_room`.
@@ -103,7 +137,11 @@ pub fn write<W: Write>(
             w.dir(path, node.meta)?;
         }
     }
-    let mut files: BTreeMap<Content, FileOut<'_>> = BTreeMap::new();
+    // One compact row per regular file (no allocation per file): sorted
+    // by where the bytes are, a hardlink group's names end up together,
+    // in path order (the sort is stable), so the name carrying the data
+    // is the same on every build.
+    let mut files: Vec<(Content, &str, &Node)> = Vec::with_capacity(tree.len());
     for (path, node) in tree.iter() {
         match &node.kind {
             Kind::Dir => {}
@@ -111,27 +149,17 @@ pub fn write<W: Write>(
             Kind::CharDev(ma, mi) => w.char_device(path, node.meta, *ma, *mi)?,
             Kind::BlockDev(ma, mi) => w.block_device(path, node.meta, *ma, *mi)?,
             Kind::Fifo => w.fifo(path, node.meta)?,
-            Kind::File { content, size } => {
-                // Paths come sorted, so the first name of a hardlink group
-                // (the one carrying data) is the same on every build.
-                files
-                    .entry(*content)
-                    .or_insert_with(|| FileOut {
-                        paths: Vec::new(),
-                        meta: node.meta,
-                        size: *size,
-                    })
-                    .paths
-                    .push(path);
-            }
+            Kind::File { content, .. } => files.push((*content, path, node)),
         }
     }
-    let mut by_layer: BTreeMap<usize, Vec<(u64, &FileOut<'_>)>> = BTreeMap::new();
-    for (c, f) in &files {
-        by_layer.entry(c.layer).or_default().push((c.entry, f));
-    }
-    for (layer, wanted) in by_layer {
-        copy_layer_files(&mut w, layers, layer, limit, &wanted)?;
+    files.sort_by_key(|f| f.0);
+    let mut rest = &files[..];
+    while let Some(first) = rest.first() {
+        let layer = first.0.layer;
+        let n = rest.iter().take_while(|f| f.0.layer == layer).count();
+        let (wanted, after) = rest.split_at(n);
+        copy_layer_files(&mut w, layers, layer, limit, wanted)?;
+        rest = after;
     }
     let (agent, agent_size) = agent;
     w.file_from(&["init"], Meta::root(0o755), agent_size, agent)
@@ -145,13 +173,17 @@ pub fn write<W: Write>(
     Ok(w.finish()?)
 }
 
+/// One layer's files to copy: (where the bytes are, name, node), sorted
+/// by entry index; rows sharing an index are one hardlink group.
+type Wanted<'a> = [(Content, &'a str, &'a Node)];
+
 /// Streams the wanted entries (sorted by index) of one layer into the cpio.
 fn copy_layer_files<W: Write>(
     w: &mut Writer<W>,
     layers: &mut dyn LayerSet,
     layer: usize,
     limit: u64,
-    wanted: &[(u64, &FileOut<'_>)],
+    wanted: &Wanted<'_>,
 ) -> Result<(), InitramfsError> {
     let name = layers.expect(layer).name();
     let corrupt = |after: &str, source: io::Error| LayerError::Corrupt {
@@ -174,7 +206,7 @@ fn copy_entries<W: Write>(
     w: &mut Writer<W>,
     input: impl Read,
     name: &str,
-    wanted: &[(u64, &FileOut<'_>)],
+    mut wanted: &Wanted<'_>,
 ) -> Result<(), InitramfsError> {
     let corrupt = |after: &str, source: io::Error| LayerError::Corrupt {
         layer: name.to_string(),
@@ -183,17 +215,22 @@ fn copy_entries<W: Write>(
     };
     let mut archive = tar::Archive::new(input);
     let entries = archive.entries().map_err(|e| corrupt("", e))?;
-    let mut next = wanted.iter().peekable();
     for (index, entry) in entries.enumerate() {
-        let Some((want, f)) = next.peek() else {
+        let Some((want, _, node)) = wanted.first() else {
             // Nothing more needed from this layer: stop decompressing.
             break;
         };
         let mut entry = entry.map_err(|e| corrupt("", e))?;
-        if index as u64 != *want {
+        if index as u64 != want.entry {
             continue;
         }
-        if entry.size() != f.size {
+        let n = wanted.iter().take_while(|f| f.0 == *want).count();
+        let (group, after) = wanted.split_at(n);
+        let size = match node.kind {
+            Kind::File { size, .. } => size,
+            _ => 0,
+        };
+        if entry.size() != size {
             return Err(LayerError::Entry {
                 layer: name.to_string(),
                 entry: String::from_utf8_lossy(&entry.path_bytes()).into_owned(),
@@ -201,13 +238,14 @@ fn copy_entries<W: Write>(
             }
             .into());
         }
-        w.file_from(&f.paths, f.meta, f.size, &mut entry)?;
-        next.next();
+        let paths: Vec<&str> = group.iter().map(|f| f.1).collect();
+        w.file_from(&paths, node.meta, size, &mut entry)?;
+        wanted = after;
     }
-    if let Some((_, f)) = next.peek() {
+    if let Some((_, path, _)) = wanted.first() {
         return Err(LayerError::Entry {
             layer: name.to_string(),
-            entry: f.paths.first().map(|p| p.to_string()).unwrap_or_default(),
+            entry: path.to_string(),
             source: EntryError::Changed,
         }
         .into());

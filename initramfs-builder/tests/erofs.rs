@@ -11,6 +11,7 @@ use kiln_image::compress::Compression;
 use kiln_image::cpio;
 use kiln_image::digest::Digest;
 use kiln_image::image::AgentConfig;
+use kiln_image::layers::DEFAULT_MAX_ENTRIES;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
@@ -22,12 +23,13 @@ fn build_block(blobs: Vec<Vec<u8>>) -> (Vec<u8>, Vec<u8>, BlockAssembled) {
     let agent = dir.path().join("agent");
     std::fs::write(&agent, AGENT).unwrap();
     let mut layers = MemLayers::new(blobs);
-    let tree = assemble::flatten(&mut layers, 1 << 30, &mut |_, _| {}).unwrap();
+    let tree = assemble::flatten(&mut layers, 1 << 30, DEFAULT_MAX_ENTRIES, &mut |_, _| {}).unwrap();
     let recipe = Recipe {
         agent: &agent,
         config: AgentConfig::new(Digest::of(b"config"), &run_config()),
         compression: Compression::None,
         max_expanded: 1 << 30,
+        max_entries: DEFAULT_MAX_ENTRIES,
     };
     assemble::assemble_block(tree, &mut layers, recipe, Vec::new(), Vec::new()).unwrap()
 }

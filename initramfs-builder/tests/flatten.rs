@@ -206,3 +206,70 @@ fn output_is_deterministic_and_every_compression_unpacks_to_the_same_cpio() {
         assert_eq!(out.stdout, plain, "{c} unpacks to different bytes");
     }
 }
+
+#[test]
+fn absolute_and_dot_names_resolve_inside_the_root_like_containerd() {
+    // What umoci, buildah and `docker export` pipelines write.
+    let l1 = Layer::default()
+        .dir("./")
+        .raw(tar::EntryType::Directory, b"/", b"", 0o700, (5, 6), b"")
+        .dir("/etc")
+        .file("/etc/passwd", b"root")
+        .file("./etc/group", b"wheel")
+        .file("etc/../etc/hosts", b"localhost")
+        .dir("/usr//lib/")
+        .symlink("/lib", "usr/lib");
+    // Absolute names in a later layer, written through a symlink, and a
+    // whiteout and hardlink with absolute names.
+    let l2 = Layer::default()
+        .file("/lib/libc.so", b"c")
+        .file("/etc/.wh.group", b"")
+        .hardlink("/etc/passwd2", "/etc/passwd");
+    let out = by_path(&build(vec![l1.tar(), l2.tar()]).unwrap());
+    assert_eq!(out["etc/passwd"].data, b"root");
+    assert_eq!(out["etc/hosts"].data, b"localhost");
+    assert_eq!(out["usr/lib/libc.so"].data, b"c");
+    assert_eq!(out["etc/passwd2"].ino, out["etc/passwd"].ino);
+    assert!(!out.contains_key("etc/group"));
+    assert!(out.keys().all(|k| !k.is_empty() && !k.starts_with('/')));
+    // The root entry's owner and mode are kept for writers with a root inode.
+    let mut layers = MemLayers::new(vec![l1.tar()]);
+    let tree = kiln_image::layers::flatten(&mut layers, 1 << 30, &mut |_, _| {}).unwrap();
+    assert_eq!(
+        tree.root_meta(),
+        Some(kiln_image::cpio::Meta {
+            mode: 0o700,
+            uid: 5,
+            gid: 6
+        })
+    );
+}
+
+#[test]
+fn a_directory_at_init_moves_aside_whole() {
+    let l1 = Layer::default()
+        .dir("bin")
+        .file("bin/sh", b"SH")
+        .dir("init")
+        .file("init/run", b"R")
+        .dir("init/d")
+        .symlink("init/d/sh", "../../bin/sh")
+        .symlink("init/d/run", "../run")
+        .symlink("init/d/abs", "/bin/sh");
+    let out = by_path(&build(vec![l1.tar()]).unwrap());
+    assert_eq!(out["init"].data, AGENT);
+    assert_eq!(out["kiln/image-init"].mode, 0o40755);
+    assert_eq!(out["kiln/image-init/run"].data, b"R");
+    // A link out of the moved directory still reaches the same file; links
+    // inside it and absolute ones are unchanged.
+    assert_eq!(out["kiln/image-init/d/sh"].data, b"/bin/sh");
+    assert_eq!(out["kiln/image-init/d/run"].data, b"../run");
+    assert_eq!(out["kiln/image-init/d/abs"].data, b"/bin/sh");
+    let cfg: AgentConfig = serde_json::from_slice(&out["kiln/config.json"].data).unwrap();
+    assert_eq!(cfg.image_init.as_deref(), Some("/kiln/image-init"));
+    // A plain file at /init moves the same way.
+    let l2 = Layer::default().file("init", b"I");
+    let out = by_path(&build(vec![l2.tar()]).unwrap());
+    assert_eq!(out["kiln/image-init"].data, b"I");
+    assert_eq!(out["init"].data, AGENT);
+}

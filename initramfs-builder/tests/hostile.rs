@@ -39,11 +39,135 @@ fn entry_err(blobs: Vec<Vec<u8>>, entry: &str) -> EntryError {
     }
 }
 
+/// The entry error of a build whose layer `blobs[layer]` is named, at `entry`.
+fn entry_err_in(blobs: Vec<Vec<u8>>, layer: usize, entry: &str) -> EntryError {
+    let name = Digest::of(&blobs[layer]).to_string();
+    match layer_err(build(blobs)) {
+        LayerError::Entry {
+            layer,
+            entry: e,
+            source,
+        } => {
+            assert_eq!((layer, e.as_str()), (name, entry));
+            source
+        }
+        other => panic!("expected an entry error, got {other:?}"),
+    }
+}
+
 #[test]
-fn absolute_paths_are_refused() {
-    let l = Layer::default().file("/etc/passwd", b"x");
-    let e = entry_err(vec![l.tar()], "/etc/passwd");
-    assert!(matches!(e, EntryError::Path(PathError::Absolute)));
+fn escapes_are_refused_however_the_name_is_spelled() {
+    // Cleaned, `/../x` still climbs above the root.
+    let l = Layer::default().file("/../etc/shadow", b"x");
+    let e = entry_err_in(vec![l.tar()], 0, "/../etc/shadow");
+    assert!(matches!(e, EntryError::Path(PathError::Traversal)));
+    let l = Layer::default().file("./a/../../x", b"x");
+    let e = entry_err_in(vec![l.tar()], 0, "./a/../../x");
+    assert!(matches!(e, EntryError::Path(PathError::Traversal)));
+    // A directory symlink planted in an earlier layer, written through
+    // with absolute and `./` names: refused, naming the later layer.
+    let planted = Layer::default()
+        .symlink("/up", "../../..")
+        .symlink("./root", "/..");
+    for (name, l) in [
+        (
+            "/up/etc/cron.d/x",
+            Layer::default().file("/up/etc/cron.d/x", b"x"),
+        ),
+        ("./root/x/", Layer::default().dir("./root/x/")),
+        ("/root/.wh.x", Layer::default().file("/root/.wh.x", b"")),
+    ] {
+        let e = entry_err_in(vec![planted.tar(), l.tar()], 1, name);
+        assert!(
+            matches!(e, EntryError::Tree(TreeError::SymlinkEscape(_))),
+            "{name}: {e:?}"
+        );
+    }
+    // Hardlinks to outside: by name, and through a planted symlink.
+    let l = Layer::default()
+        .file("f", b"")
+        .hardlink("/g", "/../etc/shadow");
+    let e = entry_err_in(vec![l.tar()], 0, "/g");
+    assert!(matches!(e, EntryError::Path(PathError::Traversal)));
+    let l = Layer::default().hardlink("./g", "/root/etc/shadow");
+    let e = entry_err_in(vec![planted.tar(), l.tar()], 1, "./g");
+    assert!(matches!(e, EntryError::Tree(TreeError::SymlinkEscape(_))));
+}
+
+#[test]
+fn symlink_resolution_is_bounded() {
+    // A target Linux itself would refuse (PATH_MAX).
+    let long = "./".repeat(2500) + "x";
+    let l = Layer::default().long_symlink("l", &long);
+    let e = entry_err_in(vec![l.tar()], 0, "l");
+    assert!(matches!(e, EntryError::LinkTooLong(5001)), "{e:?}");
+    // 40 links in a chain resolve, as in Linux; 41 do not.
+    let chain = |n: usize| {
+        let mut l = Layer::default().dir("d");
+        for i in 0..n {
+            let next = if i + 1 == n {
+                "d".to_string()
+            } else {
+                format!("l{}", i + 1)
+            };
+            // Long `./././` targets just under the cap: cleaned once each.
+            l = l.long_symlink(&format!("l{i}"), &("./".repeat(2000) + &next));
+        }
+        for f in 0..200 {
+            l = l.file(&format!("l0/f{f}"), b"");
+        }
+        l
+    };
+    let out = by_path(&build(vec![chain(40).gzip()]).unwrap());
+    assert!(out.contains_key("d/f0") && out.contains_key("d/f199"));
+    let e = entry_err_in(vec![chain(41).tar()], 0, "l0/f0");
+    assert!(matches!(e, EntryError::Tree(TreeError::SymlinkLoop(_))));
+    // Links followed inside other links' targets count towards the 40.
+    let mut nested = Layer::default().dir("d");
+    for i in 0..41 {
+        nested = nested.symlink(&format!("n{i}"), &format!("n{}/.", i + 1));
+    }
+    let nested = nested.symlink("n41", "d").file("n0/x", b"");
+    let e = entry_err_in(vec![nested.tar()], 0, "n0/x");
+    assert!(matches!(e, EntryError::Tree(TreeError::SymlinkLoop(_))));
+}
+
+#[test]
+fn images_with_too_many_paths_are_refused() {
+    let mut l = Layer::default().dir("d");
+    for i in 0..150 {
+        l = l.file(&format!("d/f{i}"), b"");
+    }
+    let blob = l.gzip();
+    let name = Digest::of(&blob).to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = dir.path().join("agent");
+    std::fs::write(&agent, AGENT).unwrap();
+    let recipe = kiln_image::assemble::Recipe {
+        agent: &agent,
+        config: kiln_image::image::AgentConfig::new(Digest::of(b"c"), &run_config()),
+        compression: Compression::None,
+        max_expanded: 1 << 30,
+        max_entries: 100,
+    };
+    let r = kiln_image::assemble::assemble(
+        &mut MemLayers::new(vec![blob]),
+        recipe,
+        Vec::new(),
+        &mut |_, _| {},
+    );
+    let e = layer_err(r);
+    // `d` and 99 files fit; the 100th file is one path too many.
+    assert!(
+        matches!(&e, LayerError::Entry { layer, entry, source: EntryError::TooManyEntries { limit: 100 } }
+            if *layer == name && entry == "d/f99"),
+        "{e:?}"
+    );
+    let text = std::error::Error::source(&e).unwrap().to_string();
+    assert!(
+        text.contains("100") && text.contains("--max-entries"),
+        "{text}"
+    );
 }
 
 #[test]

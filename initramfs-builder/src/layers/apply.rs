@@ -11,15 +11,17 @@ use std::io::{self, Read};
 use tar::EntryType;
 
 /// Applies one layer to `tree`; returns its expanded size. `remaining` is
-/// what is left of the whole image's `limit`.
+/// what is left of the whole image's `limit`; the tree may hold at most
+/// `max_entries` paths.
 pub fn apply(
     tree: &mut Tree,
     layer: usize,
     expect: &Expected,
     blob: impl Read + Send,
-    remaining: u64,
-    limit: u64,
+    (remaining, limit): (u64, u64),
+    max_entries: u64,
 ) -> Result<u64, LayerError> {
+    tree.forget_resolutions();
     let name = expect.name();
     let corrupt = |after: &str, source: io::Error| {
         if cap::is_cap(&source) {
@@ -61,6 +63,10 @@ pub fn apply(
                     return Err(at(EntryError::TooLarge { limit }));
                 }
                 apply_entry(tree, layer, index as u64, &mut entry).map_err(at)?;
+                // Checked as the tree grows: its memory is what the limit bounds.
+                if tree.len() as u64 > max_entries {
+                    return Err(at(EntryError::TooManyEntries { limit: max_entries }));
+                }
             }
         }
         diff.finish().map_err(|e| corrupt(&last, e))
@@ -97,7 +103,12 @@ fn apply_entry<R: Read>(
     let raw = entry.path_bytes().into_owned();
     let comps = path::components(&raw)?;
     let Some((name, dir)) = comps.split_last() else {
-        // The root itself ("./"): kiln owns the root's metadata.
+        // The root itself (`/`, `./`): its owner and mode, like containerd.
+        if entry.header().entry_type() == EntryType::Directory {
+            tree.set_root_meta(meta(entry)?);
+        } else {
+            tracing::info!(entry = %String::from_utf8_lossy(&raw), "skipping a non-directory entry for the root");
+        }
         return Ok(());
     };
     match whiteout::parse(name)? {
@@ -133,6 +144,10 @@ fn apply_entry<R: Read>(
         EntryType::Symlink => {
             let target = entry.link_name_bytes().unwrap_or_default();
             let target = std::str::from_utf8(&target).map_err(|_| EntryError::LinkNotUtf8)?;
+            // Linux refuses such a link too; the cap bounds resolution work.
+            if target.len() >= path::PATH_MAX {
+                return Err(EntryError::LinkTooLong(target.len()));
+            }
             Kind::Symlink(target.to_string())
         }
         EntryType::Link => {

@@ -66,6 +66,10 @@ pub enum EntryError {
     Owner,
     #[error("layer bytes changed between the two passes")]
     Changed,
+    #[error("symlink target is {0} bytes long, over the limit of {max}", max = path::PATH_MAX - 1)]
+    LinkTooLong(usize),
+    #[error("the image has more than {limit} paths (raise the limit with --max-entries)")]
+    TooManyEntries { limit: u64 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,10 +114,27 @@ impl LayerError {
     }
 }
 
-/// Builds the merged tree of all layers (pass one).
+/// Default limit on the paths in one image: far above real images (a
+/// full Debian with python3 has ~8,000), low enough to bound the tree's
+/// memory (~200 bytes a path).
+pub const DEFAULT_MAX_ENTRIES: u64 = 2_000_000;
+
+/// Builds the merged tree of all layers (pass one), with the default
+/// limit on paths.
 pub fn flatten(
     layers: &mut dyn LayerSet,
     limit: u64,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<tree::Tree, LayerError> {
+    flatten_limited(layers, limit, DEFAULT_MAX_ENTRIES, progress)
+}
+
+/// Builds the merged tree of all layers (pass one): at most `limit`
+/// expanded bytes and `max_entries` paths.
+pub fn flatten_limited(
+    layers: &mut dyn LayerSet,
+    limit: u64,
+    max_entries: u64,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<tree::Tree, LayerError> {
     let mut t = tree::Tree::default();
@@ -126,7 +147,8 @@ pub fn flatten(
             layer: expect.name(),
             source,
         })?;
-        used += apply::apply(&mut t, i, &expect, blob, limit.saturating_sub(used), limit)?;
+        let budget = (limit.saturating_sub(used), limit);
+        used += apply::apply(&mut t, i, &expect, blob, budget, max_entries)?;
     }
     Ok(t)
 }

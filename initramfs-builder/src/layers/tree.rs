@@ -2,8 +2,9 @@
 //! owner and mode, and for regular files *where* their bytes live (layer
 //! and entry index), so file data is streamed later, never held here.
 
+use super::path::PATH_MAX;
 use crate::cpio::Meta;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Where a regular file's bytes are: entry `entry` of layer `layer`.
 /// Paths sharing one `Content` are hardlinks of each other.
@@ -36,21 +37,40 @@ pub struct Node {
 pub enum TreeError {
     #[error("symlink {0:?} leads outside the image root")]
     SymlinkEscape(String),
-    #[error("too many levels of symlinks at {0:?}")]
+    #[error("too many levels of symlinks at {0:?} (the limit is {max}, as in Linux)", max = MAX_FOLLOW)]
     SymlinkLoop(String),
     #[error("{0:?} is not a directory")]
     NotADirectory(String),
     #[error("hardlink target {0:?} is missing or a directory")]
     HardlinkTarget(String),
+    #[error("{0:?} resolves to a path of {max} bytes or more", max = PATH_MAX)]
+    NameTooLong(String),
 }
 
 /// Linux's limit on symlinks followed while resolving one path.
-const MAX_FOLLOW: usize = 40;
+pub const MAX_FOLLOW: u32 = 40;
 
 #[derive(Default, Debug)]
 pub struct Tree {
     /// Root-relative paths without a leading slash; the root is implicit.
-    nodes: BTreeMap<String, Node>,
+    nodes: BTreeMap<Box<str>, Node>,
+    /// What the image's own entry for the root directory (`/` or `./`)
+    /// said, if it had one.
+    root: Option<Meta>,
+    /// Symlink path -> the directory it resolves to and the links followed
+    /// on the way: each link's target is walked once, not once per entry
+    /// written through it. Cleared whenever a node is replaced or removed
+    /// (a new node at a missing path cannot change a resolution made
+    /// before, since resolutions only pass through nodes that exist).
+    links: HashMap<Box<str>, (Box<str>, u32)>,
+}
+
+/// Why a walk stopped; turned into a `TreeError` naming the whole path.
+enum Stop {
+    Escape,
+    Loop,
+    NotADirectory(String),
+    TooLong,
 }
 
 fn join(dir: &str, name: &str) -> String {
@@ -70,8 +90,9 @@ impl Tree {
         self.nodes.get(path)
     }
 
+    /// Every path but the root, in byte order of the path.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Node)> {
-        self.nodes.iter().map(|(k, v)| (k.as_str(), v))
+        self.nodes.iter().map(|(k, v)| (&**k, v))
     }
 
     pub fn len(&self) -> usize {
@@ -82,49 +103,82 @@ impl Tree {
         self.nodes.is_empty()
     }
 
+    /// Owner and mode the image gave its root directory, if it had an
+    /// entry for it (writers that store a root inode apply them).
+    pub fn root_meta(&self) -> Option<Meta> {
+        self.root
+    }
+
+    pub fn set_root_meta(&mut self, meta: Meta) {
+        self.root = Some(meta);
+    }
+
+    /// Forgets the symlink resolutions (bounded memory across layers).
+    pub fn forget_resolutions(&mut self) {
+        self.links = HashMap::new();
+    }
+
     /// Resolves a directory given as clean components, following symlinks
     /// the way the kernel would inside a chroot, except that leaving the
     /// root is an error rather than silently clamped. With `create`,
     /// missing directories are made (root-owned, 0755, in `layer`);
     /// without it a missing directory gives `None`.
+    ///
+    /// Cost: one map lookup per component, plus one walk of each symlink's
+    /// target the first time it is met; at most `MAX_FOLLOW` links in all.
     pub fn resolve_dir(
         &mut self,
         comps: &[&str],
         create: Option<usize>,
     ) -> Result<Option<String>, TreeError> {
-        let mut pending: Vec<String> = comps.iter().rev().map(|c| c.to_string()).collect();
-        let mut cur = String::new();
         let mut follows = 0;
-        while let Some(c) = pending.pop() {
-            match c.as_str() {
+        self.walk(String::new(), comps.iter().copied(), create, &mut follows)
+            .map_err(|stop| {
+                let whole = comps.join("/");
+                match stop {
+                    Stop::Escape => TreeError::SymlinkEscape(whole),
+                    Stop::Loop => TreeError::SymlinkLoop(whole),
+                    Stop::NotADirectory(p) => TreeError::NotADirectory(p),
+                    Stop::TooLong => TreeError::NameTooLong(whole),
+                }
+            })
+    }
+
+    fn walk<'c>(
+        &mut self,
+        mut cur: String,
+        comps: impl Iterator<Item = &'c str>,
+        create: Option<usize>,
+        follows: &mut u32,
+    ) -> Result<Option<String>, Stop> {
+        for c in comps {
+            match c {
                 "" | "." => continue,
                 ".." => {
                     if cur.is_empty() {
-                        return Err(TreeError::SymlinkEscape(comps.join("/")));
+                        return Err(Stop::Escape);
                     }
-                    cur = parent(&cur).to_string();
+                    let up = parent(&cur).len();
+                    cur.truncate(up);
                     continue;
                 }
                 _ => {}
             }
-            let next = join(&cur, &c);
-            match self.nodes.get(&next).map(|n| &n.kind) {
+            let next = join(&cur, c);
+            if next.len() >= PATH_MAX {
+                return Err(Stop::TooLong);
+            }
+            match self.nodes.get(next.as_str()).map(|n| &n.kind) {
                 Some(Kind::Dir) => cur = next,
-                Some(Kind::Symlink(target)) => {
-                    follows += 1;
-                    if follows > MAX_FOLLOW {
-                        return Err(TreeError::SymlinkLoop(comps.join("/")));
-                    }
-                    if target.starts_with('/') {
-                        cur.clear();
-                    }
-                    pending.extend(target.split('/').rev().map(str::to_string));
-                }
-                Some(_) => return Err(TreeError::NotADirectory(next)),
+                Some(Kind::Symlink(_)) => match self.follow(&next, create, follows)? {
+                    Some(dir) => cur = dir,
+                    None => return Ok(None),
+                },
+                Some(_) => return Err(Stop::NotADirectory(next)),
                 None => match create {
                     Some(layer) => {
                         self.nodes.insert(
-                            next.clone(),
+                            next.as_str().into(),
                             Node {
                                 kind: Kind::Dir,
                                 meta: Meta::root(0o755),
@@ -138,6 +192,43 @@ impl Tree {
             }
         }
         Ok(Some(cur))
+    }
+
+    /// The directory the symlink at `link` leads to.
+    fn follow(
+        &mut self,
+        link: &str,
+        create: Option<usize>,
+        follows: &mut u32,
+    ) -> Result<Option<String>, Stop> {
+        *follows += 1;
+        if *follows > MAX_FOLLOW {
+            return Err(Stop::Loop);
+        }
+        if let Some((dir, used)) = self.links.get(link) {
+            *follows += used;
+            if *follows > MAX_FOLLOW {
+                return Err(Stop::Loop);
+            }
+            return Ok(Some(dir.to_string()));
+        }
+        let Some(Kind::Symlink(target)) = self.nodes.get(link).map(|n| &n.kind) else {
+            return Ok(None);
+        };
+        // Targets are capped at PATH_MAX when read, so this copy is small.
+        let target = target.clone();
+        let start = if target.starts_with('/') {
+            String::new()
+        } else {
+            parent(link).to_string()
+        };
+        let before = *follows;
+        let dir = self.walk(start, target.split('/'), create, follows)?;
+        if let Some(d) = &dir {
+            self.links
+                .insert(link.into(), (d.as_str().into(), *follows - before));
+        }
+        Ok(dir)
     }
 
     /// Marks `dir` and its ancestors as touched by `layer`, so an opaque
@@ -159,12 +250,15 @@ impl Tree {
     pub fn insert(&mut self, dir: &str, name: &str, node: Node) {
         let path = join(dir, name);
         self.touch_ancestors(dir, node.layer);
-        let keep_children = node.kind == Kind::Dir
-            && matches!(self.nodes.get(&path), Some(n) if n.kind == Kind::Dir);
+        let old = self.nodes.get(path.as_str()).map(|n| n.kind == Kind::Dir);
+        let keep_children = node.kind == Kind::Dir && old == Some(true);
+        if old.is_some() && !keep_children {
+            self.links.clear();
+        }
         if !keep_children {
             self.remove_below(&path, usize::MAX);
         }
-        self.nodes.insert(path, node);
+        self.nodes.insert(path.into(), node);
     }
 
     /// Looks up a hardlink target (a root-relative path, resolved through
@@ -172,16 +266,16 @@ impl Tree {
     /// content (a link group); links to symlinks or devices, which Linux
     /// allows, become copies.
     pub fn hardlink_source(&mut self, comps: &[&str]) -> Result<(Kind, Meta), TreeError> {
-        let target = comps.join("/");
+        let target = || comps.join("/");
         let Some((name, dir)) = comps.split_last() else {
-            return Err(TreeError::HardlinkTarget(target));
+            return Err(TreeError::HardlinkTarget(target()));
         };
         let Some(dir) = self.resolve_dir(dir, None)? else {
-            return Err(TreeError::HardlinkTarget(target));
+            return Err(TreeError::HardlinkTarget(target()));
         };
-        match self.nodes.get(&join(&dir, name)) {
+        match self.nodes.get(join(&dir, name).as_str()) {
             Some(n) if n.kind != Kind::Dir => Ok((n.kind.clone(), n.meta)),
-            _ => Err(TreeError::HardlinkTarget(target)),
+            _ => Err(TreeError::HardlinkTarget(target())),
         }
     }
 
@@ -189,9 +283,10 @@ impl Tree {
     /// layer than `layer` made it.
     pub fn whiteout(&mut self, dir: &str, name: &str, layer: usize) {
         let path = join(dir, name);
-        if matches!(self.nodes.get(&path), Some(n) if n.layer < layer) {
+        if matches!(self.nodes.get(path.as_str()), Some(n) if n.layer < layer) {
             self.remove_below(&path, usize::MAX);
-            self.nodes.remove(&path);
+            self.nodes.remove(path.as_str());
+            self.links.clear();
         }
     }
 
@@ -199,7 +294,11 @@ impl Tree {
     /// layers than `layer`.
     pub fn opaque(&mut self, dir: &str, layer: usize) {
         if dir.is_empty() {
+            let before = self.nodes.len();
             self.nodes.retain(|_, n| n.layer >= layer);
+            if self.nodes.len() != before {
+                self.links.clear();
+            }
         } else {
             self.touch_ancestors(dir, layer);
             self.remove_below(dir, layer);
@@ -211,12 +310,18 @@ impl Tree {
         let lo = format!("{path}/");
         // '0' is the byte after '/', so this range is exactly "path/...".
         let hi = format!("{path}0");
-        let doomed: Vec<String> = self
+        let doomed: Vec<Box<str>> = self
             .nodes
-            .range(lo..hi)
+            .range::<str, _>((
+                std::ops::Bound::Included(lo.as_str()),
+                std::ops::Bound::Excluded(hi.as_str()),
+            ))
             .filter(|(_, n)| n.layer < layer)
             .map(|(k, _)| k.clone())
             .collect();
+        if !doomed.is_empty() {
+            self.links.clear();
+        }
         for k in doomed {
             self.nodes.remove(&k);
         }
@@ -225,15 +330,44 @@ impl Tree {
     /// Removes one path (and what is below it) and returns its node.
     pub fn take(&mut self, path: &str) -> Option<Node> {
         let n = self.nodes.remove(path)?;
+        self.links.clear();
         self.remove_below(path, usize::MAX);
         Some(n)
+    }
+
+    /// Removes a path and everything below it; returns them in path order
+    /// (the path itself first).
+    pub fn take_subtree(&mut self, path: &str) -> Vec<(String, Node)> {
+        let Some(top) = self.nodes.remove(path) else {
+            return Vec::new();
+        };
+        self.links.clear();
+        let lo = format!("{path}/");
+        let hi = format!("{path}0");
+        let below: Vec<Box<str>> = self
+            .nodes
+            .range::<str, _>((
+                std::ops::Bound::Included(lo.as_str()),
+                std::ops::Bound::Excluded(hi.as_str()),
+            ))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut out = vec![(path.to_string(), top)];
+        for k in below {
+            if let Some(n) = self.nodes.remove(&k) {
+                out.push((k.into_string(), n));
+            }
+        }
+        out
     }
 
     /// Adds a node at an exact path whose parent exists (used for the
     /// entries kiln itself injects).
     pub fn put(&mut self, path: &str, node: Node) {
         self.remove_below(path, usize::MAX);
-        self.nodes.insert(path.to_string(), node);
+        if self.nodes.insert(path.into(), node).is_some() {
+            self.links.clear();
+        }
     }
 }
 

@@ -108,6 +108,30 @@ impl Layer {
         )
     }
 
+    /// A PAX extended header for the next entry (`path`, `linkpath`, …):
+    /// names longer than the ustar fields.
+    pub fn pax(self, records: &[(&str, &[u8])]) -> Self {
+        let mut body = Vec::new();
+        for (k, v) in records {
+            // "<len> <key>=<value>\n", where len counts itself.
+            let rest = k.len() + v.len() + 3;
+            let mut len = rest + 1;
+            while len != rest + len.to_string().len() {
+                len = rest + len.to_string().len();
+            }
+            body.extend_from_slice(format!("{len} {k}=").as_bytes());
+            body.extend_from_slice(v);
+            body.push(b'\n');
+        }
+        self.raw(EntryType::XHeader, b"pax", b"", 0o644, (0, 0), &body)
+    }
+
+    /// A symlink whose target may be longer than the ustar field.
+    pub fn long_symlink(self, name: &str, target: &str) -> Self {
+        self.pax(&[("linkpath", target.as_bytes())])
+            .symlink(name, "")
+    }
+
     /// The finished, uncompressed tar (two zero blocks end it).
     pub fn tar(&self) -> Vec<u8> {
         let mut t = self.b.clone();
@@ -182,6 +206,7 @@ pub fn build_with(
         config: AgentConfig::new(Digest::of(b"config"), &run_config()),
         compression,
         max_expanded,
+        max_entries: kiln_image::layers::DEFAULT_MAX_ENTRIES,
     };
     assemble(layers, recipe, Vec::new(), &mut |_, _| {})
 }
