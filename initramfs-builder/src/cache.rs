@@ -486,3 +486,69 @@ fn remove_if_exists(p: &Path) -> Result<(), CacheError> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A build record (and a file of its size) with a chosen key and image.
+    fn record(cache: &Cache, key: &str, image: &str) {
+        let r = BuildRecord {
+            key: key.to_string(),
+            image: Digest::parse(&format!("sha256:{image}")).unwrap(),
+            manifest: None,
+            source: "test".into(),
+            agent: Digest::of(b"agent"),
+            compression: Compression::None,
+            size: 1,
+            measurement: String::new(),
+            file: format!("{key}.cpio"),
+            blobs: Vec::new(),
+        };
+        fs::write(cache.build_path(&r), b"x").unwrap();
+        let json = serde_json::to_vec(&r).unwrap();
+        fs::write(cache.record_path(key), json).unwrap();
+    }
+
+    #[test]
+    fn find_takes_unique_prefixes_of_keys_and_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let hex = |c: char| c.to_string().repeat(64);
+        // Two builds of image aaaa…, one of image abab…; keys 1…, 12…, 2….
+        let (a, ab) = (hex('a'), format!("ab{}", "0".repeat(62)));
+        record(&cache, &hex('1'), &a);
+        record(&cache, &format!("12{}", "0".repeat(62)), &a);
+        record(&cache, &hex('2'), &ab);
+        let keys = |what: &str| -> Vec<String> {
+            cache
+                .find(what)
+                .unwrap()
+                .into_iter()
+                .map(|b| b.key[..2].to_string())
+                .collect()
+        };
+        // A digest prefix names every build of that image.
+        assert_eq!(keys("sha256:aa"), ["11", "12"]);
+        assert_eq!(keys("AA"), ["11", "12"]);
+        assert_eq!(keys("ab"), ["22"]);
+        assert_eq!(keys("111"), ["11"]);
+        assert_eq!(keys(&hex('2')), ["22"]);
+        // "a" is the prefix of two images, "1" of two keys.
+        for what in ["a", "sha256:a", "1"] {
+            assert!(
+                matches!(
+                    cache.find(what),
+                    Err(CacheError::Ambiguous { count: 2, .. })
+                ),
+                "{what}"
+            );
+        }
+        for what in ["3", "sha256:", "", "zz", "sha256:11"] {
+            assert!(
+                matches!(cache.find(what), Err(CacheError::NotFound(_))),
+                "{what}"
+            );
+        }
+    }
+}

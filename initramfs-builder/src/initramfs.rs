@@ -139,8 +139,8 @@ pub fn write<W: Write>(
     }
     // One compact row per regular file (no allocation per file): sorted
     // by where the bytes are, a hardlink group's names end up together,
-    // in path order (the sort is stable), so the name carrying the data
-    // is the same on every build.
+    // in path order, so the name carrying the data is the same on every
+    // build. Paths are unique, so an unstable sort (no buffer) is enough.
     let mut files: Vec<(Content, &str, &Node)> = Vec::with_capacity(tree.len());
     for (path, node) in tree.iter() {
         match &node.kind {
@@ -152,7 +152,7 @@ pub fn write<W: Write>(
             Kind::File { content, .. } => files.push((*content, path, node)),
         }
     }
-    files.sort_by_key(|f| f.0);
+    files.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
     let mut rest = &files[..];
     while let Some(first) = rest.first() {
         let layer = first.0.layer;
