@@ -107,7 +107,9 @@ impl From<CapacityError> for BackendError {
 ///
 /// Contract:
 /// - `provision` returns a usable instance or leaves nothing behind
-///   (no reservation, no half-booted VM).
+///   (no reservation, no half-booted VM). It may also be dropped before
+///   it returns (its grant was terminated meanwhile); `abandon` is then
+///   called to remove whatever it had started.
 /// - `watch_until_exit` and `terminate` may be called on an instance this
 ///   process did not provision (after a restart); a backend re-accounts its
 ///   resources then (see `CapacityLedger::adopt`).
@@ -144,8 +146,8 @@ pub trait Backend: Send + Sync {
     }
 
     /// Removes whatever a `provision` of grant `grant_id` that never
-    /// returned (kilnd died during it) may have left running. Idempotent;
-    /// a no-op when nothing is left.
+    /// returned (kilnd died during it, or it was dropped) may have left:
+    /// a running VM, a reservation. Idempotent; a no-op when nothing is left.
     async fn abandon(&self, _grant_id: &str) -> Result<(), BackendError> {
         Ok(())
     }

@@ -14,6 +14,7 @@ pub mod backends;
 pub mod capacity;
 pub mod client;
 pub mod config;
+pub mod dir_lock;
 pub mod fleet;
 pub mod grant;
 pub mod host_key;
@@ -21,6 +22,7 @@ pub mod machine;
 pub mod manager;
 pub mod state;
 pub mod store;
+pub mod tags;
 pub mod view;
 
 /// An error and its sources on one line, `outer: inner: ...`.

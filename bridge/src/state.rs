@@ -121,7 +121,23 @@ pub struct GrantRecord {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<StopCause>,
+    /// The manifest digest the image's tag named at submit, which is what
+    /// runs; None when the image was given by digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<ProvisionedInstance>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl GrantRecord {
+    /// The grant as a backend must run it: its image pinned to the digest
+    /// resolved at submit, so a tag pushed again later changes nothing.
+    pub fn pinned_grant(&self) -> Grant {
+        let mut grant = self.grant.clone();
+        if let Some(d) = &self.image_digest {
+            grant.image = crate::tags::pinned(&grant.image, d);
+        }
+        grant
+    }
 }

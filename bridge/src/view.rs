@@ -33,6 +33,9 @@ pub struct GrantView {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<StopCause>,
+    /// What the image's tag named at submit, and so what runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection: Option<ConnectionView>,
     pub updated_at: DateTime<Utc>,
@@ -55,6 +58,7 @@ impl From<GrantRecord> for GrantView {
             state: r.state,
             reason: r.reason,
             stop: r.stop,
+            image_digest: r.image_digest,
             updated_at: r.updated_at,
         }
     }

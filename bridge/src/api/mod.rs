@@ -93,6 +93,7 @@ pub fn router(state: AppState) -> Router {
         .merge(protected)
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::map_response(error::json_bodies))
         .with_state(state)
 }
 
