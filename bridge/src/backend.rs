@@ -67,7 +67,10 @@ pub struct UsageMetrics {
 /// Why a backend call failed, sorted by what the caller should do next.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// This backend cannot take the grant (no room, no such region, no TDX);
+    /// This backend has no room for the grant now; another may.
+    #[error("Backend has no room for the grant")]
+    NoCapacity(#[source] CapacityError),
+    /// This backend cannot take the grant (no such region, no TDX);
     /// another backend may.
     #[error("Backend cannot satisfy the grant")]
     CannotSatisfy(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -84,22 +87,21 @@ impl BackendError {
     pub fn retry_elsewhere(&self) -> bool {
         matches!(
             self,
-            BackendError::CannotSatisfy(_) | BackendError::Transient(_)
+            BackendError::NoCapacity(_)
+                | BackendError::CannotSatisfy(_)
+                | BackendError::Transient(_)
         )
     }
 
     /// Whether the failure means "no room" rather than "broken".
     pub fn is_capacity(&self) -> bool {
-        match self {
-            BackendError::CannotSatisfy(e) => e.downcast_ref::<CapacityError>().is_some(),
-            _ => false,
-        }
+        matches!(self, BackendError::NoCapacity(_))
     }
 }
 
 impl From<CapacityError> for BackendError {
     fn from(e: CapacityError) -> Self {
-        BackendError::CannotSatisfy(Box::new(e))
+        BackendError::NoCapacity(e)
     }
 }
 

@@ -15,7 +15,7 @@ use crate::backend::{BackendError, ProvisionedInstance, UsageMetrics};
 use crate::error_chain;
 use crate::fleet::{Fleet, FleetError};
 use crate::grant::{Grant, GrantError, ValidationContext};
-use crate::state::{GrantRecord, GrantState, StopCause};
+use crate::state::{FailureKind, GrantRecord, GrantState, StopCause};
 use crate::store::{Inserted, Store, StoreError};
 use crate::tags::{TagError, TagResolver};
 use crate::view::UsageView;
@@ -252,22 +252,17 @@ impl GrantManager {
                     // Whatever the backend was doing is unknown: it may have
                     // left an instance this store never learnt about.
                     tracing::warn!(grant = %id, "was provisioning when kilnd stopped; marking failed");
-                    self.store.finish(
+                    self.store.fail(
                         &id,
-                        GrantState::Failed,
-                        Some("kilnd stopped while provisioning"),
-                        None,
+                        FailureKind::Interrupted,
+                        "kilnd stopped while provisioning",
                     )?;
                     let fleet = Arc::clone(&self.fleet);
                     tokio::spawn(async move { fleet.abandon(&id).await });
                 }
                 GrantState::Running | GrantState::Terminating if record.instance.is_none() => {
-                    self.store.finish(
-                        &id,
-                        GrantState::Failed,
-                        Some("stored without its instance"),
-                        None,
-                    )?;
+                    self.store
+                        .fail(&id, FailureKind::Lost, "stored without its instance")?;
                 }
                 _ => {
                     tracing::info!(grant = %id, state = %record.state, "re-adopting");
@@ -383,14 +378,16 @@ impl GrantManager {
                         .finish(id, GrantState::Terminated, Some(cause.reason()), None)?;
                     return Ok(None);
                 }
-                let reason = if e.is_capacity() {
-                    format!("No capacity: {}", error_chain(&e))
+                let (kind, reason) = if e.is_capacity() {
+                    (
+                        FailureKind::NoCapacity,
+                        format!("No capacity: {}", error_chain(&e)),
+                    )
                 } else {
-                    error_chain(&e)
+                    (FailureKind::Provision, error_chain(&e))
                 };
                 tracing::warn!(grant = %id, error = %reason, "provisioning failed");
-                self.store
-                    .finish(id, GrantState::Failed, Some(&reason), None)?;
+                self.store.fail(id, kind, &reason)?;
                 return Ok(None);
             }
         };
@@ -461,7 +458,7 @@ impl GrantManager {
                         tracing::error!(grant = %id, %reason);
                         // Best effort: whatever is left of it should go.
                         let _ = self.terminate_instance(id, instance).await;
-                        self.store.finish(id, GrantState::Failed, Some(&reason), None)?;
+                        self.store.fail(id, FailureKind::Lost, &reason)?;
                         return Ok(());
                     }
                 },
@@ -541,8 +538,7 @@ impl GrantManager {
                 }
                 Err(e) => {
                     let reason = format!("could not terminate: {}", error_chain(&e));
-                    self.store
-                        .finish(id, GrantState::Failed, Some(&reason), None)?;
+                    self.store.fail(id, FailureKind::Lost, &reason)?;
                     return Ok(());
                 }
             }

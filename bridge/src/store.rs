@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{ProvisionedInstance, UsageMetrics};
 use crate::grant::Grant;
-use crate::state::{GrantRecord, GrantState, StopCause};
+use crate::state::{FailureKind, GrantRecord, GrantState, StopCause};
 
 /// The database file inside the state directory.
 pub const DB_FILE: &str = "bridge.sqlite3";
@@ -60,6 +60,8 @@ CREATE INDEX IF NOT EXISTS events_by_grant ON events(grant_id, seq);
 ",
     // 2: the digest a grant's image tag was pinned to at submit.
     "ALTER TABLE grants ADD COLUMN image_digest TEXT;",
+    // 3: why a failed grant failed, as a kind (the reason is for people).
+    "ALTER TABLE grants ADD COLUMN failure TEXT;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -299,6 +301,22 @@ impl Store {
         Ok(after)
     }
 
+    /// Ends a grant as failed, of `kind`. Returns false if it had already
+    /// ended.
+    pub fn fail(&self, id: &str, kind: FailureKind, reason: &str) -> Result<bool, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        if !set_state(&tx, id, &not_final(), GrantState::Failed, Some(reason))? {
+            return Ok(false);
+        }
+        tx.execute(
+            "UPDATE grants SET failure = ?2 WHERE id = ?1",
+            params![id, kind.as_str()],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
     /// Ends a grant in a final state, with its final usage if known.
     /// Returns false if it had already ended.
     pub fn finish(
@@ -308,13 +326,9 @@ impl Store {
         reason: Option<&str>,
         usage: Option<&UsageMetrics>,
     ) -> Result<bool, StoreError> {
-        let not_final: Vec<GrantState> = GrantState::ALL
-            .into_iter()
-            .filter(|s| !s.is_final())
-            .collect();
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        if !set_state(&tx, id, &not_final, state, reason)? {
+        if !set_state(&tx, id, &not_final(), state, reason)? {
             return Ok(false);
         }
         if let Some(usage) = usage {
@@ -432,6 +446,13 @@ impl Store {
     }
 }
 
+fn not_final() -> Vec<GrantState> {
+    GrantState::ALL
+        .into_iter()
+        .filter(|s| !s.is_final())
+        .collect()
+}
+
 /// Brings the database to the newest schema, one step at a time.
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -518,7 +539,8 @@ fn query_ids<P: rusqlite::Params>(
 fn read_record(conn: &Connection, id: &str) -> Result<Option<GrantRecord>, StoreError> {
     let row = conn
         .query_row(
-            "SELECT g.spec, g.state, g.reason, g.stop, g.updated_at, i.data, g.image_digest
+            "SELECT g.spec, g.state, g.reason, g.stop, g.updated_at, i.data, g.image_digest,
+                    g.failure
              FROM grants g LEFT JOIN instances i ON i.grant_id = g.id WHERE g.id = ?1",
             [id],
             |r| {
@@ -530,11 +552,12 @@ fn read_record(conn: &Connection, id: &str) -> Result<Option<GrantRecord>, Store
                     r.get::<_, String>(4)?,
                     r.get::<_, Option<String>>(5)?,
                     r.get::<_, Option<String>>(6)?,
+                    r.get::<_, Option<String>>(7)?,
                 ))
             },
         )
         .optional()?;
-    let Some((spec, state, reason, stop, updated_at, instance, image_digest)) = row else {
+    let Some((spec, state, reason, stop, updated_at, instance, image_digest, failure)) = row else {
         return Ok(None);
     };
     Ok(Some(GrantRecord {
@@ -542,6 +565,7 @@ fn read_record(conn: &Connection, id: &str) -> Result<Option<GrantRecord>, Store
         state: state.parse().map_err(|e| corrupt(id, "state", e))?,
         reason,
         stop: stop.as_deref().and_then(StopCause::parse),
+        failure: failure.as_deref().and_then(FailureKind::parse),
         image_digest,
         instance: instance
             .map(|d| serde_json::from_str(&d))
@@ -773,6 +797,19 @@ mod tests {
         assert_eq!(
             store.get("new").unwrap().unwrap().image_digest,
             Some(digest)
+        );
+        assert!(store
+            .fail("new", FailureKind::NoCapacity, "No capacity: full")
+            .unwrap());
+        assert!(!store.fail("new", FailureKind::Lost, "late").unwrap());
+        let new = store.get("new").unwrap().unwrap();
+        assert_eq!(
+            (new.state, new.failure, new.reason.as_deref()),
+            (
+                GrantState::Failed,
+                Some(FailureKind::NoCapacity),
+                Some("No capacity: full")
+            )
         );
         let version: i64 = store
             .lock()

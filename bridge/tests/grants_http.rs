@@ -129,6 +129,21 @@ fn every_error_answer_has_a_json_body() {
             "{text}"
         );
     }
+    // Too many header fields, or too many header bytes.
+    let many = (0..150).fold(ureq::get(&server.url("/v1/grants")), |r, i| {
+        r.set(&format!("x-pad-{i}"), "x")
+    });
+    let big = ureq::get(&server.url("/v1/grants")).set("x-pad", &"x".repeat(100 * 1024));
+    for req in [many, big] {
+        let req = req.set("Authorization", &format!("Bearer {TOKEN}"));
+        match req.call() {
+            Err(ureq::Error::Status(431, r)) => {
+                let err: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+                assert!(err["error"].as_str().unwrap().contains("headers"), "{err}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
     assert_eq!(backend.calls(), 0);
 }
 
