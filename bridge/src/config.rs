@@ -26,6 +26,9 @@ pub enum ConfigError {
     InFile(PathBuf, #[source] Box<ConfigError>),
 }
 
+/// A century: longer than anyone keeps an ended grant's directory.
+const MAX_KEEP_ENDED_DAYS: u32 = 36_500;
+
 impl ConfigError {
     fn invalid(key: impl Into<String>, problem: impl Into<String>) -> Self {
         ConfigError::Invalid {
@@ -126,6 +129,16 @@ impl Config {
                 return Err(ConfigError::invalid(
                     format!("backend[{i}].ram_mib"),
                     "must be greater than zero",
+                ));
+            }
+            // Far more would put the pruning cutoff before any date.
+            if local
+                .keep_ended_days
+                .is_some_and(|d| d > MAX_KEEP_ENDED_DAYS)
+            {
+                return Err(ConfigError::invalid(
+                    format!("backend[{i}].keep_ended_days"),
+                    format!("must be at most {MAX_KEEP_ENDED_DAYS}"),
                 ));
             }
         }
@@ -248,6 +261,10 @@ region = "home"
             (
                 format!("{BASE}[[backend]]\nkind = \"local\"\nvcpus = 0\n"),
                 "backend[0].vcpus",
+            ),
+            (
+                format!("{BASE}[[backend]]\nkind = \"local\"\nkeep_ended_days = 4294967295\n"),
+                "backend[0].keep_ended_days",
             ),
             (
                 format!("{BASE}[[backend]]\nkind = \"local\"\n[[backend]]\nkind = \"local\"\nname = \"b\"\nram_mib = 0\n"),

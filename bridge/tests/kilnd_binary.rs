@@ -65,6 +65,10 @@ fn config_errors_name_the_key_and_exit_non_zero() {
         ),
         (format!("{base}[capacity\n"), "line 5"),
         (
+            format!("{base}[[backend]]\nkind = \"local\"\nkeep_ended_days = 4294967295\n"),
+            "backend[0].keep_ended_days",
+        ),
+        (
             config_text(dir.path(), Path::new("/nonexistent/token"), "127.0.0.1:0"),
             "auth_token_file",
         ),
