@@ -35,6 +35,7 @@ fn every_bad_field_is_refused_naming_it_and_nothing_is_stored() {
         ("bogus", json!(true)),
         ("request_id", json!("a/b")),
         ("image", json!("")),
+        ("image", json!("127.0.0.1:5055/../../etc/passwd")),
         ("vcpus", json!(0)),
         ("vcpus", json!(-2)),
         ("vcpus", json!(9)), // larger than any backend

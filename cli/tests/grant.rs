@@ -351,6 +351,20 @@ fn a_server_that_is_not_kilnd_is_unreadable_not_a_refusal() {
 }
 
 #[test]
+fn a_tag_that_cannot_be_resolved_is_refused_at_submit() {
+    let k = Kilnd::start();
+    let key = k.key_file("key.pub", &format!("{KEY}\n"));
+    // The tag is pinned to a digest at submit; nothing answers on port 1.
+    let o = k.kiln(&submit_args(&key, &["--region", "home", "--vcpus", "1"]));
+    assert_fails(&o, 1, &["image", "cannot resolve the tag", "127.0.0.1:1"]);
+    let o = k.kiln(&["grant", "list", "--json"]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap(),
+        serde_json::json!([])
+    );
+}
+
+#[test]
 fn a_failed_grant_reports_final_usage() {
     let k = Kilnd::start();
     let key = k.key_file("key.pub", &format!("{KEY}\n"));

@@ -273,7 +273,7 @@ fn ssh_keys(keys: Vec<String>) -> Result<Vec<String>, GrantError> {
         .map(|(i, key)| {
             let field = format!("ssh_keys[{i}]");
             let bad = |e: ssh_key::Error| {
-                GrantError::field_problem(&field, FieldProblem::BadSshKey(said_once(&e)))
+                GrantError::field_problem(&field, FieldProblem::BadSshKey(crate::error_chain(&e)))
             };
             ssh_key::PublicKey::from_openssh(key.trim())
                 .map_err(bad)?
@@ -281,22 +281,6 @@ fn ssh_keys(keys: Vec<String>) -> Result<Vec<String>, GrantError> {
                 .map_err(bad)
         })
         .collect()
-}
-
-/// An error and its sources on one line, leaving out a source whose
-/// message the line already holds.
-fn said_once(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 fn valid_to(raw: String, now: DateTime<Utc>) -> Result<DateTime<Utc>, GrantError> {
