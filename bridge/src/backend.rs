@@ -67,7 +67,10 @@ pub struct UsageMetrics {
 /// Why a backend call failed, sorted by what the caller should do next.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// This backend cannot take the grant (no room, no such region, no TDX);
+    /// This backend has no room for the grant now; another may.
+    #[error("Backend has no room for the grant")]
+    NoCapacity(#[source] CapacityError),
+    /// This backend cannot take the grant (no such region, no TDX);
     /// another backend may.
     #[error("Backend cannot satisfy the grant")]
     CannotSatisfy(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -84,22 +87,21 @@ impl BackendError {
     pub fn retry_elsewhere(&self) -> bool {
         matches!(
             self,
-            BackendError::CannotSatisfy(_) | BackendError::Transient(_)
+            BackendError::NoCapacity(_)
+                | BackendError::CannotSatisfy(_)
+                | BackendError::Transient(_)
         )
     }
 
     /// Whether the failure means "no room" rather than "broken".
     pub fn is_capacity(&self) -> bool {
-        match self {
-            BackendError::CannotSatisfy(e) => e.downcast_ref::<CapacityError>().is_some(),
-            _ => false,
-        }
+        matches!(self, BackendError::NoCapacity(_))
     }
 }
 
 impl From<CapacityError> for BackendError {
     fn from(e: CapacityError) -> Self {
-        BackendError::CannotSatisfy(Box::new(e))
+        BackendError::NoCapacity(e)
     }
 }
 
@@ -107,7 +109,9 @@ impl From<CapacityError> for BackendError {
 ///
 /// Contract:
 /// - `provision` returns a usable instance or leaves nothing behind
-///   (no reservation, no half-booted VM).
+///   (no reservation, no half-booted VM). It may also be dropped before
+///   it returns (its grant was terminated meanwhile); `abandon` is then
+///   called to remove whatever it had started.
 /// - `watch_until_exit` and `terminate` may be called on an instance this
 ///   process did not provision (after a restart); a backend re-accounts its
 ///   resources then (see `CapacityLedger::adopt`).
@@ -144,8 +148,8 @@ pub trait Backend: Send + Sync {
     }
 
     /// Removes whatever a `provision` of grant `grant_id` that never
-    /// returned (kilnd died during it) may have left running. Idempotent;
-    /// a no-op when nothing is left.
+    /// returned (kilnd died during it, or it was dropped) may have left:
+    /// a running VM, a reservation. Idempotent; a no-op when nothing is left.
     async fn abandon(&self, _grant_id: &str) -> Result<(), BackendError> {
         Ok(())
     }

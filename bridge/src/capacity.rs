@@ -16,6 +16,12 @@ pub struct Resources {
     pub ram_mib: u64,
 }
 
+impl std::fmt::Display for Resources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} vCPUs and {} MiB", self.vcpus, self.ram_mib)
+    }
+}
+
 impl Resources {
     pub fn new(vcpus: u32, ram_mib: u64) -> Self {
         Resources { vcpus, ram_mib }
@@ -28,9 +34,9 @@ impl Resources {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CapacityError {
-    #[error("Not enough capacity: {wanted:?} asked, {free:?} free")]
+    #[error("Not enough capacity: {wanted} asked, {free} free")]
     Insufficient { wanted: Resources, free: Resources },
-    #[error("Reserve {reserve:?} leaves nothing of {total:?}")]
+    #[error("Reserve of {reserve} leaves nothing of {total}")]
     ReserveTooLarge {
         total: Resources,
         reserve: Resources,

@@ -20,6 +20,10 @@ pub enum ClientError {
     Read(#[source] std::io::Error),
     #[error("Unexpected answer from kilnd")]
     Decode(#[source] serde_json::Error),
+    /// An error status without kilnd's JSON body: not kilnd answering (a
+    /// proxy, another server on that port), or a kilnd that crashed.
+    #[error("Not kilnd's answer (HTTP {status}: {text})")]
+    Foreign { status: u16, text: String },
     #[error("Cannot encode the request")]
     Encode(#[source] serde_json::Error),
 }
@@ -125,12 +129,21 @@ fn decode<T: DeserializeOwned>(
         }
         Err(ureq::Error::Status(status, response)) => {
             let text = response.into_string().map_err(ClientError::Read)?;
-            // A proxy or a crash may answer without our JSON; keep its text.
-            let body = serde_json::from_str(&text).unwrap_or(ErrorBody {
-                error: text,
-                field: None,
-            });
-            Err(ClientError::Api { status, body })
+            match serde_json::from_str::<ErrorBody>(&text) {
+                Ok(body) => Err(ClientError::Api { status, body }),
+                // Its first line, briefly, so the error stays one line.
+                Err(_) => Err(ClientError::Foreign {
+                    status,
+                    text: text
+                        .lines()
+                        .map(str::trim)
+                        .find(|l| !l.is_empty())
+                        .unwrap_or("empty body")
+                        .chars()
+                        .take(120)
+                        .collect(),
+                }),
+            }
         }
         Err(ureq::Error::Transport(t)) => Err(ClientError::Transport(Box::new(t))),
     }

@@ -12,13 +12,22 @@ use crate::backends::BackendSection;
 pub enum ConfigError {
     #[error("Cannot read {0}")]
     Read(PathBuf, #[source] std::io::Error),
-    #[error("Invalid configuration")]
-    Parse(#[source] toml::de::Error),
+    /// One line (TOML's own message spans several, with a snippet); the
+    /// line at fault is quoted, so the key is named.
+    #[error("Invalid configuration at line {line} ({text}): {message}")]
+    Parse {
+        line: usize,
+        text: String,
+        message: String,
+    },
     #[error("Invalid configuration key {key}: {problem}")]
     Invalid { key: String, problem: String },
     #[error("In {0}")]
     InFile(PathBuf, #[source] Box<ConfigError>),
 }
+
+/// A century: longer than anyone keeps an ended grant's directory.
+const MAX_KEEP_ENDED_DAYS: u32 = 36_500;
 
 impl ConfigError {
     fn invalid(key: impl Into<String>, problem: impl Into<String>) -> Self {
@@ -42,6 +51,10 @@ pub struct Config {
     pub auth_token_file: PathBuf,
     /// The region label of this host.
     pub region: String,
+    /// How long a tag's digest, resolved when a grant is submitted, is
+    /// reused for later grants (default 30).
+    #[serde(default)]
+    pub image_tag_ttl_secs: Option<u64>,
     #[serde(default)]
     pub capacity: CapacityConfig,
     /// Backends in order of preference (`[[backend]]` tables).
@@ -74,7 +87,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(ConfigError::Parse)?;
+        let config: Config = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
         config.check()?;
         Ok(config)
     }
@@ -105,6 +118,29 @@ impl Config {
                     "must not be empty",
                 ));
             }
+            let BackendSection::Local(local) = b;
+            if local.vcpus == Some(0) {
+                return Err(ConfigError::invalid(
+                    format!("backend[{i}].vcpus"),
+                    "must be greater than zero",
+                ));
+            }
+            if local.ram_mib == Some(0) {
+                return Err(ConfigError::invalid(
+                    format!("backend[{i}].ram_mib"),
+                    "must be greater than zero",
+                ));
+            }
+            // Far more would put the pruning cutoff before any date.
+            if local
+                .keep_ended_days
+                .is_some_and(|d| d > MAX_KEEP_ENDED_DAYS)
+            {
+                return Err(ConfigError::invalid(
+                    format!("backend[{i}].keep_ended_days"),
+                    format!("must be at most {MAX_KEEP_ENDED_DAYS}"),
+                ));
+            }
         }
         Ok(())
     }
@@ -122,6 +158,32 @@ impl Config {
             return Err(ConfigError::invalid("auth_token_file", "the file is empty"));
         }
         Ok(token.to_string())
+    }
+}
+
+/// A TOML error as one line: where, the line itself, and TOML's message
+/// without its snippet.
+fn parse_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    const QUOTED: usize = 80;
+    let at = e.span().map_or(0, |s| s.start).min(text.len());
+    let before = text.get(..at).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let content = text.lines().nth(line - 1).unwrap_or("").trim();
+    let mut quoted: String = content.chars().take(QUOTED).collect();
+    if content.chars().count() > QUOTED {
+        quoted.push('…');
+    }
+    let message = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    ConfigError::Parse {
+        line,
+        text: format!("`{quoted}`"),
+        message,
     }
 }
 
@@ -196,11 +258,40 @@ region = "home"
                 format!("{BASE}[[backend]]\nkind = \"local\"\nregion = \" \"\n"),
                 "backend[0].region",
             ),
+            (
+                format!("{BASE}[[backend]]\nkind = \"local\"\nvcpus = 0\n"),
+                "backend[0].vcpus",
+            ),
+            (
+                format!("{BASE}[[backend]]\nkind = \"local\"\nkeep_ended_days = 4294967295\n"),
+                "backend[0].keep_ended_days",
+            ),
+            (
+                format!("{BASE}[[backend]]\nkind = \"local\"\n[[backend]]\nkind = \"local\"\nname = \"b\"\nram_mib = 0\n"),
+                "backend[1].ram_mib",
+            ),
         ];
         for (text, key) in cases {
             let e = error_of(&text);
             assert!(e.contains(key), "{key} not in: {e}");
         }
+    }
+
+    #[test]
+    fn every_error_is_one_line_without_debug_output() {
+        let cases = [
+            format!("{BASE}listen = \"127.0.0.1:1\"\n[capacity\n"),
+            format!("{BASE}region = \"again\"\n"),
+            format!("{BASE}colour = \"blue\"\n"),
+            format!("{BASE}[[backend]]\nkind = \"local\"\nvcpus = 0\n"),
+        ];
+        for text in cases {
+            let e = error_of(&text);
+            assert_eq!(e.lines().count(), 1, "not one line: {e}");
+            assert!(!e.contains('{') && !e.contains("Resources"), "{e}");
+        }
+        let e = error_of(&format!("{BASE}x = [\n"));
+        assert!(e.contains("line 5 (`x = [`)"), "{e}");
     }
 
     #[test]

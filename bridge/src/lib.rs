@@ -14,6 +14,7 @@ pub mod backends;
 pub mod capacity;
 pub mod client;
 pub mod config;
+pub mod dir_lock;
 pub mod fleet;
 pub mod grant;
 pub mod host_key;
@@ -21,15 +22,21 @@ pub mod machine;
 pub mod manager;
 pub mod state;
 pub mod store;
+pub mod tags;
 pub mod view;
 
-/// An error and its sources on one line, `outer: inner: ...`.
+/// An error and its sources on one line, `outer: inner: ...`. A source
+/// whose message the line already holds is left out: some libraries'
+/// errors repeat their source in their own message.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         source = s.source();
     }
     out

@@ -15,8 +15,9 @@ use crate::backend::{BackendError, ProvisionedInstance, UsageMetrics};
 use crate::error_chain;
 use crate::fleet::{Fleet, FleetError};
 use crate::grant::{Grant, GrantError, ValidationContext};
-use crate::state::{GrantRecord, GrantState, StopCause};
+use crate::state::{FailureKind, GrantRecord, GrantState, StopCause};
 use crate::store::{Inserted, Store, StoreError};
+use crate::tags::{TagError, TagResolver};
 use crate::view::UsageView;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +28,9 @@ pub enum SubmitError {
     IdInUse(String),
     #[error("Cannot store the grant")]
     Store(#[from] StoreError),
+    /// The image's tag could not be pinned to a digest.
+    #[error("Invalid field image")]
+    Tag(#[from] TagError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +40,10 @@ pub enum ManagerError {
     #[error("State store failed")]
     Store(#[from] StoreError),
 }
+
+/// How long a resolved tag is reused by default: long enough for a burst
+/// of grants, short enough that a pushed tag is seen within a minute.
+pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(30);
 
 /// Timing knobs; the defaults suit real VMs, tests shorten them.
 #[derive(Clone, Debug)]
@@ -50,6 +58,10 @@ pub struct ManagerSettings {
     pub terminate_attempts: u32,
     /// How often a running grant's usage so far is stored.
     pub usage_interval: Duration,
+    /// How long the digest a tag was resolved to at submit is reused.
+    /// None: tags are not resolved at submit (a backend resolves the tag
+    /// when it builds, as for simulated backends that fetch nothing).
+    pub tag_ttl: Option<Duration>,
 }
 
 impl Default for ManagerSettings {
@@ -60,6 +72,7 @@ impl Default for ManagerSettings {
             retry_delay: Duration::from_secs(2),
             terminate_attempts: 5,
             usage_interval: Duration::from_secs(30),
+            tag_ttl: Some(DEFAULT_TAG_TTL),
         }
     }
 }
@@ -82,6 +95,7 @@ pub struct GrantManager {
     store: Arc<Store>,
     fleet: Arc<Fleet>,
     settings: ManagerSettings,
+    tags: Option<TagResolver>,
     supervisors: Mutex<HashMap<String, Supervisor>>,
 }
 
@@ -96,6 +110,7 @@ impl GrantManager {
         let manager = Arc::new(GrantManager {
             store,
             fleet,
+            tags: settings.tag_ttl.map(TagResolver::new),
             settings,
             supervisors: Mutex::new(HashMap::new()),
         });
@@ -111,18 +126,26 @@ impl GrantManager {
         &self.fleet
     }
 
-    /// Validates and stores a grant, then provisions it in the background.
-    /// Resubmitting the same request id returns the stored grant.
-    pub fn submit(self: &Arc<Self>, body: &[u8]) -> Result<Submitted, SubmitError> {
+    /// Validates a grant, pins its image tag to a digest, stores it, then
+    /// provisions it in the background. Resubmitting the same request id
+    /// returns the stored grant (its image as pinned the first time).
+    pub async fn submit(self: &Arc<Self>, body: &[u8]) -> Result<Submitted, SubmitError> {
         let ctx = ValidationContext {
             regions: self.fleet.regions(),
             now: Utc::now(),
         };
         let grant = Grant::from_json(body, &ctx)?;
         self.fleet.check_admissible(&grant)?;
-        match self.store.insert_grant(&grant)? {
+        let stored = match self.store.get(&grant.id)? {
+            Some(record) => Inserted::Existing(record),
+            None => {
+                let digest = self.pin(&grant).await?;
+                self.store.insert_pinned(&grant, digest.as_deref())?
+            }
+        };
+        match stored {
             Inserted::Created(record) => {
-                tracing::info!(grant = %grant.id, image = %grant.image, vcpus = grant.vcpus, ram_mib = grant.ram_mib, "grant accepted");
+                tracing::info!(grant = %grant.id, image = %grant.image, digest = record.image_digest.as_deref().unwrap_or("-"), vcpus = grant.vcpus, ram_mib = grant.ram_mib, "grant accepted");
                 self.supervise(record.clone());
                 Ok(Submitted {
                     record,
@@ -135,6 +158,18 @@ impl GrantManager {
             }),
             Inserted::Existing(_) => Err(SubmitError::IdInUse(grant.id)),
         }
+    }
+
+    /// The digest the grant's image tag names now, when tags are pinned.
+    async fn pin(&self, grant: &Grant) -> Result<Option<String>, SubmitError> {
+        let Some(tags) = &self.tags else {
+            return Ok(None);
+        };
+        // Validation parsed it already; this cannot fail.
+        let Ok(reference) = kiln_image::reference::Reference::parse(&grant.image) else {
+            return Ok(None);
+        };
+        Ok(tags.resolve(&reference).await?)
     }
 
     pub fn get(&self, id: &str) -> Result<GrantRecord, ManagerError> {
@@ -168,7 +203,9 @@ impl GrantManager {
         Ok(UsageView {
             grant_id: record.grant.id,
             state: record.state,
-            r#final: sample.as_ref().is_some_and(|s| s.r#final),
+            // An ended grant's figures are final, even when it never ran
+            // and so has no sample at all.
+            r#final: record.state.is_final(),
             taken_at: sample.as_ref().map(|s| s.taken_at),
             usage: sample.map(|s| s.usage),
         })
@@ -215,22 +252,17 @@ impl GrantManager {
                     // Whatever the backend was doing is unknown: it may have
                     // left an instance this store never learnt about.
                     tracing::warn!(grant = %id, "was provisioning when kilnd stopped; marking failed");
-                    self.store.finish(
+                    self.store.fail(
                         &id,
-                        GrantState::Failed,
-                        Some("kilnd stopped while provisioning"),
-                        None,
+                        FailureKind::Interrupted,
+                        "kilnd stopped while provisioning",
                     )?;
                     let fleet = Arc::clone(&self.fleet);
                     tokio::spawn(async move { fleet.abandon(&id).await });
                 }
                 GrantState::Running | GrantState::Terminating if record.instance.is_none() => {
-                    self.store.finish(
-                        &id,
-                        GrantState::Failed,
-                        Some("stored without its instance"),
-                        None,
-                    )?;
+                    self.store
+                        .fail(&id, FailureKind::Lost, "stored without its instance")?;
                 }
                 _ => {
                     tracing::info!(grant = %id, state = %record.state, "re-adopting");
@@ -278,7 +310,7 @@ impl GrantManager {
     /// One grant's whole life from wherever the store says it is.
     async fn drive(&self, record: GrantRecord, wake: &Notify) -> Result<(), StoreError> {
         let instance = match (record.state, record.instance.clone()) {
-            (GrantState::Pending, _) => match self.provision(&record.grant).await? {
+            (GrantState::Pending, _) => match self.provision(&record.pinned_grant(), wake).await? {
                 Some(instance) => instance,
                 None => return Ok(()),
             },
@@ -289,7 +321,13 @@ impl GrantManager {
     }
 
     /// Provisions a pending grant. None when it ended without an instance.
-    async fn provision(&self, grant: &Grant) -> Result<Option<ProvisionedInstance>, StoreError> {
+    /// A stop requested meanwhile interrupts the provision (a build or a
+    /// boot can take minutes) and ends the grant terminated.
+    async fn provision(
+        &self,
+        grant: &Grant,
+        wake: &Notify,
+    ) -> Result<Option<ProvisionedInstance>, StoreError> {
         let id = grant.id.as_str();
         let current = self.store.get(id)?;
         if let Some(cause) = current.and_then(|r| r.stop) {
@@ -314,17 +352,42 @@ impl GrantManager {
             return Ok(None);
         }
         let started = Instant::now();
-        let instance = match self.fleet.provision(grant).await {
+        let outcome = tokio::select! {
+            // A provision that has finished wins: its instance is then
+            // stopped like any running one, never dropped.
+            biased;
+            outcome = self.fleet.provision(grant) => outcome,
+            cause = self.stop_requested(id, wake) => {
+                let cause = cause?;
+                // The provision future is dropped by now; whatever it had
+                // started (a build, a booting VM, a reservation) goes too.
+                tracing::info!(grant = %id, cause = cause.as_str(), "interrupting the provision");
+                self.fleet.abandon(id).await;
+                self.store
+                    .finish(id, GrantState::Terminated, Some(cause.reason()), None)?;
+                return Ok(None);
+            }
+        };
+        let instance = match outcome {
             Ok(instance) => instance,
             Err(e) => {
-                let reason = if e.is_capacity() {
-                    format!("No capacity: {}", error_chain(&e))
+                // A grant stopped while it provisioned ends as asked, not
+                // as whatever its provision then ran into.
+                if let Some(cause) = self.store.get(id)?.and_then(|r| r.stop) {
+                    self.store
+                        .finish(id, GrantState::Terminated, Some(cause.reason()), None)?;
+                    return Ok(None);
+                }
+                let (kind, reason) = if e.is_capacity() {
+                    (
+                        FailureKind::NoCapacity,
+                        format!("No capacity: {}", error_chain(&e)),
+                    )
                 } else {
-                    error_chain(&e)
+                    (FailureKind::Provision, error_chain(&e))
                 };
                 tracing::warn!(grant = %id, error = %reason, "provisioning failed");
-                self.store
-                    .finish(id, GrantState::Failed, Some(&reason), None)?;
+                self.store.fail(id, kind, &reason)?;
                 return Ok(None);
             }
         };
@@ -345,6 +408,18 @@ impl GrantManager {
                 let _ = self.terminate_instance(id, &instance).await;
                 Err(e)
             }
+        }
+    }
+
+    /// Completes once a stop of the grant is recorded.
+    async fn stop_requested(&self, id: &str, wake: &Notify) -> Result<StopCause, StoreError> {
+        loop {
+            if let Some(cause) = self.store.get(id)?.and_then(|r| r.stop) {
+                return Ok(cause);
+            }
+            // `terminate` records the stop, then wakes the supervisor; a
+            // wake that comes before this wait is kept as a permit.
+            wake.notified().await;
         }
     }
 
@@ -383,7 +458,7 @@ impl GrantManager {
                         tracing::error!(grant = %id, %reason);
                         // Best effort: whatever is left of it should go.
                         let _ = self.terminate_instance(id, instance).await;
-                        self.store.finish(id, GrantState::Failed, Some(&reason), None)?;
+                        self.store.fail(id, FailureKind::Lost, &reason)?;
                         return Ok(());
                     }
                 },
@@ -463,8 +538,7 @@ impl GrantManager {
                 }
                 Err(e) => {
                     let reason = format!("could not terminate: {}", error_chain(&e));
-                    self.store
-                        .finish(id, GrantState::Failed, Some(&reason), None)?;
+                    self.store.fail(id, FailureKind::Lost, &reason)?;
                     return Ok(());
                 }
             }

@@ -112,6 +112,44 @@ impl StopCause {
     }
 }
 
+/// Why a grant failed, for a caller that acts on it (retry later when
+/// there was no room; report a fault otherwise). The reason beside it is
+/// for people.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// No backend had room for it.
+    NoCapacity,
+    /// Provisioning failed otherwise.
+    Provision,
+    /// kilnd stopped while it was provisioning.
+    Interrupted,
+    /// Its instance was lost, or could not be stopped.
+    Lost,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::NoCapacity => "no_capacity",
+            FailureKind::Provision => "provision",
+            FailureKind::Interrupted => "interrupted",
+            FailureKind::Lost => "lost",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FailureKind> {
+        [
+            FailureKind::NoCapacity,
+            FailureKind::Provision,
+            FailureKind::Interrupted,
+            FailureKind::Lost,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
 /// A grant with everything known about it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GrantRecord {
@@ -121,7 +159,26 @@ pub struct GrantRecord {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<StopCause>,
+    /// Set when the grant failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureKind>,
+    /// The manifest digest the image's tag named at submit, which is what
+    /// runs; None when the image was given by digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<ProvisionedInstance>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl GrantRecord {
+    /// The grant as a backend must run it: its image pinned to the digest
+    /// resolved at submit, so a tag pushed again later changes nothing.
+    pub fn pinned_grant(&self) -> Grant {
+        let mut grant = self.grant.clone();
+        if let Some(d) = &self.image_digest {
+            grant.image = crate::tags::pinned(&grant.image, d);
+        }
+        grant
+    }
 }

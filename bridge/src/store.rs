@@ -15,13 +15,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{ProvisionedInstance, UsageMetrics};
 use crate::grant::Grant;
-use crate::state::{GrantRecord, GrantState, StopCause};
+use crate::state::{FailureKind, GrantRecord, GrantState, StopCause};
 
 /// The database file inside the state directory.
 pub const DB_FILE: &str = "bridge.sqlite3";
-const SCHEMA_VERSION: i64 = 1;
-
-const SCHEMA: &str = "
+/// The schema as numbered steps: step N takes a database from version
+/// N-1 (SQLite's `user_version`) to N, in one transaction. A step never
+/// changes once released; a change of schema is a new step.
+const MIGRATIONS: &[&str] = &[
+    // 1: grants, their instances, usage samples, events.
+    "
 CREATE TABLE IF NOT EXISTS grants (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -54,7 +57,12 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS grants_by_state ON grants(state);
 CREATE INDEX IF NOT EXISTS usage_by_grant ON usage_samples(grant_id, seq);
 CREATE INDEX IF NOT EXISTS events_by_grant ON events(grant_id, seq);
-";
+",
+    // 2: the digest a grant's image tag was pinned to at submit.
+    "ALTER TABLE grants ADD COLUMN image_digest TEXT;",
+    // 3: why a failed grant failed, as a kind (the reason is for people).
+    "ALTER TABLE grants ADD COLUMN failure TEXT;",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -115,12 +123,8 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::NewerSchema(version));
-        }
-        conn.execute_batch(SCHEMA)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        let mut conn = conn;
+        migrate(&mut conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -129,18 +133,30 @@ impl Store {
     /// Stores a new pending grant, or returns the one already stored under
     /// its id (the caller decides whether that is a resubmission).
     pub fn insert_grant(&self, grant: &Grant) -> Result<Inserted, StoreError> {
+        self.insert_pinned(grant, None)
+    }
+
+    /// As [`Store::insert_grant`], with the digest its image tag was
+    /// pinned to.
+    pub fn insert_pinned(
+        &self,
+        grant: &Grant,
+        image_digest: Option<&str>,
+    ) -> Result<Inserted, StoreError> {
         let spec = serde_json::to_string(grant).map_err(|e| StoreError::Encode("grant", e))?;
         let now = Utc::now();
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let added = tx.execute(
-            "INSERT INTO grants (id, spec, state, updated_at) VALUES (?1, ?2, ?3, ?4)
+            "INSERT INTO grants (id, spec, state, updated_at, image_digest)
+             VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT(id) DO NOTHING",
             params![
                 grant.id,
                 spec,
                 GrantState::Pending.as_str(),
-                now.to_rfc3339()
+                now.to_rfc3339(),
+                image_digest
             ],
         )?;
         if added == 1 {
@@ -285,6 +301,22 @@ impl Store {
         Ok(after)
     }
 
+    /// Ends a grant as failed, of `kind`. Returns false if it had already
+    /// ended.
+    pub fn fail(&self, id: &str, kind: FailureKind, reason: &str) -> Result<bool, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        if !set_state(&tx, id, &not_final(), GrantState::Failed, Some(reason))? {
+            return Ok(false);
+        }
+        tx.execute(
+            "UPDATE grants SET failure = ?2 WHERE id = ?1",
+            params![id, kind.as_str()],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
     /// Ends a grant in a final state, with its final usage if known.
     /// Returns false if it had already ended.
     pub fn finish(
@@ -294,13 +326,9 @@ impl Store {
         reason: Option<&str>,
         usage: Option<&UsageMetrics>,
     ) -> Result<bool, StoreError> {
-        let not_final: Vec<GrantState> = GrantState::ALL
-            .into_iter()
-            .filter(|s| !s.is_final())
-            .collect();
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        if !set_state(&tx, id, &not_final, state, reason)? {
+        if !set_state(&tx, id, &not_final(), state, reason)? {
             return Ok(false);
         }
         if let Some(usage) = usage {
@@ -418,6 +446,32 @@ impl Store {
     }
 }
 
+fn not_final() -> Vec<GrantState> {
+    GrantState::ALL
+        .into_iter()
+        .filter(|s| !s.is_final())
+        .collect()
+}
+
+/// Brings the database to the newest schema, one step at a time.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let newest = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    if version > newest {
+        return Err(StoreError::NewerSchema(version));
+    }
+    for (step, sql) in (1..)
+        .zip(MIGRATIONS)
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", step)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
 fn set_state(
     tx: &Transaction<'_>,
     id: &str,
@@ -485,7 +539,8 @@ fn query_ids<P: rusqlite::Params>(
 fn read_record(conn: &Connection, id: &str) -> Result<Option<GrantRecord>, StoreError> {
     let row = conn
         .query_row(
-            "SELECT g.spec, g.state, g.reason, g.stop, g.updated_at, i.data
+            "SELECT g.spec, g.state, g.reason, g.stop, g.updated_at, i.data, g.image_digest,
+                    g.failure
              FROM grants g LEFT JOIN instances i ON i.grant_id = g.id WHERE g.id = ?1",
             [id],
             |r| {
@@ -496,11 +551,13 @@ fn read_record(conn: &Connection, id: &str) -> Result<Option<GrantRecord>, Store
                     r.get::<_, Option<String>>(3)?,
                     r.get::<_, String>(4)?,
                     r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, Option<String>>(7)?,
                 ))
             },
         )
         .optional()?;
-    let Some((spec, state, reason, stop, updated_at, instance)) = row else {
+    let Some((spec, state, reason, stop, updated_at, instance, image_digest, failure)) = row else {
         return Ok(None);
     };
     Ok(Some(GrantRecord {
@@ -508,6 +565,8 @@ fn read_record(conn: &Connection, id: &str) -> Result<Option<GrantRecord>, Store
         state: state.parse().map_err(|e| corrupt(id, "state", e))?,
         reason,
         stop: stop.as_deref().and_then(StopCause::parse),
+        failure: failure.as_deref().and_then(FailureKind::parse),
+        image_digest,
         instance: instance
             .map(|d| serde_json::from_str(&d))
             .transpose()
@@ -709,6 +768,54 @@ mod tests {
             .request_stop("zzz", StopCause::Requested)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn a_first_version_database_is_migrated_keeping_its_grants() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // As the first release left it: schema 1, one grant.
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO grants (id, spec, state, updated_at) VALUES ('old', ?1, 'running', ?2)",
+                params![
+                    serde_json::to_string(&grant("old")).unwrap(),
+                    "2029-01-01T00:00:00Z"
+                ],
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let old = store.get("old").unwrap().unwrap();
+        assert_eq!((old.state, old.image_digest), (GrantState::Running, None));
+        let digest = format!("sha256:{}", "c".repeat(64));
+        store.insert_pinned(&grant("new"), Some(&digest)).unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.get("new").unwrap().unwrap().image_digest,
+            Some(digest)
+        );
+        assert!(store
+            .fail("new", FailureKind::NoCapacity, "No capacity: full")
+            .unwrap());
+        assert!(!store.fail("new", FailureKind::Lost, "late").unwrap());
+        let new = store.get("new").unwrap().unwrap();
+        assert_eq!(
+            (new.state, new.failure, new.reason.as_deref()),
+            (
+                GrantState::Failed,
+                Some(FailureKind::NoCapacity),
+                Some("No capacity: full")
+            )
+        );
+        let version: i64 = store
+            .lock()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
     }
 
     #[test]

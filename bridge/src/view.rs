@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::UsageMetrics;
 use crate::grant::Grant;
-use crate::state::{GrantRecord, GrantState, StopCause};
+use crate::state::{FailureKind, GrantRecord, GrantState, StopCause};
 
 /// How the requester reaches a running grant. The backend's private data
 /// stays inside kilnd.
@@ -33,6 +33,12 @@ pub struct GrantView {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<StopCause>,
+    /// Why it failed, as a kind to act on (`reason` says it in words).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureKind>,
+    /// What the image's tag named at submit, and so what runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection: Option<ConnectionView>,
     pub updated_at: DateTime<Utc>,
@@ -55,6 +61,8 @@ impl From<GrantRecord> for GrantView {
             state: r.state,
             reason: r.reason,
             stop: r.stop,
+            failure: r.failure,
+            image_digest: r.image_digest,
             updated_at: r.updated_at,
         }
     }

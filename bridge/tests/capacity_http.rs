@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use kiln_bridge::state::GrantState;
+use kiln_bridge::state::{FailureKind, GrantState};
+use kiln_bridge::view::GrantView;
 
 const ROOM: usize = 4;
 
@@ -49,14 +50,16 @@ fn concurrent_submissions_never_overcommit() {
         .iter()
         .filter(|g| g.state == GrantState::Running)
         .count();
-    let refused: Vec<String> = grants
+    let refused: Vec<&GrantView> = grants
         .iter()
         .filter(|g| g.state == GrantState::Failed)
-        .map(|g| g.reason.clone().unwrap_or_default())
         .collect();
     assert_eq!(running, ROOM);
     assert_eq!(refused.len(), 3);
-    for reason in &refused {
+    for g in &refused {
+        // A kind to act on, and words for people.
+        assert_eq!(g.failure, Some(FailureKind::NoCapacity), "{g:?}");
+        let reason = g.reason.clone().unwrap_or_default();
         assert!(reason.starts_with("No capacity"), "{reason}");
     }
     assert_eq!(

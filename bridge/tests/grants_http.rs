@@ -35,6 +35,7 @@ fn every_bad_field_is_refused_naming_it_and_nothing_is_stored() {
         ("bogus", json!(true)),
         ("request_id", json!("a/b")),
         ("image", json!("")),
+        ("image", json!("127.0.0.1:5055/../../etc/passwd")),
         ("vcpus", json!(0)),
         ("vcpus", json!(-2)),
         ("vcpus", json!(9)), // larger than any backend
@@ -94,6 +95,57 @@ fn requests_without_the_right_token_are_refused_and_change_nothing() {
     assert_eq!(raw("GET", &server.url("/healthz"), None, None).0, 200);
     assert_eq!(raw("GET", &server.url("/metrics"), None, None).0, 200);
     assert_eq!(raw("GET", &server.url("/nope"), Some(TOKEN), None).0, 404);
+}
+
+#[test]
+fn the_bearer_scheme_is_case_insensitive() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _backend) = one_backend(dir.path());
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let r = ureq::get(&server.url("/v1/grants"))
+            .set("Authorization", &format!("{scheme} {TOKEN}"))
+            .call();
+        assert_eq!(r.map(|r| r.status()).ok(), Some(200), "{scheme}");
+    }
+}
+
+#[test]
+fn every_error_answer_has_a_json_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, backend) = one_backend(dir.path());
+    let huge = format!("{{\"image\": \"{}\"}}", "x".repeat(200 * 1024));
+    for (method, path, body, want) in [
+        ("PUT", "/v1/grants", None, 405),
+        ("PATCH", "/v1/grants/x", None, 405),
+        ("POST", "/healthz", None, 405),
+        ("POST", "/v1/grants", Some(huge.as_str()), 413),
+        ("GET", "/nope", None, 404),
+    ] {
+        let (status, text) = raw(method, &server.url(path), Some(TOKEN), body);
+        assert_eq!(status, want, "{method} {path}: {text}");
+        let err: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text:?}"));
+        assert!(
+            !err["error"].as_str().unwrap_or_default().is_empty(),
+            "{text}"
+        );
+    }
+    // Too many header fields, or too many header bytes.
+    let many = (0..150).fold(ureq::get(&server.url("/v1/grants")), |r, i| {
+        r.set(&format!("x-pad-{i}"), "x")
+    });
+    let big = ureq::get(&server.url("/v1/grants")).set("x-pad", &"x".repeat(100 * 1024));
+    for req in [many, big] {
+        let req = req.set("Authorization", &format!("Bearer {TOKEN}"));
+        match req.call() {
+            Err(ureq::Error::Status(431, r)) => {
+                let err: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+                assert!(err["error"].as_str().unwrap().contains("headers"), "{err}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(backend.calls(), 0);
 }
 
 #[test]
@@ -174,10 +226,12 @@ fn a_grant_runs_reports_usage_and_terminates_freeing_its_resources() {
 }
 
 #[test]
-fn terminating_while_provisioning_stops_the_instance_once_it_exists() {
+fn terminating_while_provisioning_interrupts_it() {
     let dir = tempfile::tempdir().unwrap();
     let (server, backend) = one_backend(dir.path());
-    *backend.provision_delay.lock().unwrap() = Duration::from_millis(600);
+    // Far longer than the server's stop_wait: only an interrupted
+    // provision lets terminate answer with the grant ended.
+    *backend.provision_delay.lock().unwrap() = Duration::from_secs(3600);
     let client = server.client();
     let g = client.submit(&request("home", 1, 128)).unwrap();
     wait_for("provisioning", Duration::from_secs(2), || {
@@ -187,9 +241,12 @@ fn terminating_while_provisioning_stops_the_instance_once_it_exists() {
     assert_eq!(ended.state, GrantState::Terminated);
     assert_eq!(ended.stop, Some(StopCause::Requested));
     assert_eq!(backend.calls(), 1);
-    assert_eq!(backend.world.total(), 1);
-    assert_eq!(backend.world.live(), 0);
+    // It never came to exist, and what its provision held is released.
+    assert_eq!(backend.world.total(), 0);
     assert_eq!(backend.world.ledger.snapshot().used.vcpus, 0);
+    assert_eq!(*backend.abandoned.lock().unwrap(), vec![g.grant.id.clone()]);
+    let usage = client.usage(&g.grant.id).unwrap();
+    assert!(usage.r#final && usage.usage.is_none(), "{usage:?}");
 }
 
 #[test]
@@ -259,6 +316,10 @@ fn a_transient_failure_everywhere_fails_the_grant_with_a_reason() {
     let reason = done.reason.unwrap();
     assert!(reason.contains("injected transient failure"), "{reason}");
     assert!(done.connection.is_none());
+    // It never ran, and never will: its (empty) usage is final.
+    let usage = client.usage(&g.grant.id).unwrap();
+    assert_eq!(usage.state, GrantState::Failed);
+    assert!(usage.r#final && usage.usage.is_none(), "{usage:?}");
 }
 
 #[test]

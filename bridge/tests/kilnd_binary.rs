@@ -1,5 +1,6 @@
 //! The kilnd binary: configuration errors name the key and exit non-zero;
-//! a valid configuration (with a local backend) serves.
+//! a valid configuration (with a local backend) serves; a second kilnd on
+//! the same state, or a second shim of one grant, changes nothing.
 
 mod common;
 
@@ -10,6 +11,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{raw, wait_for};
+use kiln_bridge::backends::local::shim::{self, Launch};
+use kiln_bridge::dir_lock::DirLock;
+use kiln_bridge::grant::{Grant, ValidationContext};
+use kiln_bridge::state::GrantState;
+use kiln_bridge::store::Store;
 
 fn run_kilnd(config: &Path) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kilnd"))
@@ -54,6 +60,15 @@ fn config_errors_name_the_key_and_exit_non_zero() {
         ),
         (format!("{base}[[backend]]\nkind = \"gcp\"\n"), "gcp"),
         (
+            format!("{base}[[backend]]\nkind = \"local\"\nvcpus = 0\n"),
+            "backend[0].vcpus",
+        ),
+        (format!("{base}[capacity\n"), "line 5"),
+        (
+            format!("{base}[[backend]]\nkind = \"local\"\nkeep_ended_days = 4294967295\n"),
+            "backend[0].keep_ended_days",
+        ),
+        (
             config_text(dir.path(), Path::new("/nonexistent/token"), "127.0.0.1:0"),
             "auth_token_file",
         ),
@@ -64,6 +79,7 @@ fn config_errors_name_the_key_and_exit_non_zero() {
         let (ok, stderr) = run_kilnd(&path);
         assert!(!ok, "accepted:\n{text}");
         assert!(stderr.contains(key), "{key} not named in:\n{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "not one line:\n{stderr}");
     }
     let (ok, stderr) = run_kilnd(&dir.path().join("missing.toml"));
     assert!(!ok && stderr.contains("missing.toml"), "{stderr}");
@@ -125,4 +141,107 @@ fn a_valid_config_serves_until_sigterm() {
     assert!(up.is_ok(), "kilnd did not serve:\n{stderr}");
     assert!(status.success(), "exit {status:?}:\n{stderr}");
     assert!(dir.path().join("state").join("bridge.sqlite3").exists());
+}
+
+#[test]
+fn a_second_kilnd_on_the_same_state_exits_naming_the_first_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let path = dir.path().join("kilnd.toml");
+    std::fs::write(&path, base_config(dir.path(), &listen)).unwrap();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn kilnd");
+    let base = format!("http://{listen}");
+    let outcome = std::panic::catch_unwind(|| {
+        wait_for("kilnd to listen", Duration::from_secs(10), || {
+            ureq::get(&format!("{base}/healthz")).call().ok()
+        });
+        // A grant the first kilnd is (as far as the store knows) still
+        // provisioning: restart recovery in a second kilnd would fail it.
+        let state = dir.path().join("state");
+        let store = Store::open(&state).unwrap();
+        let ctx = ValidationContext {
+            regions: ["home".to_string()].into(),
+            now: chrono::Utc::now(),
+        };
+        let mut body = serde_json::to_value(common::request("home", 1, 128)).unwrap();
+        body["request_id"] = "busy".into();
+        let grant = Grant::from_json(body.to_string().as_bytes(), &ctx).unwrap();
+        store.insert_grant(&grant).unwrap();
+        assert!(store
+            .transition(
+                "busy",
+                &[GrantState::Pending],
+                GrantState::Provisioning,
+                None
+            )
+            .unwrap());
+        let events = store.events("busy").unwrap();
+        drop(store);
+
+        let out = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("run kilnd");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "not one line:\n{stderr}");
+        assert!(stderr.contains(&first.id().to_string()), "{stderr}");
+
+        let store = Store::open(&state).unwrap();
+        let busy = store.get("busy").unwrap().unwrap();
+        assert_eq!(busy.state, GrantState::Provisioning, "{busy:?}");
+        assert_eq!(store.events("busy").unwrap(), events);
+        // The first one never noticed.
+        assert_eq!(raw("GET", &format!("{base}/healthz"), None, None).0, 200);
+    });
+    let _ = first.kill();
+    let _ = first.wait();
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e);
+    }
+}
+
+#[test]
+fn a_second_shim_of_a_grant_exits_naming_the_first_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let launch = Launch {
+        vmm: "/bin/false".into(),
+        kernel: dir.path().join("vmlinux"),
+        initrd: dir.path().join("initrd"),
+        vcpus: 1,
+        mem_mib: 128,
+        runtime_dir: dir.path().join("vms"),
+        workload: Default::default(),
+        authorized_keys: vec![common::SSH_KEY.to_string()],
+        ssh_host_key: String::new(),
+        boot_timeout_ms: 1000,
+        stop_grace_ms: 1000,
+    };
+    let launch_path = dir.path().join(shim::LAUNCH_FILE);
+    std::fs::write(&launch_path, serde_json::to_vec(&launch).unwrap()).unwrap();
+    // This test stands in for the grant's first shim.
+    let _held = DirLock::acquire(dir.path(), shim::LOCK_FILE).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln-shim"))
+        .arg(dir.path())
+        .output()
+        .expect("run kiln-shim");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "not one line:\n{stderr}");
+    assert!(stderr.contains(&std::process::id().to_string()), "{stderr}");
+    assert!(launch_path.exists(), "the second shim took the launch");
+    assert!(!dir.path().join(shim::STATE_FILE).exists());
 }

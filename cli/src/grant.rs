@@ -362,6 +362,10 @@ fn show(kilnd: &Kilnd, id: &str, json: bool) -> Result<()> {
         rows.push(("reason", r.clone()));
     }
     rows.push(("image", g.image.clone()));
+    if let Some(d) = &v.image_digest {
+        // What runs, whatever the tag names by now.
+        rows.push(("digest", d.clone()));
+    }
     rows.push((
         "vcpus",
         match g.cpu_millicores {
@@ -423,6 +427,7 @@ fn usage(kilnd: &Kilnd, id: &str, json: bool) -> Result<()> {
         ),
     ];
     match &v.usage {
+        None if v.r#final => rows.push(("usage", "none recorded".to_string())),
         None => rows.push(("usage", "no sample yet".to_string())),
         Some(m) => {
             let u = &m.guest;

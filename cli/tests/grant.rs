@@ -314,6 +314,104 @@ fn wrong_token_and_no_kilnd_are_clear() {
     assert_fails(&o, 1, &["/nonexistent/token"]);
 }
 
+/// Something that is not kilnd on a loopback port: every request gets a
+/// plain-text 404, as a stray web server would answer.
+fn not_kilnd() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut s, &mut buf);
+            let _ = std::io::Write::write_all(
+                &mut s,
+                b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n\
+                  Content-Length: 19\r\nConnection: close\r\n\r\n404 page not found\n",
+            );
+        }
+    });
+    url
+}
+
+#[test]
+fn a_server_that_is_not_kilnd_is_unreadable_not_a_refusal() {
+    let home = tempfile::tempdir().unwrap();
+    let token = home.path().join("token");
+    std::fs::write(&token, "t\n").unwrap();
+    let url = not_kilnd();
+    for cmd in [
+        &["fleet", "caps"][..],
+        &["grant", "list"],
+        &["grant", "show", "g-1"],
+    ] {
+        let o = kiln(&url, Some(&token), cmd, home.path());
+        assert_fails(&o, 3, &["404", "page not found"]);
+    }
+}
+
+#[test]
+fn a_tag_that_cannot_be_resolved_is_refused_at_submit() {
+    let k = Kilnd::start();
+    let key = k.key_file("key.pub", &format!("{KEY}\n"));
+    // The tag is pinned to a digest at submit; nothing answers on port 1.
+    let o = k.kiln(&submit_args(&key, &["--region", "home", "--vcpus", "1"]));
+    assert_fails(&o, 1, &["image", "cannot resolve the tag", "127.0.0.1:1"]);
+    let o = k.kiln(&["grant", "list", "--json"]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap(),
+        serde_json::json!([])
+    );
+}
+
+#[test]
+fn a_failed_grant_reports_final_usage() {
+    let k = Kilnd::start();
+    let key = k.key_file("key.pub", &format!("{KEY}\n"));
+    // By digest (nothing to resolve at submit), from a port where nothing
+    // listens: the build fails, so the grant does.
+    let image = format!("127.0.0.1:1/kiln-test/never@sha256:{}", "0".repeat(64));
+    let o = k.kiln(&[
+        "grant",
+        "submit",
+        &image,
+        "--region",
+        "home",
+        "--vcpus",
+        "1",
+        "--ram-mib",
+        "512",
+        "--valid-for",
+        "1h",
+        "--ssh-key",
+        &key,
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let view: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let id = view["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = k.kiln(&["grant", "show", &id, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        if v["state"] == "failed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not failed: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = k.kiln(&["grant", "usage", &id, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let usage: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(usage["final"], true, "{usage}");
+    let o = k.kiln(&["grant", "usage", &id]);
+    let out = stdout(&o);
+    assert!(
+        out.contains("yes") && !out.contains("still running"),
+        "{out}"
+    );
+}
+
 #[test]
 fn help_for_every_command() {
     for cmd in [

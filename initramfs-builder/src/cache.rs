@@ -504,6 +504,9 @@ mod tests {
             measurement: String::new(),
             file: format!("{key}.cpio"),
             blobs: Vec::new(),
+            root: RootKind::Initramfs,
+            root_image: None,
+            unpacked: 0,
         };
         fs::write(cache.build_path(&r), b"x").unwrap();
         let json = serde_json::to_vec(&r).unwrap();

@@ -1,6 +1,8 @@
 //! A real kilnd for end-to-end tests and benchmarks: the built binary on
 //! 127.0.0.1 with one local backend in a scratch `$KILN_HOME`, restartable
-//! on the same state, and whatever VMs it left stopped when dropped.
+//! on the same state, and whatever VMs it left stopped when dropped. It
+//! resolves image tags afresh for every grant (no reuse), so a test that
+//! pushes a tag again sees the new digest at once.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -55,6 +57,18 @@ impl Requester {
     }
 }
 
+/// The manifest digest `image` (`HOST:PORT/NAME:TAG`) names now, as the
+/// registry says.
+pub fn digest_of(image: &str) -> String {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
+        .arg(format!("docker://{image}"))
+        .output()
+        .expect("skopeo");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// The bearer token every harness kilnd accepts.
 pub const TOKEN: &str = "kiln-test-token";
 /// Generous: VMs boot slowly where KVM emulates the guest kernel.
@@ -86,7 +100,8 @@ impl Kilnd {
             &config,
             format!(
                 "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\nauth_token_file = \"{}\"\n\
-                 region = \"home\"\n[[backend]]\nkind = \"local\"\nvcpus = {vcpus}\n\
+                 region = \"home\"\nimage_tag_ttl_secs = 0\n\
+                 [[backend]]\nkind = \"local\"\nvcpus = {vcpus}\n\
                  ram_mib = {ram_mib}\nkiln_home = \"{}\"\n",
                 dir.join("state").display(),
                 dir.join("token").display(),

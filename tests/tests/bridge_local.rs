@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use kiln_bridge::state::GrantState;
 use kiln_bridge::view::{GrantView, UsageView};
-use kiln_tests::kilnd::{request, ssh_to, Kilnd, Requester, BOOT};
+use kiln_tests::images::busybox_layout;
+use kiln_tests::kilnd::{digest_of, request, ssh_to, Kilnd, Requester, BOOT};
 use kiln_tests::openssh::text;
 use kiln_tests::{processes_mentioning, wait_for};
 
@@ -255,4 +256,137 @@ fn grants_on_this_host_from_submit_to_restart_and_deadline() {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(vms.is_empty(), "{vms:?}");
+}
+
+/// A registry that accepts connections and never answers: a build from it
+/// stays in progress for as long as the test wants.
+fn stalled_registry() -> (std::net::TcpListener, String) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    (listener, addr)
+}
+
+#[test]
+fn terminate_interrupts_a_build_or_a_boot_in_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let requester = Requester::new(work);
+    let public = requester.public_key.as_str();
+    let kilnd = Kilnd::new(work, 2, 600);
+    let home = kilnd.home();
+    let build_children = || -> Vec<String> {
+        processes_mentioning(&home.to_string_lossy())
+            .into_iter()
+            .filter(|p| p.contains("--build-image"))
+            .collect()
+    };
+
+    // A build that cannot finish (by digest, so nothing is resolved at
+    // submit). It runs in a child of kilnd, so its memory is not kilnd's.
+    let (_stalled, addr) = stalled_registry();
+    let image = format!("{addr}/kiln/stalled@sha256:{}", "1".repeat(64));
+    let c = kilnd.client();
+    c.submit(&request(
+        "building",
+        &image,
+        public,
+        Duration::from_secs(3600),
+        "true",
+    ))
+    .unwrap();
+    let building = wait_for(Duration::from_secs(60), || {
+        Some(build_children()).filter(|p| !p.is_empty())
+    });
+    assert!(building.is_some(), "no build child:\n{}", kilnd.log());
+    assert_eq!(
+        kilnd.client().show("building").unwrap().state,
+        GrantState::Provisioning
+    );
+    // Terminate ends it at once, as terminated, and the build goes too.
+    let out = kilnd.kiln(&["grant", "terminate", "building", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let ended: GrantView = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ended.state, GrantState::Terminated, "{ended:?}");
+    assert_eq!(ended.reason.as_deref(), Some("terminated on request"));
+    let gone = wait_for(Duration::from_secs(30), || {
+        build_children().is_empty().then_some(())
+    });
+    assert!(gone.is_some(), "{:?}", build_children());
+    assert_eq!(c.capabilities().unwrap().capacity.used.vcpus, 0);
+
+    // A VM that is booting: terminate stops it, and the grant ends
+    // terminated rather than running first. Its tag was pinned at submit
+    // to the digest the registry named then.
+    let first = digest_of(&requester.image);
+    let submitted = c
+        .submit(&request(
+            "booting",
+            &requester.image,
+            public,
+            Duration::from_secs(3600),
+            "sleep 100000",
+        ))
+        .unwrap();
+    assert_eq!(submitted.image_digest.as_deref(), Some(first.as_str()));
+    let out = kilnd.kiln(&["grant", "show", "booting"]);
+    assert!(text(&out.stdout).contains(&first), "{out:?}");
+    let grant_dir = home.join("grants").join("booting");
+    let shim_up = wait_for(BOOT, || grant_dir.join("shim.json").exists().then_some(()));
+    assert!(shim_up.is_some(), "no shim:\n{}", kilnd.log());
+    let ended = c.terminate("booting").unwrap();
+    assert!(
+        matches!(
+            ended.state,
+            GrantState::Terminated | GrantState::Terminating
+        ),
+        "{ended:?}"
+    );
+    let ended = kilnd.wait_grant("booting", Duration::from_secs(120), |g| g.state.is_final());
+    assert_eq!(ended.state, GrantState::Terminated, "{ended:?}");
+    // What was built is what was pinned.
+    let built = std::fs::read_dir(home.join("images/refs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .any(|r| r["manifest"] == first.as_str());
+    assert!(built, "no build of {first}");
+
+    // The tag pushed again, as another manifest (Docker's format): the
+    // next grant pins the new digest; the first keeps its own.
+    requester.registry.push(
+        &busybox_layout(&work.join("image-again")),
+        "1",
+        "kiln/busybox",
+        "--format v2s2",
+    );
+    let second = digest_of(&requester.image);
+    assert_ne!(first, second);
+    let later = c
+        .submit(&request(
+            "later",
+            &requester.image,
+            public,
+            Duration::from_secs(3600),
+            "true",
+        ))
+        .unwrap();
+    assert_eq!(later.image_digest.as_deref(), Some(second.as_str()));
+    assert_eq!(
+        c.show("booting").unwrap().image_digest.as_deref(),
+        Some(first.as_str())
+    );
+    c.terminate("later").unwrap();
+    let stopped = wait_for(Duration::from_secs(90), || {
+        processes_mentioning(&grant_dir.to_string_lossy())
+            .is_empty()
+            .then_some(())
+    });
+    assert!(
+        stopped.is_some(),
+        "{:?}",
+        processes_mentioning(&grant_dir.to_string_lossy())
+    );
+    assert_eq!(c.capabilities().unwrap().capacity.used.vcpus, 0);
 }

@@ -19,14 +19,20 @@ pub async fn require_token(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer_token);
     match presented {
         Some(token) if same_secret(token.as_bytes(), state.token.as_bytes()) => {
             next.run(request).await
         }
         _ => ApiError::unauthorized().into_response(),
     }
+}
+
+/// The token of a `Bearer` credential. The scheme is case-insensitive
+/// (RFC 9110, 11.1), so `bearer` and `BEARER` are the same scheme.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Compares without stopping at the first difference, so timing does not
@@ -40,7 +46,17 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::same_secret;
+    use super::{bearer_token, same_secret};
+
+    #[test]
+    fn the_scheme_is_case_insensitive() {
+        for v in ["Bearer t0k", "bearer t0k", "BEARER  t0k ", "bEaReR t0k"] {
+            assert_eq!(bearer_token(v), Some("t0k"), "{v}");
+        }
+        for v in ["Basic t0k", "Bearert0k", "t0k", ""] {
+            assert_eq!(bearer_token(v), None, "{v}");
+        }
+    }
 
     #[test]
     fn secrets_match_only_when_equal() {

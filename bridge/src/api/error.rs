@@ -70,6 +70,43 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Gives every error response kilnd's JSON body, including those axum
+/// makes on its own (405 for a known path with another method, 413 for a
+/// body over the limit): a client reads every error the same way. A plain
+/// text body becomes the message.
+pub async fn json_bodies(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Such bodies are a line of text at most; a longer one is not kept.
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = match text.lines().map(str::trim).find(|l| !l.is_empty()) {
+        Some(line) => line.to_string(),
+        None => status.canonical_reason().unwrap_or("Error").to_string(),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let fresh = (
+        status,
+        Json(ErrorBody {
+            error: message,
+            field: None,
+        }),
+    )
+        .into_response();
+    let (fresh_parts, body) = fresh.into_parts();
+    // Keep what the original said besides its body (Allow on a 405).
+    parts.headers.extend(fresh_parts.headers);
+    Response::from_parts(parts, body)
+}
+
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match &e {
@@ -83,6 +120,8 @@ impl From<SubmitError> for ApiError {
             SubmitError::IdInUse(_) => {
                 ApiError::new(StatusCode::CONFLICT, error_chain(&e)).with_field(Some("request_id"))
             }
+            SubmitError::Tag(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, error_chain(&e))
+                .with_field(Some("image")),
             SubmitError::Store(_) => ApiError::internal(&e),
         }
     }

@@ -24,7 +24,7 @@ pub async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let submitted = state.manager.submit(&body)?;
+    let submitted = state.manager.submit(&body).await?;
     // 202: the grant is stored; provisioning goes on in the background.
     let status = if submitted.created {
         StatusCode::ACCEPTED

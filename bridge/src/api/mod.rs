@@ -4,6 +4,7 @@
 mod auth;
 pub mod error;
 mod handlers;
+mod limits;
 
 pub use handlers::GrantList;
 mod metrics;
@@ -93,16 +94,53 @@ pub fn router(state: AppState) -> Router {
         .merge(protected)
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(limits::headers))
+        .layer(middleware::map_response(error::json_bodies))
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` completes.
+/// Serves the API on `listener` until `shutdown` completes, then lets the
+/// requests in flight finish.
+///
+/// HTTP/1 is served with hyper directly rather than `axum::serve`, so that
+/// hyper's own header limits sit far above kiln's: a request over kiln's
+/// limits gets a 431 with the JSON error body from [`limits`]; only one
+/// beyond hyper's (ten times as large) gets hyper's bare 431.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let app = router(state);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, or the peer gave up before the
+                    // accept: neither ends the server.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .max_headers(limits::HYPER_MAX_HEADERS)
+            .max_buf_size(limits::HYPER_MAX_HEADER_BYTES)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }

@@ -153,6 +153,12 @@ mod tests {
         };
         let l = ctx.ledger_for("x", Resources::new(4, 4096)).unwrap();
         assert_eq!(l.snapshot().usable, Resources::new(6, 3072));
-        assert!(ctx.ledger_for("x", Resources::new(1, 4096)).is_err());
+        let e = ctx.ledger_for("x", Resources::new(1, 4096)).unwrap_err();
+        // Plain words, not Rust debug output.
+        assert_eq!(
+            crate::error_chain(&e),
+            "Backend x has an unusable capacity: Reserve of 1 vCPUs and 1024 MiB \
+             leaves nothing of 1 vCPUs and 4096 MiB"
+        );
     }
 }

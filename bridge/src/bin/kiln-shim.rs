@@ -1,9 +1,14 @@
 //! `kiln-shim DIR`: looks after the VM of the grant whose directory is DIR
 //! (see `kiln_bridge::backends::local::shim`). kilnd starts it; it outlives
 //! kilnd and exits when the VM has ended and its final state is written.
+//! kilnd also runs it as `kiln-shim --build-image HOME IMAGE` to build a
+//! grant's image in a process of its own (see `backends::local::build`).
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::Path;
 use std::process::ExitCode;
+
+use kiln_bridge::backends::local::{build, shim};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -15,15 +20,25 @@ fn main() -> ExitCode {
         // Colour only for a person: logs often go to files (shim.log, journals).
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let Some(dir) = std::env::args_os().nth(1).map(PathBuf::from) else {
-        eprintln!("usage: kiln-shim GRANT_DIR");
-        return ExitCode::from(2);
-    };
-    match kiln_bridge::backends::local::shim::run(&dir) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("kiln-shim: {e}");
-            ExitCode::FAILURE
-        }
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    match args.as_slice() {
+        [flag, home, image] if flag == build::BUILD_FLAG => match image.to_str() {
+            Some(image) => build::serve(Path::new(home), image),
+            None => usage(),
+        },
+        [dir] => match shim::run(Path::new(dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kiln-shim: {}", kiln_bridge::error_chain(&e));
+                ExitCode::FAILURE
+            }
+        },
+        _ => usage(),
     }
+}
+
+fn usage() -> ExitCode {
+    // The build mode is kilnd's own business; it is not advertised.
+    eprintln!("usage: kiln-shim GRANT_DIR");
+    ExitCode::from(2)
 }

@@ -4,15 +4,20 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use kiln_bridge::api::{self, AppState};
 use kiln_bridge::backends::{self, BuildContext};
 use kiln_bridge::config::Config;
+use kiln_bridge::dir_lock::DirLock;
 use kiln_bridge::fleet::Fleet;
-use kiln_bridge::manager::{GrantManager, ManagerSettings};
+use kiln_bridge::manager::{GrantManager, ManagerSettings, DEFAULT_TAG_TTL};
 use kiln_bridge::store::Store;
+
+/// Held in the state directory for kilnd's whole life.
+const LOCK_FILE: &str = "kilnd.lock";
 
 #[derive(Parser)]
 #[command(about = "kiln's bridge daemon: grants in, instances out")]
@@ -53,6 +58,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .init();
 
     let config = Config::load(&args.config)?;
+    // Before anything reads or changes state (restart recovery, pruning):
+    // a second kilnd on this directory would fail the first one's grants.
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("Cannot create {}", config.state_dir.display()))?;
+    let _lock = DirLock::acquire(&config.state_dir, LOCK_FILE)
+        .context("Another kilnd uses this state directory")?;
     let token = config.read_token()?;
     let ctx = BuildContext {
         region: config.region.clone(),
@@ -65,7 +76,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let fleet = Arc::new(Fleet::new(backends)?);
     let store = Arc::new(Store::open(&config.state_dir)?);
-    let manager = GrantManager::open(store, fleet, ManagerSettings::default())?;
+    let settings = ManagerSettings {
+        tag_ttl: Some(
+            config
+                .image_tag_ttl_secs
+                .map_or(DEFAULT_TAG_TTL, Duration::from_secs),
+        ),
+        ..ManagerSettings::default()
+    };
+    let manager = GrantManager::open(store, fleet, settings)?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

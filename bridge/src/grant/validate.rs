@@ -89,8 +89,12 @@ pub enum FieldProblem {
     BadTime(#[source] chrono::ParseError),
     #[error("is not in the future")]
     NotInFuture,
-    #[error("not an OpenSSH public key")]
-    BadSshKey(#[source] ssh_key::Error),
+    /// The parser's own words, each said once (its error layers repeat
+    /// one another).
+    #[error("not an OpenSSH public key: {0}")]
+    BadSshKey(String),
+    #[error("not an image reference")]
+    BadImage(#[source] kiln_image::reference::ReferenceError),
     #[error("environment names must be non-empty and contain no '=' or NUL")]
     BadEnvName,
     #[error("no backend offers it")]
@@ -228,6 +232,9 @@ fn check_image(image: String) -> Result<String, GrantError> {
     if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(GrantError::field_problem("image", FieldProblem::BadChars));
     }
+    // Refused now rather than after the grant was accepted and queued.
+    kiln_image::reference::Reference::parse(&image)
+        .map_err(|e| GrantError::field_problem("image", FieldProblem::BadImage(e)))?;
     Ok(image)
 }
 
@@ -265,11 +272,13 @@ fn ssh_keys(keys: Vec<String>) -> Result<Vec<String>, GrantError> {
         .enumerate()
         .map(|(i, key)| {
             let field = format!("ssh_keys[{i}]");
-            let parsed = ssh_key::PublicKey::from_openssh(key.trim())
-                .map_err(|e| GrantError::field_problem(&field, FieldProblem::BadSshKey(e)))?;
-            parsed
+            let bad = |e: ssh_key::Error| {
+                GrantError::field_problem(&field, FieldProblem::BadSshKey(crate::error_chain(&e)))
+            };
+            ssh_key::PublicKey::from_openssh(key.trim())
+                .map_err(bad)?
                 .to_openssh()
-                .map_err(|e| GrantError::field_problem(field, FieldProblem::BadSshKey(e)))
+                .map_err(bad)
         })
         .collect()
 }
@@ -356,6 +365,25 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_ssh_key_is_explained_once() {
+        for key in [
+            "ssh-ed25519 not-a-key",
+            "ssh-ed25519 QUJD",
+            "ssh-ed25519 AAAA!!!garbage!!!",
+        ] {
+            let body = with("ssh_keys", json!([key]));
+            let e = Grant::from_json(&body, &ctx()).unwrap_err();
+            let text = crate::error_chain(&e);
+            assert!(text.starts_with("Invalid field ssh_keys[0]: "), "{text}");
+            // The key parser's layers each repeat the one below.
+            let parts: Vec<&str> = text.split(": ").collect();
+            for (i, p) in parts.iter().enumerate() {
+                assert!(!parts[..i].contains(p), "{p:?} said twice: {text}");
+            }
+        }
+    }
+
+    #[test]
     fn millicores_round_up_to_whole_vcpus() {
         let mut body = good();
         body.as_object_mut().unwrap().remove("vcpus");
@@ -375,6 +403,11 @@ mod tests {
             (with("request_id", json!("")), "request_id"),
             (with("image", json!("")), "image"),
             (with("image", json!(7)), "image"),
+            (
+                with("image", json!("127.0.0.1:5055/../../etc/passwd")),
+                "image",
+            ),
+            (with("image", json!("alpine:bad:tag!")), "image"),
             (with("vcpus", json!(0)), "vcpus"),
             (with("vcpus", json!(-1)), "vcpus"),
             (with("vcpus", json!(1.5)), "vcpus"),

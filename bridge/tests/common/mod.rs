@@ -47,6 +47,8 @@ impl TestServer {
                 retry_delay: Duration::from_millis(50),
                 terminate_attempts: 3,
                 usage_interval: Duration::from_millis(200),
+                // Simulated backends fetch nothing, so nothing is resolved.
+                tag_ttl: None,
             };
             let manager = GrantManager::open(store, fleet, settings).expect("manager");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

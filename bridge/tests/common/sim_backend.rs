@@ -165,9 +165,17 @@ impl Backend for SimBackend {
         let id = format!("{}-{n}", self.name);
         let resources = Resources::new(grant.vcpus, grant.ram_mib);
         self.world.ledger.reserve(&id, resources)?;
+        // A provision dropped during its boot (its grant was terminated)
+        // leaves no reservation behind.
+        let reservation = Reservation {
+            ledger: &self.world.ledger,
+            id: &id,
+            keep: false,
+        };
         // Boot time, so concurrent provisions overlap.
         let delay = *self.provision_delay.lock().expect("lock");
         tokio::time::sleep(delay).await;
+        reservation.keep();
         let started_at = Utc::now();
         let run_for = *self.run_for.lock().expect("lock");
         let ends_at =
@@ -257,5 +265,26 @@ impl Backend for SimBackend {
             .expect("lock")
             .push(grant_id.to_string());
         Ok(())
+    }
+}
+
+/// Releases a reservation when dropped, unless kept.
+struct Reservation<'a> {
+    ledger: &'a CapacityLedger,
+    id: &'a str,
+    keep: bool,
+}
+
+impl Reservation<'_> {
+    fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            self.ledger.release(self.id);
+        }
     }
 }

@@ -154,6 +154,24 @@ impl RegistrySource {
     }
 }
 
+/// The digest of the manifest `reference` names now: one manifest
+/// request, nothing stored. A reference by digest is answered without the
+/// network. (So a caller can pin a tag once and build exactly that.)
+pub fn resolve_tag(
+    reference: &Reference,
+    insecure: &[String],
+    docker_config: Option<PathBuf>,
+) -> Result<Digest, RegistryError> {
+    if let Some(d) = &reference.digest {
+        return Ok(d.clone());
+    }
+    let creds = docker_config
+        .or_else(credentials::default_path)
+        .and_then(|p| credentials::lookup(&p, &reference.registry));
+    let mut client = Client::new(reference, insecure, creds)?;
+    Ok(client.manifest(&reference.manifest_ref())?.2)
+}
+
 fn save(dir: &Path, d: &Digest, bytes: &[u8]) -> Result<(), SourceError> {
     let p = dir.join(d.hex());
     fs::write(&p, bytes).map_err(|e| SourceError::Io(p.display().to_string(), e))

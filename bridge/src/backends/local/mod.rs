@@ -3,6 +3,7 @@
 //! outlive kilnd and a restarted kilnd finds them through the grant's
 //! directory, `$KILN_HOME/grants/<id>/`.
 
+pub mod build;
 pub mod process;
 mod prune;
 pub mod shim;
@@ -52,9 +53,7 @@ pub enum LocalError {
     #[error("{0} vCPUs is more than one VM can have ({MAX_VCPUS})")]
     TooManyVcpus(u32),
     #[error("cannot build the image {0}")]
-    Image(String, #[source] kiln_image::build::BuildError),
-    #[error("cannot open the image cache")]
-    Cache(#[source] kiln_image::cache::CacheError),
+    Image(String, #[source] build::BuildChildError),
     #[error("cannot prepare {0}")]
     Dir(PathBuf, #[source] std::io::Error),
     #[error("cannot make the grant's SSH host key")]
@@ -69,8 +68,6 @@ pub enum LocalError {
     Shim(#[from] shim::ShimError),
     #[error("instance {0} does not carry the local backend's details")]
     Foreign(String),
-    #[error("the image build task failed")]
-    Task(#[source] tokio::task::JoinError),
 }
 
 /// What the backend keeps in `ProvisionedInstance::private`.
@@ -232,30 +229,12 @@ impl LocalBackend {
         })
     }
 
+    /// Builds in a child process (see [`build`]), so kilnd keeps none of
+    /// the builder's memory and a dropped provision stops its build.
     async fn build_image(&self, image: &str) -> Result<PathBuf, LocalError> {
-        let home = self.home.clone();
-        let image = image.to_string();
-        tokio::task::spawn_blocking(move || {
-            let cache =
-                kiln_image::cache::Cache::open(&home.join("images")).map_err(LocalError::Cache)?;
-            let opts = kiln_image::build::Options {
-                input: kiln_image::build::Input::Registry(image.clone()),
-                agent: home.join("bin/kiln-agent"),
-                compression: kiln_image::compress::Compression::None,
-                max_expanded: kiln_image::assemble::DEFAULT_MAX_EXPANDED,
-                insecure: Vec::new(),
-                docker_config: None,
-                refresh: false,
-                output: None,
-                // The shim boots initramfs roots only.
-                root: Some(kiln_image::root::RootKind::Initramfs),
-            };
-            kiln_image::build::build(&cache, &opts, &mut |_| {})
-                .map(|b| b.path)
-                .map_err(|e| LocalError::Image(image, e))
-        })
-        .await
-        .map_err(LocalError::Task)?
+        build::build(&self.shim, &self.home, image)
+            .await
+            .map_err(|e| LocalError::Image(image.to_string(), e))
     }
 
     /// Starts `kiln-shim DIR` in a session of its own, so that neither
@@ -473,6 +452,8 @@ impl Backend for LocalBackend {
             tracing::info!(grant = %grant_id, pid = shim.pid, "stopping the VM of an interrupted provision");
             stop_shim(&shim).await;
         }
+        // A provision dropped before it returned kept its reservation.
+        self.ledger.release(grant_id);
         Ok(())
     }
 }

@@ -17,6 +17,7 @@ use kiln_protocol::{ExitStatus, Frame, Message, Usage, Workload, SSH_PORT};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::HostUsage;
+use crate::dir_lock::{DirLock, LockError};
 use crate::error_chain;
 use crate::machine::{stop_signals, Event, Machine, Spec};
 
@@ -94,6 +95,8 @@ impl State {
 
 pub const LAUNCH_FILE: &str = "launch.json";
 pub const STATE_FILE: &str = "state.json";
+/// Held by the grant's shim for its whole life.
+pub const LOCK_FILE: &str = "shim.lock";
 /// The workload's output, for the operator.
 pub const OUTPUT_FILE: &str = "output.log";
 const METRICS_FILE: &str = "vmm-metrics.json";
@@ -108,6 +111,8 @@ pub enum ShimError {
     Parse(PathBuf, #[source] serde_json::Error),
     #[error("cannot write {0}")]
     Write(PathBuf, #[source] std::io::Error),
+    #[error("another shim looks after this grant")]
+    Locked(#[from] LockError),
 }
 
 /// Reads `dir/state.json`, if the shim wrote one yet.
@@ -136,6 +141,9 @@ fn write_state(dir: &Path, state: &mut State) -> Result<(), ShimError> {
 /// The shim's whole life for the grant in `dir`; returns when the VM has
 /// ended and the final state is written.
 pub fn run(dir: &Path) -> Result<(), ShimError> {
+    // Before launch.json is read or state.json written: a second shim of
+    // this grant would boot a second VM and overwrite the first's state.
+    let _lock = DirLock::acquire(dir, LOCK_FILE)?;
     stop_signals::catch_stop_signals();
     let launch_path = dir.join(LAUNCH_FILE);
     let text = std::fs::read(&launch_path).map_err(|e| ShimError::Read(launch_path.clone(), e))?;
