@@ -180,6 +180,8 @@ fn merge_config(args: &Args) -> anyhow::Result<VmConfig> {
         c.mem_mib = m;
     }
     c.hugepages |= args.hugepages;
+    // Checked even without --vsock-uds: a bad flag is never ignored.
+    kiln_vmm::config::check_guest_cid(args.guest_cid)?;
     if let Some(p) = &args.vsock_uds {
         c.vsock = Some(VsockConfig {
             guest_cid: args.guest_cid,
