@@ -247,5 +247,11 @@ fn reserved_guest_cids_are_refused() {
         let no_vsock: Vec<&str> = args[..4].iter().chain(&args[6..]).copied().collect();
         assert_error(&no_vsock, &refused);
     }
+    // Past u64 too: clap's usage error, with kiln-vmm's status for a bad
+    // configuration (clap's own 2 would read as a triple fault).
+    let (code, stderr) = run_vmm(&["--guest-cid", "18446744073709551616"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--guest-cid"), "{stderr}");
+    assert_eq!(run_vmm(&["--help"]).0, Some(0));
     assert_eq!(files_in(dir.path()), Vec::<String>::new());
 }

@@ -7,12 +7,13 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use kiln_vmm::config::{default_kernel_path, VmConfig, VsockConfig, DEFAULT_GUEST_CID};
+use kiln_vmm::exit::code;
 use kiln_vmm::{capabilities, Payload, SerialOutput, Vm};
 
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
   0    the guest powered off or reset the VM (reboot)
-  1    the VMM failed (bad configuration, KVM error, ...)
+  1    the VMM failed (a bad flag or configuration, KVM error, ...)
   2    triple fault in the guest
   3    KVM could not emulate a guest instruction (RIP and bytes are printed)
   4    watchdog: no guest activity for --watchdog-secs
@@ -98,7 +99,16 @@ fn main() -> ExitCode {
         )
         .with_target(false)
         .init();
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            // clap's 2 would read as a triple fault: a bad flag is a bad
+            // configuration, status 1. Help and version are 0.
+            let status = if e.use_stderr() { code::VMM_ERROR } else { 0 };
+            return ExitCode::from(status as u8);
+        }
+    };
     let _cleanup = Cleanup(args.cleanup.clone());
     match run(args, started) {
         Ok(code) => ExitCode::from(code as u8),
