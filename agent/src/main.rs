@@ -10,18 +10,16 @@ use std::time::{Duration, Instant};
 use kiln_agent::image_config::{self, ImageConfig};
 use kiln_agent::system::{self, console};
 use kiln_agent::{reaper, rootfs, ssh, usage, user, vsock, workload};
-use kiln_protocol::{read_frame, ExitStatus, Frame, Message, Workload, CONTROL_PORT};
+use kiln_protocol::console::{agent_fatal_line, READY_MARKER};
+use kiln_protocol::{
+    read_frame, ExitStatus, Frame, Message, Workload, CONTROL_PORT,
+    EXIT_NOT_EXECUTABLE as NOT_EXECUTABLE, EXIT_NOT_FOUND as NOT_FOUND,
+};
 
-/// Console line that marks the agent ready (boot-time measurements look for it).
-const READY_MARKER: &str = "KILN_READY";
 /// Kernel parameter that makes the agent fail fatally once ready.
 const FAULT_PANIC: &str = "kiln.fault=panic";
 /// How long to keep trying the host's control socket at boot.
 const CONNECT_ATTEMPTS: u32 = 20;
-/// Exit codes for a command that could not be started, as in a shell:
-/// the program does not exist, or it exists but cannot be run.
-const NOT_FOUND: i32 = 127;
-const NOT_EXECUTABLE: i32 = 126;
 
 type Conn = Arc<Mutex<Option<File>>>;
 
@@ -104,7 +102,7 @@ fn main() {
             console(&format!("ssh: internal error on thread {name}: {info}"));
             return;
         }
-        console(&format!("KILN_AGENT_FATAL {info}"));
+        console(&agent_fatal_line(&info.to_string()));
         if is_init {
             system::power_off();
         }

@@ -5,9 +5,9 @@
 pub const TIMEOUT: i32 = 124;
 /// kiln itself failed: image, KVM, kernel, memory, VM crash.
 pub const KILN_ERROR: i32 = 125;
-/// The command exists but could not be started.
-pub const NOT_EXECUTABLE: i32 = 126;
-/// The command does not exist in the image.
-pub const NOT_FOUND: i32 = 127;
+/// The command exists but could not be started (the agent's code).
+pub const NOT_EXECUTABLE: i32 = kiln_protocol::EXIT_NOT_EXECUTABLE;
+/// The command does not exist in the image (the agent's code).
+pub const NOT_FOUND: i32 = kiln_protocol::EXIT_NOT_FOUND;
 /// Stopped by a second Ctrl-C (128 + SIGINT).
 pub const INTERRUPTED: i32 = 130;

@@ -259,9 +259,10 @@ fn read_ssh_keys(files: &[PathBuf]) -> Result<Vec<SshKey>> {
 fn request(a: &SubmitArgs, keys: &[SshKey]) -> Result<GrantRequest> {
     let valid_to = match (a.valid_to, a.valid_for) {
         (Some(t), _) => t,
-        (None, Some(d)) => {
-            Utc::now() + chrono::Duration::from_std(d).context("--valid-for: too long")?
-        }
+        (None, Some(d)) => chrono::Duration::from_std(d)
+            .ok()
+            .and_then(|d| Utc::now().checked_add_signed(d))
+            .context("--valid-for: too long")?,
         (None, None) => bail!("give --valid-for or --valid-to"),
     };
     Ok(GrantRequest {
@@ -319,7 +320,7 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        Some((k, v)) if kiln_protocol::valid_env_name(k) => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("{s:?}: expected KEY=VALUE with a non-empty KEY")),
     }
 }

@@ -21,7 +21,8 @@ const EXIT_CODES_HELP: &str = "\
 Exit codes of `kiln run` and `kiln demo`:
   N    the command's own exit code (128+N if a signal N ended it)
   124  --timeout passed; the VM was stopped
-  125  kiln failed: image, KVM, kernel, memory, or the VM stopped early
+  125  kiln failed: a usage error, image, KVM, kernel, memory, or the VM
+       stopped early (a guest kernel panic included)
   126  the command could not be started
   127  the command does not exist in the image
   130  stopped by a second Ctrl-C
@@ -69,8 +70,11 @@ fn main() {
         // Colour only for a person: logs often go to files (shim.log, journals).
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let cli = parse();
     let runs_vm = matches!(cli.command, Command::Run(_) | Command::Demo(_));
+    if !runs_vm {
+        die_quietly_on_closed_stdout();
+    }
     match dispatch(cli.command) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -86,6 +90,42 @@ fn main() {
             });
         }
     }
+}
+
+/// The command line, or the process ends with clap's message and the
+/// exit code [`usage_exit_code`] gives.
+fn parse() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(usage_exit_code(&e, std::env::args_os().nth(1)));
+        }
+    }
+}
+
+/// `kiln run` and `kiln demo` pass the workload's exit code through, so
+/// their usage errors exit 125 as every other failure of theirs does (as
+/// `docker run` does); the other commands keep the usual 2, which no
+/// workload's code can be confused with. Help and version exit 0.
+fn usage_exit_code(e: &clap::Error, subcommand: Option<std::ffi::OsString>) -> i32 {
+    if !e.use_stderr() {
+        return 0;
+    }
+    match subcommand.as_deref().and_then(std::ffi::OsStr::to_str) {
+        Some("run" | "demo") => exit_code::KILN_ERROR,
+        _ => e.exit_code(),
+    }
+}
+
+/// A closed standard output (`kiln image ls | head -1`) ends the command
+/// quietly, as it ends `ls`: the default SIGPIPE action, which Rust
+/// replaces with "ignore" and so turns every later `println!` into a
+/// panic. `kiln run` and `kiln demo` keep ignoring it: the workload's
+/// output may be cut off, but neither the workload nor its VM.
+fn die_quietly_on_closed_stdout() {
+    // SAFETY: restores a signal's default action, before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
 fn dispatch(command: Command) -> Result<i32> {

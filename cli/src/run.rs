@@ -12,7 +12,8 @@ use kiln_bridge::machine::stop_signals as signals;
 use kiln_bridge::machine::{binary_beside_me, Drive, Event, Machine, MachineError, Sender, Spec};
 use kiln_image::build::Options;
 use kiln_image::cache::Cache;
-use kiln_protocol::{Frame, Message, Usage, Workload};
+use kiln_protocol::vmm::exit as vmm_exit;
+use kiln_protocol::{console, valid_env_name, Frame, Message, Usage, Workload};
 use serde::Serialize;
 
 use crate::image::Rootfs;
@@ -195,8 +196,8 @@ fn workload(a: &RunArgs) -> Result<Workload> {
     let mut env = Vec::with_capacity(a.env.len());
     for e in &a.env {
         match e.split_once('=') {
-            Some((k, _)) if valid_env_key(k) => env.push(e.clone()),
-            None if valid_env_key(e) => {
+            Some((k, _)) if valid_env_name(k) => env.push(e.clone()),
+            None if valid_env_name(e) => {
                 // Docker's `-e KEY`: pass kiln's own value, if it has one.
                 if let Ok(v) = std::env::var(e) {
                     env.push(format!("{e}={v}"));
@@ -212,10 +213,6 @@ fn workload(a: &RunArgs) -> Result<Workload> {
         user: a.user.clone(),
         interactive: a.interactive,
     })
-}
-
-fn valid_env_key(k: &str) -> bool {
-    !k.is_empty() && !k.contains('=') && !k.contains('\0')
 }
 
 /// `30s`, `5m`, `1h`, `250ms`, or plain seconds.
@@ -240,7 +237,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !secs.is_finite() || secs <= 0.0 {
         return Err(format!("{s:?}: a duration must be positive"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is too long"))
 }
 
 /// One workload in one VM, from `start` to its end.
@@ -379,17 +376,17 @@ impl Ended {
 /// Why the VM ended without the workload's exit status.
 fn vm_stopped_early(machine: &mut Machine) -> anyhow::Error {
     let vmm = machine.wait(Duration::from_secs(5));
+    let console = machine.console();
     let why = match vmm.code {
-        Some(6) => {
-            let fatal = machine
-                .console()
-                .lines()
-                .find(|l| l.contains("KILN_AGENT_FATAL"))
-                .map(str::trim)
-                .unwrap_or_default()
-                .to_string();
-            format!("the agent in the VM failed: {fatal}")
-        }
+        Some(vmm_exit::INIT_FAILED) => format!(
+            "the agent in the VM failed: {}",
+            console::find_agent_fatal(&console).unwrap_or_default()
+        ),
+        Some(vmm_exit::GUEST_PANIC) => format!(
+            "the guest kernel panicked: {}",
+            console::find_panic_line(&console)
+                .map_or_else(|| machine.failure_detail(), str::to_string)
+        ),
         _ => format!("kiln-vmm {vmm}: {}", machine.failure_detail()),
     };
     anyhow::anyhow!("the VM stopped before the command finished: {why}")
@@ -471,7 +468,16 @@ mod tests {
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        for bad in ["", "s", "0", "-1s", "10x", "1e400"] {
+        for bad in [
+            "",
+            "s",
+            "0",
+            "-1s",
+            "10x",
+            "1e400",
+            "18446744073709551615s",
+            "1e300h",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

@@ -165,3 +165,43 @@ fn host_and_image_problems() {
         .expect("setpriv (util-linux)");
     assert_one_line_error(&out, &["/dev/kvm", "kvm group"]);
 }
+
+/// Usage errors of `kiln run` and `kiln demo` are kiln's own failures:
+/// 125, never clap's 2, which a workload may return too. Other commands
+/// keep 2, and help is 0. Out-of-range input is an error, never a panic.
+#[test]
+fn usage_errors_exit_125() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let cases: [&[&str]; 7] = [
+        &["run"],
+        &["run", "--timeout", "5x", "alpine"],
+        &["run", "alpine", "--oci-layout", "layout:1"],
+        &["run", "--no-such-flag", "alpine"],
+        &["run", "--timeout", "18446744073709551615s", "alpine"],
+        &["run", "--vcpus", "300", "alpine"],
+        &["demo", "--no-such-flag"],
+    ];
+    for args in cases {
+        let out = kiln(home, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    let out = kiln(
+        home,
+        &["run", "--timeout", "18446744073709551615s", "alpine"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("\"18446744073709551615s\" is too long"),
+        "{err}"
+    );
+
+    let out = kiln(home, &["image", "ls", "--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = kiln(home, &["run", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--timeout"));
+}

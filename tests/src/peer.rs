@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 pub use kiln_vmm::host::PvmCmdline;
 
 /// The console line every benchmarked boot waits for.
-pub const MARKER: &str = "KILN_READY";
+pub const MARKER: &str = kiln_protocol::console::READY_MARKER;
 /// kiln-vmm's default command line.
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
 

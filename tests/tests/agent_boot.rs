@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use kiln_protocol::console::{AGENT_FATAL_MARKER, READY_MARKER};
 use kiln_protocol::{ExitStatus, Frame, Message, Workload};
 use kiln_tests::{agent, AgentVm, GuestRoot};
 
@@ -83,7 +84,7 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
     // One-shot: the agent powers the VM off and the VMM exits cleanly.
     let (code, err, text) = vm.wait(Duration::from_secs(120));
     assert_eq!(code.code(), Some(0), "{err}\n{text}");
-    assert!(text.contains("KILN_READY"), "{text}");
+    assert!(text.contains(READY_MARKER), "{text}");
 }
 
 /// PID 1 must never just die: a fatal agent error is written to the
@@ -110,11 +111,11 @@ fn a_fatal_agent_error_stops_the_vm_with_a_distinct_status() {
     let console = std::fs::read_to_string(&serial).unwrap_or_default();
     assert_eq!(
         status.code(),
-        Some(6),
+        Some(kiln_protocol::vmm::exit::INIT_FAILED),
         "stderr: {stderr}\nconsole:\n{console}"
     );
     assert!(
-        console.contains("KILN_AGENT_FATAL") && console.contains("kiln.fault=panic"),
+        console.contains(AGENT_FATAL_MARKER) && console.contains("kiln.fault=panic"),
         "{console}"
     );
     assert!(stderr.contains("init reported a fatal error"), "{stderr}");

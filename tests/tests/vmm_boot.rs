@@ -6,6 +6,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use kiln_image::cpio::{Meta, Writer};
+use kiln_protocol::console::{find_panic_line, KERNEL_PANIC_PREFIX, READY_MARKER};
 use kiln_tests::{guest_init, initramfs_with_init, kernel, VmmProcess};
 
 // Generous: boots are slow on emulating hosts, slower still on a busy machine.
@@ -93,7 +95,7 @@ fn kernel_boots_with_serial_vsock_rng_smp_and_reboots_cleanly() {
     // The guest's tty turns "\n" into "\r\n".
     let text = serial_text().replace('\r', "");
     assert_eq!(status.code(), Some(0), "stderr: {stderr}\nserial:\n{text}");
-    assert!(text.contains("KILN_READY"), "{text}");
+    assert!(text.contains(READY_MARKER), "{text}");
     assert!(text.contains("nproc=2\n"), "{text}");
     let hwrng = text
         .lines()
@@ -107,6 +109,14 @@ fn kernel_boots_with_serial_vsock_rng_smp_and_reboots_cleanly() {
     );
     assert!(text.contains("vsock-host-connect ok line=ping"), "{text}");
     assert!(text.contains("KILN_TEST_DONE"), "{text}");
+    // The test init printed the kernel's panic text: no panic for that.
+    assert!(
+        text.contains(&format!(
+            "{KERNEL_PANIC_PREFIX}: printed by a guest program"
+        )),
+        "{text}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(stderr.contains("host profile:"), "{stderr}");
 
     let m: serde_json::Value =
@@ -148,6 +158,53 @@ fn bzimage_boots_through_the_64_bit_linux_protocol() {
     let (status, stderr) = vmm.wait(BOOT_TIMEOUT);
     let text = std::fs::read_to_string(&serial).unwrap_or_default();
     assert_eq!(status.code(), Some(0), "stderr: {stderr}\nserial:\n{text}");
-    assert!(text.contains("KILN_READY"), "{text}");
+    assert!(text.contains(READY_MARKER), "{text}");
     assert!(stderr.contains("Linux64 entry"), "{stderr}");
+}
+
+/// A guest kernel panic (here: an initramfs with no init at all) ends
+/// kiln-vmm with status 5 and the kernel's panic line as its reason, not
+/// with the clean-reset 0 that `panic=-1 reboot=k` makes of it. That a
+/// guest *program* printing the panic text does not count is asserted by
+/// the first test: its init prints that text and the VM still exits 0.
+#[test]
+fn guest_kernel_panic_exits_5_with_its_panic_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Writer::new(Vec::new());
+    w.dir("dev", Meta::root(0o755)).unwrap();
+    w.char_device("dev/console", Meta::root(0o600), 5, 1)
+        .unwrap();
+    let initrd = dir.path().join("no-init.cpio");
+    std::fs::write(&initrd, w.finish().unwrap()).unwrap();
+    let serial = dir.path().join("serial.log");
+    let metrics = dir.path().join("metrics.json");
+    let vmm = VmmProcess::spawn(&[
+        "--kernel",
+        kernel().to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--serial-log",
+        serial.to_str().unwrap(),
+        "--metrics",
+        metrics.to_str().unwrap(),
+        "--die-with-parent",
+    ]);
+    let (status, stderr) = vmm.wait(BOOT_TIMEOUT);
+    let text = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert_eq!(status.code(), Some(5), "stderr: {stderr}\nserial:\n{text}");
+    // Added on every host, whatever the base command line.
+    assert!(stderr.contains(" kiln_pvpanic"), "{stderr}");
+    let line = find_panic_line(&text).unwrap_or_else(|| panic!("no panic line:\n{text}"));
+    let reason = format!("kiln-vmm: guest kernel panicked: {line}\n");
+    assert!(
+        stderr.ends_with(&reason),
+        "{reason:?} not last in: {stderr}"
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    assert_eq!(m["exit_code"], 5);
+    assert_eq!(
+        m["exit_reason"].as_str().unwrap(),
+        reason.trim_end().trim_start_matches("kiln-vmm: ")
+    );
 }

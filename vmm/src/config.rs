@@ -14,6 +14,13 @@ pub const MIN_MEM_MIB: u64 = 32;
 pub const DEFAULT_GUEST_CID: u64 = 3;
 /// Most virtio-blk drives: the IOAPIC pins left after the other devices.
 pub const MAX_DRIVES: usize = 16;
+/// Lowest CID a guest may have: 0 is the hypervisor, 1 local, 2 the host.
+pub const MIN_GUEST_CID: u64 = 3;
+/// Highest CID a guest may have: CIDs are 32 bits and u32::MAX is
+/// VMADDR_CID_ANY.
+pub const MAX_GUEST_CID: u64 = CID_ANY - 1;
+/// VMADDR_CID_ANY.
+const CID_ANY: u64 = u32::MAX as u64;
 
 /// Where a configuration is invalid.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +31,7 @@ pub enum ConfigError {
     MemoryTooSmall(u64),
     #[error("memory of {requested} MiB exceeds this host's {available} MiB")]
     MemoryTooLarge { requested: u64, available: u64 },
-    #[error("guest CID must be at least 3, got {0}")]
+    #[error("guest CID must be between {MIN_GUEST_CID} and {MAX_GUEST_CID} (0-2 are reserved, {CID_ANY} is VMADDR_CID_ANY), got {0}")]
     GuestCid(u64),
     #[error("no kernel given and none installed at {0} (run scripts/setup.sh or pass --kernel)")]
     NoDefaultKernel(PathBuf),
@@ -170,10 +177,10 @@ fn default_true() -> bool {
     true
 }
 pub fn default_ready_marker() -> String {
-    "KILN_READY".to_string()
+    kiln_protocol::console::READY_MARKER.to_string()
 }
 pub fn default_init_failed_marker() -> String {
-    "KILN_AGENT_FATAL".to_string()
+    kiln_protocol::console::AGENT_FATAL_MARKER.to_string()
 }
 fn default_watchdog_secs() -> u64 {
     120
@@ -229,9 +236,7 @@ impl VmConfig {
             }
         }
         if let Some(v) = &self.vsock {
-            if v.guest_cid < 3 {
-                return Err(ConfigError::GuestCid(v.guest_cid));
-            }
+            check_guest_cid(v.guest_cid)?;
         }
         if self.drives.len() > MAX_DRIVES {
             return Err(ConfigError::TooManyDrives(self.drives.len()));
@@ -240,6 +245,15 @@ impl VmConfig {
             d.validate()?;
         }
         Ok(())
+    }
+}
+
+/// Refuses the CIDs no guest may have.
+pub fn check_guest_cid(cid: u64) -> Result<(), ConfigError> {
+    if (MIN_GUEST_CID..=MAX_GUEST_CID).contains(&cid) {
+        Ok(())
+    } else {
+        Err(ConfigError::GuestCid(cid))
     }
 }
 
@@ -287,6 +301,28 @@ mod tests {
             c.validate(),
             Err(ConfigError::MemoryTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn reserved_and_oversized_cids_are_refused() {
+        let mut c = VmConfig::new("/k".into());
+        for cid in [0, 1, 2, u64::from(u32::MAX), 1 << 32, u64::MAX] {
+            c.vsock = Some(VsockConfig {
+                guest_cid: cid,
+                uds_path: "/s".into(),
+            });
+            assert!(
+                matches!(c.validate(), Err(ConfigError::GuestCid(got)) if got == cid),
+                "{cid}"
+            );
+        }
+        for cid in [3, u64::from(u32::MAX) - 1] {
+            c.vsock = Some(VsockConfig {
+                guest_cid: cid,
+                uds_path: "/s".into(),
+            });
+            c.validate().unwrap();
+        }
     }
 
     #[test]

@@ -8,18 +8,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::timeline::Timeline;
 
-/// Exit statuses of `kiln-vmm` (documented in `kiln-vmm --help`).
-pub mod code {
-    pub const GUEST_STOPPED: i32 = 0;
-    pub const VMM_ERROR: i32 = 1;
-    pub const TRIPLE_FAULT: i32 = 2;
-    pub const EMULATION_FAILURE: i32 = 3;
-    pub const WATCHDOG: i32 = 4;
-    pub const GUEST_PANIC: i32 = 5;
-    pub const INIT_FAILED: i32 = 6;
-    /// Plus the signal number, like a shell.
-    pub const SIGNAL_BASE: i32 = 128;
-}
+/// Exit statuses of `kiln-vmm` (documented in `kiln-vmm --help`); their
+/// home is the protocol crate, which launchers read them from.
+pub use kiln_protocol::vmm::exit as code;
+
+/// Most characters of the guest's panic line kept in the reason.
+const MAX_PANIC_LINE: usize = 240;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -28,8 +22,9 @@ pub enum ExitReason {
     GuestReset,
     /// The guest powered off or halted for good.
     GuestShutdown,
-    /// The guest kernel reported a crash through KVM.
-    GuestPanic,
+    /// The guest kernel reported a panic (pvpanic port or KVM crash event),
+    /// with its panic line from the console when there is one.
+    GuestPanic { line: Option<String> },
     /// The guest's init (the kiln agent) reported a fatal error, then
     /// stopped the VM.
     InitFailed,
@@ -54,7 +49,7 @@ impl ExitReason {
     pub fn exit_code(&self) -> i32 {
         match self {
             ExitReason::GuestReset | ExitReason::GuestShutdown => code::GUEST_STOPPED,
-            ExitReason::GuestPanic => code::GUEST_PANIC,
+            ExitReason::GuestPanic { .. } => code::GUEST_PANIC,
             ExitReason::InitFailed => code::INIT_FAILED,
             ExitReason::TripleFault { .. } => code::TRIPLE_FAULT,
             ExitReason::EmulationFailure { .. } => code::EMULATION_FAILURE,
@@ -70,7 +65,16 @@ impl std::fmt::Display for ExitReason {
         match self {
             ExitReason::GuestReset => write!(f, "guest reset the VM"),
             ExitReason::GuestShutdown => write!(f, "guest powered off"),
-            ExitReason::GuestPanic => write!(f, "guest kernel panicked"),
+            ExitReason::GuestPanic { line: None } => write!(f, "guest kernel panicked"),
+            // The line is the guest's text: one line, no terminal controls.
+            ExitReason::GuestPanic { line: Some(line) } => write!(
+                f,
+                "guest kernel panicked: {}",
+                line.chars()
+                    .filter(|c| !c.is_control())
+                    .take(MAX_PANIC_LINE)
+                    .collect::<String>()
+            ),
             ExitReason::InitFailed => write!(f, "the guest's init reported a fatal error"),
             ExitReason::TripleFault { vcpu } => write!(f, "triple fault on vCPU {vcpu}"),
             ExitReason::EmulationFailure {
@@ -183,7 +187,7 @@ mod tests {
             }
             .exit_code(),
             ExitReason::Watchdog { idle_secs: 1 }.exit_code(),
-            ExitReason::GuestPanic.exit_code(),
+            ExitReason::GuestPanic { line: None }.exit_code(),
             ExitReason::InitFailed.exit_code(),
             ExitReason::VmmError {
                 message: String::new(),
@@ -201,6 +205,18 @@ mod tests {
         s.request_exit(ExitReason::Watchdog { idle_secs: 3 });
         assert_eq!(s.exit_reason(), Some(ExitReason::GuestReset));
         assert_eq!(s.exit_event().read().unwrap(), 2);
+    }
+
+    #[test]
+    fn panic_reason_is_one_clean_line() {
+        let r = ExitReason::GuestPanic {
+            line: Some("Kernel panic - not syncing: x\x1b[2J\ry".into()),
+        };
+        assert_eq!(
+            r.to_string(),
+            "guest kernel panicked: Kernel panic - not syncing: x[2Jy"
+        );
+        assert_eq!(r.exit_code(), 5);
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! kiln-vmm: one KVM micro-VM per process.
 //!
 //! Guest memory, vCPUs, CPUID normalised per host profile, PVH/bzImage
-//! boot, a serial console, an i8042 reset line and virtio-mmio devices
-//! (vsock, rng, blk), driven by an event-manager loop. It knows nothing of
-//! grants, images or clouds.
+//! boot, a serial console, an i8042 reset line, the guest kernel's panic
+//! report port and virtio-mmio devices (vsock, rng, blk), driven by an
+//! event-manager loop. It knows nothing of grants, images or clouds.
 
 pub mod boot;
 pub mod capabilities;

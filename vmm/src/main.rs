@@ -9,12 +9,13 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use kiln_vmm::config::{
     default_kernel_path, DriveConfig, VmConfig, VsockConfig, DEFAULT_GUEST_CID,
 };
+use kiln_vmm::exit::code;
 use kiln_vmm::{capabilities, Payload, SerialOutput, Vm};
 
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
   0    the guest powered off or reset the VM (reboot)
-  1    the VMM failed (bad configuration, KVM error, ...)
+  1    the VMM failed (a bad flag or configuration, KVM error, ...)
   2    triple fault in the guest
   3    KVM could not emulate a guest instruction (RIP and bytes are printed)
   4    watchdog: no guest activity for --watchdog-secs
@@ -112,7 +113,17 @@ fn main() -> ExitCode {
         )
         .with_target(false)
         .init();
-    let args = parse_args(Args::command().get_matches());
+    let matches = match Args::command().try_get_matches() {
+        Ok(matches) => matches,
+        Err(e) => {
+            let _ = e.print();
+            // clap's 2 would read as a triple fault: a bad flag is a bad
+            // configuration, status 1. Help and version are 0.
+            let status = if e.use_stderr() { code::VMM_ERROR } else { 0 };
+            return ExitCode::from(status as u8);
+        }
+    };
+    let args = parse_args(matches);
     let _cleanup = Cleanup(args.cleanup.clone());
     match run(args, started) {
         Ok(code) => ExitCode::from(code as u8),
@@ -194,6 +205,8 @@ fn merge_config(args: &Args) -> anyhow::Result<VmConfig> {
         c.mem_mib = m;
     }
     c.hugepages |= args.hugepages;
+    // Checked even without --vsock-uds: a bad flag is never ignored.
+    kiln_vmm::config::check_guest_cid(args.guest_cid)?;
     if let Some(p) = &args.vsock_uds {
         c.vsock = Some(VsockConfig {
             guest_cid: args.guest_cid,

@@ -243,7 +243,7 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
                 VcpuExit::Shutdown => Step::Exit(ExitReason::TripleFault { vcpu: ctx.index }),
                 VcpuExit::SystemEvent(kind, _) => Step::Exit(match kind {
                     kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::GuestReset,
-                    kvm_bindings::KVM_SYSTEM_EVENT_CRASH => ExitReason::GuestPanic,
+                    kvm_bindings::KVM_SYSTEM_EVENT_CRASH => ExitReason::GuestPanic { line: None },
                     _ => ExitReason::GuestShutdown,
                 }),
                 VcpuExit::InternalError => Step::InternalError,

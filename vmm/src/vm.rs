@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kiln_protocol::vmm::{KvmProblem, KVM_DEVICE};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -19,7 +20,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootError, BootProtocol, KernelEntry};
 use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::devices::i8042::I8042;
-use crate::devices::serial::{ConsoleSink, IrqTrigger, Markers, SerialDevice};
+use crate::devices::pvpanic::{self, PvPanic};
+use crate::devices::serial::{ConsoleSink, ConsoleTail, IrqTrigger, Markers, SerialDevice};
 use crate::devices::virtio::block::{Block, Disk};
 use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
 use crate::devices::virtio::rng::Rng;
@@ -69,11 +71,14 @@ pub enum VmError {
 
 /// A clear sentence for a failure to open /dev/kvm.
 pub fn describe_kvm_open_error(e: &kvm_ioctls::Error) -> String {
-    match e.errno() {
-        libc::ENOENT => "/dev/kvm does not exist: this host has no KVM (enable hardware virtualization and load kvm_intel or kvm_amd)".to_string(),
-        libc::EACCES | libc::EPERM => "permission denied opening /dev/kvm: run as root or join the group that owns it (usually kvm)".to_string(),
-        _ => format!("cannot open /dev/kvm: {e}"),
-    }
+    let io = std::io::Error::from_raw_os_error(e.errno());
+    let problem = KvmProblem::from_io(io.kind());
+    let what = match problem {
+        KvmProblem::Missing => format!("{KVM_DEVICE} does not exist"),
+        KvmProblem::PermissionDenied => format!("permission denied opening {KVM_DEVICE}"),
+        KvmProblem::Other => format!("cannot open {KVM_DEVICE}: {e}"),
+    };
+    format!("{what}: {}", problem.advice())
 }
 
 /// An event-loop participant.
@@ -219,11 +224,13 @@ impl Vm {
                     })?
             })),
         };
+        let console_tail = Arc::new(ConsoleTail::default());
         let serial = Arc::new(Mutex::new(SerialDevice {
             uart: Serial::new(
                 IrqTrigger(serial_irq),
                 ConsoleSink::new(
                     console_out,
+                    console_tail.clone(),
                     &Markers {
                         ready: config.ready_marker.clone(),
                         init_failed: config.init_failed_marker.clone(),
@@ -240,6 +247,17 @@ impl Vm {
             })))),
             0x60,
             5,
+        )?;
+        // The panic report comes first: the guest resets right after it.
+        let panic_state = state.clone();
+        pio.insert(
+            Arc::new(Mutex::new(PvPanic::new(Box::new(move || {
+                panic_state.request_exit(ExitReason::GuestPanic {
+                    line: console_tail.panic_line(),
+                })
+            })))),
+            pvpanic::PORT,
+            1,
         )?;
 
         // virtio-mmio devices, one page and one IRQ each.
@@ -307,8 +325,10 @@ impl Vm {
         }
 
         if linux {
-            let cmdline =
-                boot::build_cmdline(&config.cmdline, &profile.cmdline_extra, &cmdline_devices)?;
+            // On every host: without it a guest panic reads as a clean reset.
+            let mut extra = profile.cmdline_extra.clone();
+            extra.push(pvpanic::CMDLINE_PARAM.to_string());
+            let cmdline = boot::build_cmdline(&config.cmdline, &extra, &cmdline_devices)?;
             tracing::info!(
                 "kernel {} ({:?} entry at {:#x}), command line: {}",
                 config.kernel.display(),

@@ -9,7 +9,9 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod console;
 pub mod forward;
+pub mod vmm;
 
 /// Protocol version carried in every control message.
 pub const VERSION: u32 = 1;
@@ -61,6 +63,13 @@ pub struct Workload {
     pub interactive: bool,
 }
 
+/// Whether `name` may name an environment variable of a workload: not
+/// empty, no `=` (it would end the name) and no NUL (it would end the
+/// string). Checked wherever a workload's environment is accepted.
+pub fn valid_env_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['=', '\0'])
+}
+
 /// Resource usage as the agent measures it inside the guest.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
@@ -77,6 +86,11 @@ pub struct Usage {
     /// `starting`, `running` or `exited`.
     pub workload: String,
 }
+
+/// The workload's exit code when its program does not exist, as in a shell.
+pub const EXIT_NOT_FOUND: i32 = 127;
+/// The workload's exit code when its program exists but cannot be started.
+pub const EXIT_NOT_EXECUTABLE: i32 = 126;
 
 /// How the workload ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,7 +143,8 @@ pub enum Message {
     /// Agent -> host: the workload started.
     Started { pid: u32 },
     /// Agent -> host: the workload could not be started (its `Exited`
-    /// follows, with 127 when the program does not exist, else 126).
+    /// follows, with [`EXIT_NOT_FOUND`] when the program does not exist,
+    /// else [`EXIT_NOT_EXECUTABLE`]).
     NotStarted { message: String },
     /// Agent -> host: periodic and final usage.
     Usage(Usage),
@@ -279,6 +294,16 @@ pub fn read_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_names() {
+        for good in ["A", "a_b", "PATH", "x.y", "1"] {
+            assert!(valid_env_name(good), "{good}");
+        }
+        for bad in ["", "A=B", "=", "A\0B"] {
+            assert!(!valid_env_name(bad), "{bad:?}");
+        }
+    }
 
     fn all_frames() -> Vec<Frame> {
         vec![

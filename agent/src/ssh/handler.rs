@@ -18,7 +18,7 @@ use crate::system::console;
 use crate::user;
 
 /// Exit status for a session whose program could not start, as in a shell.
-const NOT_RUNNABLE: u32 = 127;
+const NOT_RUNNABLE: u32 = kiln_protocol::EXIT_NOT_FOUND as u32;
 
 #[derive(Default)]
 struct ChannelState {

@@ -307,7 +307,7 @@ fn check_command(argv: Vec<String>) -> Result<Vec<String>, GrantError> {
 }
 
 fn check_env(env: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, GrantError> {
-    match env.keys().find(|k| k.is_empty() || k.contains(['=', '\0'])) {
+    match env.keys().find(|k| !kiln_protocol::valid_env_name(k)) {
         Some(bad) => Err(GrantError::field_problem(
             format!("env.{bad}"),
             FieldProblem::BadEnvName,

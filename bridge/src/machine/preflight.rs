@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use kiln_protocol::vmm::{KvmProblem, KVM_DEVICE as KVM};
+
 use super::Spec;
 
-/// The KVM device node.
-const KVM: &str = "/dev/kvm";
 /// Room the guest kernel needs besides the unpacked initramfs.
 const KERNEL_HEADROOM_MIB: u64 = 48;
 
@@ -72,27 +72,22 @@ pub fn preflight(spec: &Spec) -> Result<(), PreflightError> {
 }
 
 fn check_kvm(path: &Path) -> Result<(), PreflightError> {
-    if !path.exists() {
-        return Err(PreflightError::Kvm {
-            problem: format!("{} does not exist", path.display()),
-            advice: "this host offers no KVM; enable virtualization and load kvm_intel or kvm_amd",
-        });
-    }
-    match std::fs::OpenOptions::new()
+    let opened = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(path)
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(PreflightError::Kvm {
-            problem: format!("no read-write access to {}", path.display()),
-            advice: "add your user to the kvm group (then log in again) or run as root",
-        }),
-        Err(e) => Err(PreflightError::Kvm {
-            problem: format!("cannot open {}: {e}", path.display()),
-            advice: "check that the KVM modules are loaded",
-        }),
-    }
+        .open(path);
+    let Err(e) = opened else {
+        return Ok(());
+    };
+    let problem = KvmProblem::from_io(e.kind());
+    Err(PreflightError::Kvm {
+        problem: match problem {
+            KvmProblem::Missing => format!("{} does not exist", path.display()),
+            KvmProblem::PermissionDenied => format!("no read-write access to {}", path.display()),
+            KvmProblem::Other => format!("cannot open {}: {e}", path.display()),
+        },
+        advice: problem.advice(),
+    })
 }
 
 /// MemAvailable from /proc/meminfo, in MiB.

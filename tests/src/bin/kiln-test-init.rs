@@ -6,6 +6,8 @@ use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 
+use kiln_protocol::console::{KERNEL_PANIC_PREFIX, READY_MARKER};
+
 const HOST_CID: u32 = 2;
 const GUEST_CONNECT_PORT: u32 = 1234;
 const GUEST_LISTEN_PORT: u32 = 5000;
@@ -156,11 +158,11 @@ fn main() {
     let mode = mode();
     // `-- bench`: the boot benchmark only wants the marker, then the VM gone.
     if mode == "bench" {
-        say("KILN_READY");
+        say(READY_MARKER);
         reboot();
     }
     mount("devtmpfs", "/dev", "devtmpfs");
-    say("KILN_READY");
+    say(READY_MARKER);
     say(&format!("nproc={}", nproc()));
 
     let mut rnd = [0u8; 16];
@@ -181,6 +183,11 @@ fn main() {
         Err(e) => say(&format!("vsock-host-connect error {e}")),
     }
 
+    // A program can print the kernel's panic text; that must not make the
+    // VMM report a panic (only the kernel's port write does).
+    say(&format!(
+        "{KERNEL_PANIC_PREFIX}: printed by a guest program"
+    ));
     say("KILN_TEST_DONE");
     reboot();
 }

@@ -1,9 +1,10 @@
 //! COM1: a 16550A UART (vm-superio) at port 0x3f8 on IRQ 4. Its output is
-//! copied to the configured sink and scanned for the readiness marker and
-//! the init-failure marker.
+//! copied to the configured sink, scanned for the readiness marker and the
+//! init-failure marker, and its last bytes kept for the reason a VM stopped.
 
+use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
@@ -30,9 +31,40 @@ pub struct Markers {
     pub init_failed: String,
 }
 
+/// How much of the console [`ConsoleTail`] keeps: a panic line with the
+/// stack dump the kernel may print after it.
+const TAIL_BYTES: usize = 16 << 10;
+
+/// The last bytes of the guest console.
+#[derive(Default)]
+pub struct ConsoleTail(Mutex<VecDeque<u8>>);
+
+impl ConsoleTail {
+    fn push(&self, buf: &[u8]) {
+        let mut tail = super::bus::lock(&self.0);
+        let keep = buf.len().min(TAIL_BYTES);
+        let overflow = (tail.len() + keep).saturating_sub(TAIL_BYTES);
+        tail.drain(..overflow);
+        tail.extend(&buf[buf.len() - keep..]);
+    }
+
+    /// The kept bytes, as text.
+    pub fn text(&self) -> String {
+        let tail = super::bus::lock(&self.0);
+        let (a, b) = tail.as_slices();
+        String::from_utf8_lossy(&[a, b].concat()).into_owned()
+    }
+
+    /// The guest kernel's last panic line in the kept bytes.
+    pub fn panic_line(&self) -> Option<String> {
+        kiln_protocol::console::find_panic_line(&self.text()).map(str::to_string)
+    }
+}
+
 /// Where guest console bytes go; records the first byte and the markers.
 pub struct ConsoleSink {
     out: Option<Box<dyn Write + Send>>,
+    tail: Arc<ConsoleTail>,
     ready: Vec<u8>,
     init_failed: Vec<u8>,
     /// The last bytes seen, as many as the longest marker.
@@ -43,12 +75,14 @@ pub struct ConsoleSink {
 impl ConsoleSink {
     pub fn new(
         out: Option<Box<dyn Write + Send>>,
+        tail: Arc<ConsoleTail>,
         markers: &Markers,
         timeline: Arc<Timeline>,
     ) -> Self {
         let longest = markers.ready.len().max(markers.init_failed.len());
         ConsoleSink {
             out,
+            tail,
             ready: markers.ready.as_bytes().to_vec(),
             init_failed: markers.init_failed.as_bytes().to_vec(),
             window: Vec::with_capacity(longest),
@@ -60,6 +94,7 @@ impl ConsoleSink {
 impl Write for ConsoleSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.timeline.mark_serial_output();
+        self.tail.push(buf);
         let longest = self.ready.len().max(self.init_failed.len());
         if longest > 0 {
             for b in buf {
@@ -115,7 +150,6 @@ impl BusDevice for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
     use std::time::Instant;
 
     struct Shared(Arc<Mutex<Vec<u8>>>);
@@ -133,8 +167,10 @@ mod tests {
     fn guest_bytes_reach_the_sink_and_the_marker_is_seen() {
         let timeline = Arc::new(Timeline::new(Instant::now()));
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let tail = Arc::new(ConsoleTail::default());
         let sink = ConsoleSink::new(
             Some(Box::new(Shared(seen.clone()))),
+            tail.clone(),
             &Markers {
                 ready: "READY".into(),
                 init_failed: "INIT_FAILED".into(),
@@ -160,9 +196,28 @@ mod tests {
             dev.write(0, &[*b]);
         }
         assert!(timeline.init_failed().is_some());
+        assert_eq!(tail.text(), "boot... READY\noops INIT_FAILED: x\n");
+        assert_eq!(tail.panic_line(), None);
         // Line status: transmitter empty, so the guest keeps writing.
         let mut lsr = [0u8];
         dev.read(5, &mut lsr);
         assert_eq!(lsr[0] & 0x20, 0x20);
+    }
+
+    #[test]
+    fn the_tail_keeps_the_last_bytes_and_finds_the_panic_line() {
+        let tail = ConsoleTail::default();
+        tail.push(&vec![b'x'; TAIL_BYTES]);
+        tail.push(b"\r\nKernel panic - not syncing: No working init found.\r\n");
+        tail.push(b"CPU: 0 PID: 1\r\n");
+        let text = tail.text();
+        assert_eq!(text.len(), TAIL_BYTES);
+        assert!(text.ends_with("CPU: 0 PID: 1\r\n"), "{text}");
+        assert_eq!(
+            tail.panic_line().as_deref(),
+            Some("Kernel panic - not syncing: No working init found.")
+        );
+        tail.push(&vec![b'y'; 2 * TAIL_BYTES]);
+        assert_eq!(tail.text(), "y".repeat(TAIL_BYTES));
     }
 }

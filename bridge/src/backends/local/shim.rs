@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use kiln_protocol::forward::Forwarder;
+use kiln_protocol::vmm::exit as vmm_exit;
 use kiln_protocol::{ExitStatus, Frame, Message, Usage, Workload, SSH_PORT};
 use serde::{Deserialize, Serialize};
 
@@ -269,8 +270,13 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
     drop(forwarder);
     state.host = host_usage(&dir.join(METRICS_FILE));
     let error = match vmm.code {
-        Some(0) | Some(143) => None,
-        Some(6) => Some("the agent in the VM failed".to_string()),
+        Some(vmm_exit::GUEST_STOPPED | vmm_exit::STOPPED_BY_SIGTERM) => None,
+        Some(vmm_exit::INIT_FAILED) => Some("the agent in the VM failed".to_string()),
+        Some(vmm_exit::GUEST_PANIC) => Some(format!(
+            "the guest kernel panicked: {}",
+            kiln_protocol::console::find_panic_line(&machine.console())
+                .map_or_else(|| machine.failure_detail(), str::to_string)
+        )),
         _ => Some(format!(
             "kiln-vmm ended with {vmm}: {}",
             machine.failure_detail()
