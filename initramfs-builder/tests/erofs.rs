@@ -23,7 +23,8 @@ fn build_block(blobs: Vec<Vec<u8>>) -> (Vec<u8>, Vec<u8>, BlockAssembled) {
     let agent = dir.path().join("agent");
     std::fs::write(&agent, AGENT).unwrap();
     let mut layers = MemLayers::new(blobs);
-    let tree = assemble::flatten(&mut layers, 1 << 30, DEFAULT_MAX_ENTRIES, &mut |_, _| {}).unwrap();
+    let tree =
+        assemble::flatten(&mut layers, 1 << 30, DEFAULT_MAX_ENTRIES, &mut |_, _| {}).unwrap();
     let recipe = Recipe {
         agent: &agent,
         config: AgentConfig::new(Digest::of(b"config"), &run_config()),
