@@ -11,7 +11,7 @@ use clap::Parser;
 use kiln_bridge::api::{self, AppState};
 use kiln_bridge::backends::{self, BuildContext};
 use kiln_bridge::config::Config;
-use kiln_bridge::dir_lock::DirLock;
+use kiln_bridge::dir_lock::{DirLock, LockError};
 use kiln_bridge::fleet::Fleet;
 use kiln_bridge::manager::{GrantManager, ManagerSettings, DEFAULT_TAG_TTL};
 use kiln_bridge::store::Store;
@@ -62,8 +62,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // a second kilnd on this directory would fail the first one's grants.
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("Cannot create {}", config.state_dir.display()))?;
-    let _lock = DirLock::acquire(&config.state_dir, LOCK_FILE)
-        .context("Another kilnd uses this state directory")?;
+    let _lock = DirLock::acquire(&config.state_dir, LOCK_FILE).map_err(|e| match e {
+        LockError::Held { .. } => anyhow::Error::new(e).context("Another kilnd uses this state"),
+        _ => anyhow::Error::new(e),
+    })?;
     let token = config.read_token()?;
     let ctx = BuildContext {
         region: config.region.clone(),

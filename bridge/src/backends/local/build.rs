@@ -18,7 +18,7 @@ pub const BUILD_FLAG: &str = "--build-image";
 /// The child's one line on stdout.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum BuildReply {
+enum BuildReply {
     Built { path: PathBuf },
     Failed { error: String },
 }
