@@ -131,6 +131,14 @@ impl Config {
                     "must be greater than zero",
                 ));
             }
+            if let Some(word) = &local.rootfs {
+                if crate::backends::local::build::Rootfs::parse(word).is_none() {
+                    return Err(ConfigError::invalid(
+                        format!("backend[{i}].rootfs"),
+                        format!("must be {}, not {word:?}", crate::backends::ROOTFS_WORDS),
+                    ));
+                }
+            }
             // Far more would put the pruning cutoff before any date.
             if local
                 .keep_ended_days
@@ -222,6 +230,27 @@ region = "home"
         .unwrap();
         let names: Vec<&str> = c.backends.iter().map(|b| b.name()).collect();
         assert_eq!(names, ["a", "b"]);
+        let crate::backends::BackendSection::Local(a) = &c.backends[0];
+        assert_eq!(a.rootfs, None, "auto unless set");
+        for (word, want) in [
+            ("auto", crate::backends::local::build::Rootfs::Auto),
+            (
+                "initramfs",
+                crate::backends::local::build::Rootfs::Initramfs,
+            ),
+            ("block", crate::backends::local::build::Rootfs::Block),
+        ] {
+            let c = Config::parse(&format!(
+                "{BASE}[[backend]]\nkind = \"local\"\nrootfs = \"{word}\"\n"
+            ))
+            .unwrap();
+            let crate::backends::BackendSection::Local(l) = &c.backends[0];
+            assert_eq!(l.rootfs.as_deref(), Some(word));
+            assert_eq!(
+                crate::backends::local::build::Rootfs::parse(word),
+                Some(want)
+            );
+        }
         assert_eq!(c.capacity.overcommit, Some(2.0));
     }
 
@@ -270,6 +299,10 @@ region = "home"
                 format!("{BASE}[[backend]]\nkind = \"local\"\n[[backend]]\nkind = \"local\"\nname = \"b\"\nram_mib = 0\n"),
                 "backend[1].ram_mib",
             ),
+            (
+                format!("{BASE}[[backend]]\nkind = \"local\"\nrootfs = \"squashfs\"\n"),
+                "backend[0].rootfs",
+            ),
         ];
         for (text, key) in cases {
             let e = error_of(&text);
@@ -284,6 +317,7 @@ region = "home"
             format!("{BASE}region = \"again\"\n"),
             format!("{BASE}colour = \"blue\"\n"),
             format!("{BASE}[[backend]]\nkind = \"local\"\nvcpus = 0\n"),
+            format!("{BASE}[[backend]]\nkind = \"local\"\nrootfs = \"fast\"\n"),
         ];
         for text in cases {
             let e = error_of(&text);

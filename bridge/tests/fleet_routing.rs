@@ -226,6 +226,7 @@ async fn two_local_backends_around_a_flaky_one() {
             ram_mib: Some(ram_mib),
             kiln_home: Some(dir.path().join(name)),
             keep_ended_days: None,
+            rootfs: None,
         })
     };
     let built = backends::build(

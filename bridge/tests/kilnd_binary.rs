@@ -220,7 +220,11 @@ fn a_second_shim_of_a_grant_exits_naming_the_first_and_changes_nothing() {
     let launch = Launch {
         vmm: "/bin/false".into(),
         kernel: dir.path().join("vmlinux"),
-        initrd: dir.path().join("initrd"),
+        boot: kiln_bridge::machine::BootFiles {
+            initrd: dir.path().join("initrd"),
+            root_image: None,
+            kernel_args: Vec::new(),
+        },
         vcpus: 1,
         mem_mib: 128,
         runtime_dir: dir.path().join("vms"),

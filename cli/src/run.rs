@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kiln_bridge::machine::stop_signals as signals;
-use kiln_bridge::machine::{binary_beside_me, Drive, Event, Machine, MachineError, Sender, Spec};
+use kiln_bridge::machine::{
+    binary_beside_me, BootFiles, Drive, Event, Machine, MachineError, Sender, Spec,
+};
 use kiln_image::build::Options;
 use kiln_image::cache::Cache;
 use kiln_protocol::vmm::exit as vmm_exit;
@@ -131,15 +133,10 @@ pub fn run(cache: &Cache, home: &Path, a: RunArgs) -> Result<i32> {
         bail!("--disk needs a block root: leave out --rootfs initramfs");
     }
     let built = image::build_with_progress(cache, &opts)?;
-    let mut drives = Vec::new();
-    let mut kernel_args = Vec::new();
-    if let (Some(img), Some(arg)) = (&built.root_image, built.kernel_arg()) {
-        drives.push(Drive {
-            path: img.clone(),
-            read_only: true,
-        });
-        kernel_args.push(arg.to_string());
-    }
+    // As a grant boots it: the root image first, read-only.
+    let boot = BootFiles::of(&built);
+    let mut drives = boot.drives();
+    let mut kernel_args = boot.kernel_args.clone();
     // Held open (and already unlinked) until kiln-vmm has exited.
     let scratch = match a.disk {
         Some(size) => {
@@ -159,7 +156,7 @@ pub fn run(cache: &Cache, home: &Path, a: RunArgs) -> Result<i32> {
             .kernel
             .clone()
             .unwrap_or_else(|| home.join("kernel/vmlinux")),
-        initrd: built.path.clone(),
+        initrd: boot.initrd.clone(),
         vcpus: a.vcpus,
         mem_mib: a.mem,
         runtime_dir: home.join("vms"),

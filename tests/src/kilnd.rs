@@ -84,6 +84,12 @@ pub struct Kilnd {
 
 impl Kilnd {
     pub fn new(dir: &Path, vcpus: u32, ram_mib: u64) -> Kilnd {
+        Kilnd::with_backend(dir, vcpus, ram_mib, "")
+    }
+
+    /// As [`Kilnd::new`], with `extra` (TOML lines) added to the local
+    /// backend's table.
+    pub fn with_backend(dir: &Path, vcpus: u32, ram_mib: u64, extra: &str) -> Kilnd {
         let home = dir.join("home");
         std::fs::create_dir_all(home.join("kernel")).unwrap();
         std::fs::create_dir_all(home.join("bin")).unwrap();
@@ -102,7 +108,7 @@ impl Kilnd {
                 "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\nauth_token_file = \"{}\"\n\
                  region = \"home\"\nimage_tag_ttl_secs = 0\n\
                  [[backend]]\nkind = \"local\"\nvcpus = {vcpus}\n\
-                 ram_mib = {ram_mib}\nkiln_home = \"{}\"\n",
+                 ram_mib = {ram_mib}\nkiln_home = \"{}\"\n{extra}\n",
                 dir.join("state").display(),
                 dir.join("token").display(),
                 home.display()
@@ -165,6 +171,18 @@ impl Kilnd {
             .args(args)
             .env("KILN_BRIDGE_URL", &self.url)
             .env("KILN_BRIDGE_TOKEN", TOKEN)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kiln")
+    }
+
+    /// `kiln` on this kilnd's `$KILN_HOME`, as its operator would run it
+    /// (`kiln image build`, `kiln image ls`).
+    pub fn kiln_local(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("kiln"))
+            .args(args)
+            .env("KILN_HOME", self.home())
+            .env("KILN_VMM", bin("kiln-vmm"))
             .stdin(Stdio::null())
             .output()
             .expect("run kiln")

@@ -16,9 +16,14 @@ use crate::config::CapacityConfig;
 pub enum BuildError {
     #[error("Backend kind {0} is not available in this build")]
     NotInThisBuild(&'static str),
+    #[error("Backend {0}: rootfs must be {ROOTFS_WORDS}, not {1:?}")]
+    Rootfs(String, String),
     #[error("Backend {0} has an unusable capacity")]
     Capacity(String, #[source] CapacityError),
 }
+
+/// What a local backend's `rootfs` may say.
+pub const ROOTFS_WORDS: &str = "auto, initramfs or block";
 
 /// One `[[backend]]` table; `kind` picks the variant.
 #[derive(Debug, Deserialize)]
@@ -68,6 +73,12 @@ pub struct LocalSection {
     /// defaults to 7.
     #[serde(default)]
     pub keep_ended_days: Option<u32>,
+    /// The root filesystem of its grants' images: `auto` (by the image's
+    /// size, the default), `initramfs` or `block`. A string checked by
+    /// the config, since serde's own error for a bad word here would name
+    /// the `[[backend]]` table but not the key.
+    #[serde(default)]
+    pub rootfs: Option<String>,
 }
 
 /// What every backend may need from the rest of the configuration.
@@ -129,6 +140,7 @@ mod tests {
             ram_mib: Some(2048),
             kiln_home: Some("/nonexistent".into()),
             keep_ended_days: None,
+            rootfs: None,
         });
         let built = build(&[section], &ctx).unwrap();
         assert_eq!(built.len(), 1);

@@ -1,7 +1,7 @@
 //! `kiln-shim DIR`: looks after the VM of the grant whose directory is DIR
 //! (see `kiln_bridge::backends::local::shim`). kilnd starts it; it outlives
 //! kilnd and exits when the VM has ended and its final state is written.
-//! kilnd also runs it as `kiln-shim --build-image HOME IMAGE` to build a
+//! kilnd also runs it as `kiln-shim --build-image HOME IMAGE ROOTFS` to build a
 //! grant's image in a process of its own (see `backends::local::build`).
 
 use std::ffi::OsString;
@@ -22,10 +22,15 @@ fn main() -> ExitCode {
         .init();
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     match args.as_slice() {
-        [flag, home, image] if flag == build::BUILD_FLAG => match image.to_str() {
-            Some(image) => build::serve(Path::new(home), image),
-            None => usage(),
-        },
+        [flag, home, image, rootfs] if flag == build::BUILD_FLAG => {
+            match (
+                image.to_str(),
+                rootfs.to_str().and_then(build::Rootfs::parse),
+            ) {
+                (Some(image), Some(rootfs)) => build::serve(Path::new(home), image, rootfs),
+                _ => usage(),
+            }
+        }
         [dir] => match shim::run(Path::new(dir)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

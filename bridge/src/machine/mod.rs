@@ -2,12 +2,14 @@
 //! ready when its agent says so, and stopped and cleaned up however it
 //! ends. `kiln run` and the local backend both drive VMs through this.
 
+mod boot;
 mod cause;
 mod preflight;
 pub mod stop_signals;
 mod tail;
 
-pub use preflight::{kib_field, meminfo_kib, preflight, PreflightError};
+pub use boot::BootFiles;
+pub use preflight::{check_memory, kib_field, meminfo_kib, preflight, PreflightError};
 pub use tail::Tail;
 
 use std::io::{Read, Write};

@@ -29,8 +29,15 @@ pub enum PreflightError {
     NoVcpus,
     #[error("not enough memory: the VM needs {asked} MiB, the host has {available} MiB available; ask for less with --mem")]
     NotEnoughMemory { asked: u64, available: u64 },
-    #[error("{mem} MiB is too little for this image ({initrd} MiB initramfs): give the VM at least {needed} MiB with --mem")]
-    TooSmall { mem: u64, initrd: u64, needed: u64 },
+    /// `field` is what the requester sets the memory with (`--mem`, a
+    /// grant's `ram_mib`).
+    #[error("{mem} MiB is too little for this image ({initrd} MiB initramfs): give the VM at least {needed} MiB with {field}")]
+    TooSmall {
+        mem: u64,
+        initrd: u64,
+        needed: u64,
+        field: &'static str,
+    },
 }
 
 /// Everything `spec` needs from the host, checked without side effects.
@@ -50,16 +57,7 @@ pub fn preflight(spec: &Spec) -> Result<(), PreflightError> {
     if spec.vcpus == 0 {
         return Err(PreflightError::NoVcpus);
     }
-    // The initramfs is unpacked into guest RAM next to its own copy.
-    let initrd_mib = initrd.len().div_ceil(1 << 20);
-    let needed = 2 * initrd_mib + KERNEL_HEADROOM_MIB;
-    if spec.mem_mib < needed {
-        return Err(PreflightError::TooSmall {
-            mem: spec.mem_mib,
-            initrd: initrd_mib,
-            needed,
-        });
-    }
+    check_memory(spec.mem_mib, initrd.len(), "--mem")?;
     if let Some(available) = available_mib() {
         if spec.mem_mib > available {
             return Err(PreflightError::NotEnoughMemory {
@@ -67,6 +65,29 @@ pub fn preflight(spec: &Spec) -> Result<(), PreflightError> {
                 available,
             });
         }
+    }
+    Ok(())
+}
+
+/// Whether `mem_mib` of guest memory holds an initramfs of `initrd_bytes`:
+/// the kernel unpacks it into RAM next to its own copy (an uncompressed
+/// archive is about its unpacked size), plus room for the kernel. Kept in
+/// one place so `kiln run` and a grant refuse alike; `field` names the
+/// setting to raise.
+pub fn check_memory(
+    mem_mib: u64,
+    initrd_bytes: u64,
+    field: &'static str,
+) -> Result<(), PreflightError> {
+    let initrd_mib = initrd_bytes.div_ceil(1 << 20);
+    let needed = 2 * initrd_mib + KERNEL_HEADROOM_MIB;
+    if mem_mib < needed {
+        return Err(PreflightError::TooSmall {
+            mem: mem_mib,
+            initrd: initrd_mib,
+            needed,
+            field,
+        });
     }
     Ok(())
 }

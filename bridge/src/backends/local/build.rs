@@ -1,25 +1,66 @@
 //! A grant's image build, in a child process (`kiln-shim --build-image
-//! HOME IMAGE`): the builder's memory goes back to the system when the
+//! HOME IMAGE ROOTFS`): the builder's memory goes back to the system when the
 //! child ends instead of staying in kilnd, and stopping a provision stops
-//! its build by killing the child. The child answers with one JSON line.
+//! its build by killing the child. The child answers with one JSON line:
+//! what to boot (see [`BootFiles`]). It builds into `HOME/images`, the
+//! cache `kiln run` and `kiln image build` use, so their builds serve
+//! grants and the other way round.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
+use kiln_image::root::RootKind;
 use serde::{Deserialize, Serialize};
 
 use super::process::Process;
 use crate::error_chain;
+use crate::machine::BootFiles;
 
 /// The first argument that makes `kiln-shim` build instead of shim.
 pub const BUILD_FLAG: &str = "--build-image";
+
+/// The local backend's `rootfs` setting: which root filesystem its
+/// grants' images get, as `kiln run --rootfs` chooses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Rootfs {
+    /// By the image's unpacked size (kiln-image's rule).
+    #[default]
+    Auto,
+    Initramfs,
+    Block,
+}
+
+impl Rootfs {
+    pub fn kind(self) -> Option<RootKind> {
+        match self {
+            Rootfs::Auto => None,
+            Rootfs::Initramfs => Some(RootKind::Initramfs),
+            Rootfs::Block => Some(RootKind::Block),
+        }
+    }
+
+    /// As the build child's argument.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rootfs::Auto => "auto",
+            Rootfs::Initramfs => "initramfs",
+            Rootfs::Block => "block",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Rootfs> {
+        [Rootfs::Auto, Rootfs::Initramfs, Rootfs::Block]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
 
 /// The child's one line on stdout.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum BuildReply {
-    Built { path: PathBuf },
+    Built(BootFiles),
     Failed { error: String },
 }
 
@@ -38,11 +79,12 @@ pub enum BuildChildError {
     Failed(String),
 }
 
-/// In the child: builds `image` into `home`'s image cache and prints the
-/// reply line. Exits 0 when a reply was printed, whatever it says.
-pub fn serve(home: &Path, image: &str) -> ExitCode {
-    let reply = match build_here(home, image) {
-        Ok(path) => BuildReply::Built { path },
+/// In the child: builds `image` with a `rootfs` root into `home`'s image
+/// cache and prints the reply line. Exits 0 when a reply was printed,
+/// whatever it says.
+pub fn serve(home: &Path, image: &str, rootfs: Rootfs) -> ExitCode {
+    let reply = match build_here(home, image, rootfs) {
+        Ok(boot) => BuildReply::Built(boot),
         Err(e) => BuildReply::Failed { error: e },
     };
     let line = serde_json::to_string(&reply).unwrap_or_default();
@@ -53,7 +95,7 @@ pub fn serve(home: &Path, image: &str) -> ExitCode {
     }
 }
 
-fn build_here(home: &Path, image: &str) -> Result<PathBuf, String> {
+fn build_here(home: &Path, image: &str, rootfs: Rootfs) -> Result<BootFiles, String> {
     let cache = kiln_image::cache::Cache::open(&home.join("images"))
         .map_err(|e| format!("cannot open the image cache: {}", error_chain(&e)))?;
     let opts = kiln_image::build::Options {
@@ -65,22 +107,27 @@ fn build_here(home: &Path, image: &str) -> Result<PathBuf, String> {
         docker_config: None,
         refresh: false,
         output: None,
-        // The shim boots initramfs roots only.
-        root: Some(kiln_image::root::RootKind::Initramfs),
+        root: rootfs.kind(),
     };
     kiln_image::build::build(&cache, &opts, &mut |_| {})
-        .map(|b| b.path)
+        .map(|b| BootFiles::of(&b))
         .map_err(|e| error_chain(&e))
 }
 
-/// In kilnd: runs the build in a child of `shim` and returns the
-/// initramfs's path. Dropping the future kills the child.
-pub async fn build(shim: &Path, home: &Path, image: &str) -> Result<PathBuf, BuildChildError> {
+/// In kilnd: runs the build in a child of `shim` and returns what to boot.
+/// Dropping the future kills the child.
+pub async fn build(
+    shim: &Path,
+    home: &Path,
+    image: &str,
+    rootfs: Rootfs,
+) -> Result<BootFiles, BuildChildError> {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(shim);
     cmd.arg(BUILD_FLAG)
         .arg(home)
         .arg(image)
+        .arg(rootfs.as_str())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         // The builder's log lines join kilnd's.
@@ -106,7 +153,7 @@ pub async fn build(shim: &Path, home: &Path, image: &str) -> Result<PathBuf, Bui
         .rev()
         .find_map(|l| serde_json::from_str::<BuildReply>(l).ok());
     match reply {
-        Some(BuildReply::Built { path }) => Ok(path),
+        Some(BuildReply::Built(boot)) => Ok(boot),
         Some(BuildReply::Failed { error }) => Err(BuildChildError::Failed(error)),
         None => Err(BuildChildError::NoAnswer(output.status)),
     }

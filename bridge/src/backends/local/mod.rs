@@ -23,7 +23,9 @@ use crate::backend::{
 use crate::capacity::{CapacityLedger, Resources};
 use crate::grant::{Grant, TdxPolicy};
 use crate::host_key::HostKey;
-use crate::machine::{binary_beside_me, kib_field, meminfo_kib};
+use crate::machine::{
+    binary_beside_me, check_memory, kib_field, meminfo_kib, BootFiles, PreflightError,
+};
 use process::Process;
 use shim::{Launch, Phase, State};
 
@@ -54,6 +56,9 @@ pub enum LocalError {
     TooManyVcpus(u32),
     #[error("cannot build the image {0}")]
     Image(String, #[source] build::BuildChildError),
+    /// The grant's memory cannot hold its image; nothing was booted.
+    #[error(transparent)]
+    Memory(PreflightError),
     #[error("cannot prepare {0}")]
     Dir(PathBuf, #[source] std::io::Error),
     #[error("cannot make the grant's SSH host key")]
@@ -88,6 +93,7 @@ pub struct LocalBackend {
     vmm: PathBuf,
     shim: PathBuf,
     keep_ended: chrono::Duration,
+    rootfs: build::Rootfs,
 }
 
 impl LocalBackend {
@@ -107,6 +113,11 @@ impl LocalBackend {
         let keep_ended = chrono::Duration::days(i64::from(
             section.keep_ended_days.unwrap_or(DEFAULT_KEEP_ENDED_DAYS),
         ));
+        let rootfs = match section.rootfs.as_deref() {
+            None => build::Rootfs::Auto,
+            Some(word) => build::Rootfs::parse(word)
+                .ok_or_else(|| BuildError::Rootfs(name.clone(), word.to_string()))?,
+        };
         let backend = LocalBackend {
             name,
             region: section.region.clone().unwrap_or_else(|| ctx.region.clone()),
@@ -116,6 +127,7 @@ impl LocalBackend {
             vmm,
             shim: binary_beside_me("KILN_SHIM", "kiln-shim"),
             keep_ended,
+            rootfs,
         };
         backend.prune();
         Ok(backend)
@@ -160,8 +172,9 @@ impl LocalBackend {
     /// Builds the image, starts the shim, waits for the VM to run.
     async fn boot(&self, grant: &Grant) -> Result<ProvisionedInstance, LocalError> {
         let begun = Instant::now();
-        let initrd = self.build_image(&grant.image).await?;
+        let boot = self.build_image(&grant.image).await?;
         let image_ms = begun.elapsed().as_millis() as u64;
+        grant_memory_holds(grant.ram_mib, &boot)?;
         let dir = self.grant_dir(&grant.id);
         // A directory left by an earlier, failed attempt holds nothing live.
         let _ = std::fs::remove_dir_all(&dir);
@@ -170,7 +183,7 @@ impl LocalBackend {
         let launch = Launch {
             vmm: self.vmm.clone(),
             kernel: self.home.join("kernel/vmlinux"),
-            initrd,
+            boot,
             vcpus: grant.vcpus as u8,
             mem_mib: grant.ram_mib,
             runtime_dir: self.home.join("vms"),
@@ -231,8 +244,8 @@ impl LocalBackend {
 
     /// Builds in a child process (see [`build`]), so kilnd keeps none of
     /// the builder's memory and a dropped provision stops its build.
-    async fn build_image(&self, image: &str) -> Result<PathBuf, LocalError> {
-        build::build(&self.shim, &self.home, image)
+    async fn build_image(&self, image: &str) -> Result<BootFiles, LocalError> {
+        build::build(&self.shim, &self.home, image, self.rootfs)
             .await
             .map_err(|e| LocalError::Image(image.to_string(), e))
     }
@@ -273,6 +286,16 @@ impl LocalBackend {
             BackendError::Fatal(Box::new(LocalError::Foreign(instance.instance_id.clone())))
         })
     }
+}
+
+/// Refuses, before anything boots, a grant whose memory cannot hold the
+/// initramfs it would unpack: the rule `kiln run` applies, naming the
+/// grant's field instead of the flag.
+fn grant_memory_holds(ram_mib: u64, boot: &BootFiles) -> Result<(), LocalError> {
+    let size = std::fs::metadata(&boot.initrd)
+        .map_err(|_| LocalError::Memory(PreflightError::InitrdMissing(boot.initrd.clone())))?
+        .len();
+    check_memory(ram_mib, size, "the grant's ram_mib").map_err(LocalError::Memory)
 }
 
 /// Polls the shim's state until the VM runs, ends, or the shim dies.
@@ -387,6 +410,8 @@ impl Backend for LocalBackend {
                 Err(match e {
                     // Another backend pulls the same image the same way.
                     LocalError::Image(..) => BackendError::Fatal(Box::new(e)),
+                    // Any backend would unpack the same initramfs.
+                    LocalError::Memory(..) => BackendError::Fatal(Box::new(e)),
                     _ => BackendError::Transient(Box::new(e)),
                 })
             }
@@ -474,4 +499,40 @@ fn host_cpus() -> u32 {
 
 fn host_ram_mib() -> u64 {
     meminfo_kib("MemTotal").map_or(0, |kib| kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_too_small_for_its_initramfs_is_refused_naming_the_figure_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let initrd = dir.path().join("initrd");
+        std::fs::write(&initrd, vec![0u8; 10 << 20]).unwrap();
+        let boot = BootFiles {
+            initrd: initrd.clone(),
+            root_image: None,
+            kernel_args: Vec::new(),
+        };
+        let e = grant_memory_holds(60, &boot).unwrap_err();
+        assert!(matches!(
+            e,
+            LocalError::Memory(PreflightError::TooSmall { .. })
+        ));
+        let e = e.to_string();
+        assert!(
+            e.contains("at least 68 MiB") && e.contains("ram_mib"),
+            "{e}"
+        );
+        grant_memory_holds(68, &boot).unwrap();
+        let gone = BootFiles {
+            initrd: dir.path().join("gone"),
+            ..boot
+        };
+        assert!(grant_memory_holds(512, &gone)
+            .unwrap_err()
+            .to_string()
+            .contains("gone"));
+    }
 }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::HostUsage;
 use crate::dir_lock::{DirLock, LockError};
 use crate::error_chain;
-use crate::machine::{stop_signals, Event, Machine, Spec};
+use crate::machine::{stop_signals, BootFiles, Event, Machine, Spec};
 
 /// What the local backend asks the shim to run (`launch.json`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -28,7 +28,9 @@ use crate::machine::{stop_signals, Event, Machine, Spec};
 pub struct Launch {
     pub vmm: PathBuf,
     pub kernel: PathBuf,
-    pub initrd: PathBuf,
+    /// The image build's initramfs, and a block root's image and kernel
+    /// arguments.
+    pub boot: BootFiles,
     pub vcpus: u8,
     pub mem_mib: u64,
     /// `$KILN_HOME/vms`.
@@ -158,15 +160,15 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
     let spec = Spec {
         vmm: launch.vmm.clone(),
         kernel: launch.kernel.clone(),
-        initrd: launch.initrd.clone(),
+        initrd: launch.boot.initrd.clone(),
         vcpus: launch.vcpus,
         mem_mib: launch.mem_mib,
         runtime_dir: launch.runtime_dir.clone(),
         die_with_parent: true,
         boot_timeout: Duration::from_millis(launch.boot_timeout_ms),
         metrics: Some(dir.join(METRICS_FILE)),
-        drives: Vec::new(),
-        kernel_args: Vec::new(),
+        drives: launch.boot.drives(),
+        kernel_args: launch.boot.kernel_args.clone(),
     };
     let mut machine = match Machine::launch_cancellable(&spec, &|| stop_signals::count() > 0) {
         Ok(m) => m,
