@@ -109,3 +109,63 @@ fn built_initramfs_boots_and_shows_the_flattened_tree() {
         assert!(report.contains(line), "missing {line:?} in:\n{report}");
     }
 }
+
+/// A block-root boot whose disk is missing: the real agent (PID 1) says
+/// why on the console with its fatal marker, and kiln-vmm reports an init
+/// failure (6) instead of hanging or panicking the guest.
+#[test]
+fn block_root_without_its_disk_fails_with_the_agents_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let st = Command::new("bash")
+        .args([
+            "-euc",
+            &format!(
+                "cd {d}; umoci init --layout oci; umoci new --image oci:t; \
+             umoci unpack --image oci:t b >/dev/null; mkdir -p b/rootfs/bin; \
+             cp /bin/busybox b/rootfs/bin/; umoci repack --image oci:t b"
+            ),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "umoci image");
+    let initrd = dir.path().join("boot.cpio");
+    let out = Command::new(bin("kiln"))
+        .args(["image", "build", "--rootfs", "block", "--oci-layout"])
+        .arg(format!("{d}/oci:t"))
+        .arg("--agent")
+        .arg(kiln_tests::agent())
+        .arg("-o")
+        .arg(&initrd)
+        .env("KILN_HOME", dir.path().join("home"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("boot.cpio.erofs").is_file());
+
+    let serial = dir.path().join("serial.log");
+    let vmm = VmmProcess::spawn(&[
+        "--kernel",
+        kernel().to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 reboot=k panic=-1 quiet kiln.root=vda",
+        "--mem-mib",
+        "256",
+        "--serial-log",
+        serial.to_str().unwrap(),
+        "--die-with-parent",
+    ]);
+    let (status, stderr) = vmm.wait(Duration::from_secs(300));
+    let text = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert_eq!(status.code(), Some(6), "stderr: {stderr}\nserial:\n{text}");
+    assert!(
+        text.contains("KILN_AGENT_FATAL block root: device /dev/vda did not appear"),
+        "{text}"
+    );
+}

@@ -286,3 +286,56 @@ fn another_user_gets_a_hint_and_never_an_empty_listing() {
         );
     }
 }
+
+/// `--rootfs block`: an erofs root image next to an agent-only initramfs,
+/// cached under its own key beside the initramfs build of the same image,
+/// found again, chosen by `auto` only for large images, and removed with
+/// its build.
+#[test]
+fn block_root_builds_are_cached_beside_initramfs_builds() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let layout = image(dir.path());
+    std::fs::create_dir_all(home.join("bin")).unwrap();
+    std::fs::write(home.join("bin/kiln-agent"), b"agent").unwrap();
+    let build = |rootfs: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(kiln(
+            &home,
+            &[
+                "image",
+                "build",
+                "--oci-layout",
+                &layout,
+                "--rootfs",
+                rootfs,
+                "--json",
+            ],
+        )))
+        .unwrap()
+    };
+    let block = build("block");
+    assert_eq!(block["rootfs"], "block");
+    assert_eq!(block["cached"], false);
+    let root = std::path::PathBuf::from(block["root_image"].as_str().unwrap());
+    let erofs = std::fs::read(&root).unwrap();
+    // The erofs magic at byte 1024.
+    assert_eq!(&erofs[1024..1028], &[0xe2, 0xe1, 0xf5, 0xe0]);
+    let again = build("block");
+    assert_eq!(again["cached"], true);
+    assert_eq!(again["measurement"], block["measurement"]);
+
+    // A tiny image: `auto` keeps the initramfs path, a build of its own.
+    let auto = build("auto");
+    assert_eq!(auto["rootfs"], "initramfs");
+    assert_eq!(auto["cached"], false);
+    assert!(auto["root_image"].is_null());
+    assert_ne!(auto["measurement"], block["measurement"]);
+    assert_eq!(build("initramfs")["cached"], true);
+
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(kiln(&home, &["image", "ls", "--json"]))).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 2);
+    let digest = block["digest"].as_str().unwrap();
+    ok(kiln(&home, &["image", "rm", digest]));
+    assert!(!root.exists(), "root image left behind");
+}

@@ -35,6 +35,10 @@ struct Args {
     /// Base kernel command line (devices and host workarounds are appended)
     #[arg(long)]
     cmdline: Option<String>,
+    /// One more kernel argument after the base command line (repeatable);
+    /// unlike --cmdline it keeps kiln-vmm's defaults
+    #[arg(long = "append", value_name = "ARG")]
+    append: Vec<String>,
     #[arg(long)]
     vcpus: Option<u8>,
     /// Guest memory in MiB
@@ -197,6 +201,10 @@ fn merge_config(args: &Args) -> anyhow::Result<VmConfig> {
     }
     if let Some(s) = &args.cmdline {
         c.cmdline = s.clone();
+    }
+    for a in &args.append {
+        c.cmdline.push(' ');
+        c.cmdline.push_str(a);
     }
     if let Some(v) = args.vcpus {
         c.vcpus = v;

@@ -54,9 +54,6 @@ pub struct Drive {
     pub read_only: bool,
 }
 
-/// kiln-vmm's default kernel command line, which `--cmdline` replaces.
-const VMM_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
-
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
     #[error(transparent)]
@@ -211,9 +208,9 @@ impl Machine {
             cmd.arg(if d.read_only { "--drive-ro" } else { "--drive" })
                 .arg(&d.path);
         }
-        if !spec.kernel_args.is_empty() {
-            cmd.arg("--cmdline")
-                .arg(format!("{VMM_CMDLINE} {}", spec.kernel_args.join(" ")));
+        // Appended, so kiln-vmm's own base command line stays its own.
+        for a in &spec.kernel_args {
+            cmd.arg("--append").arg(a);
         }
         // SAFETY: setpgid is async-signal-safe. Its own process group keeps
         // the VMM out of the terminal's Ctrl-C, which the launcher handles.
