@@ -31,10 +31,28 @@ pub fn qemu_microvm(
     init_args: &str,
     level: PvmCmdline,
 ) -> Command {
+    qemu_microvm_root(kernel, initrd, None, vcpus, mem_mib, init_args, level)
+}
+
+/// As [`qemu_microvm`], with `root` (a block root's image) as a read-only
+/// virtio-blk disk and `kiln.root=vda` on the command line, as kiln-vmm
+/// gives a block root.
+pub fn qemu_microvm_root(
+    kernel: &Path,
+    initrd: &Path,
+    root: Option<&Path>,
+    vcpus: u8,
+    mem_mib: u64,
+    init_args: &str,
+    level: PvmCmdline,
+) -> Command {
     let pvm = pvm_host();
     let mut append = BASE_CMDLINE.to_string();
     if pvm {
         append = format!("{append} {}", kiln_vmm::host::pvm_cmdline(level).join(" "));
+    }
+    if root.is_some() {
+        append.push_str(" kiln.root=vda");
     }
     if !init_args.is_empty() {
         append = format!("{append} -- {init_args}");
@@ -63,6 +81,14 @@ pub fn qemu_microvm(
         .arg("-initrd")
         .arg(initrd)
         .args(["-append", &append]);
+    if let Some(root) = root {
+        q.arg("-drive")
+            .arg(format!(
+                "file={},if=none,id=root,format=raw,readonly=on",
+                root.display()
+            ))
+            .args(["-device", "virtio-blk-device,drive=root"]);
+    }
     q
 }
 
