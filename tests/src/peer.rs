@@ -58,7 +58,15 @@ pub fn qemu_microvm_root(
         append = format!("{append} -- {init_args}");
     }
     let mut q = Command::new("qemu-system-x86_64");
-    q.args(["-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on"])
+    // QEMU names its virtio-mmio devices on the kernel command line only
+    // with ACPI off; kiln's guest kernel has no ACPI, so without it the
+    // root disk never appears (the agent stops: /dev/vda did not appear).
+    let machine = if root.is_some() {
+        "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off"
+    } else {
+        "microvm,x-option-roms=off,rtc=off,isa-serial=on"
+    };
+    q.args(["-M", machine])
         .args(["-enable-kvm", "-cpu"])
         // On PVM hosts QEMU's `-cpu host` aborts setting
         // IA32_ARCH_CAPABILITIES, and needs the same masks kiln applies.
