@@ -21,6 +21,10 @@ packages=(
   # block roots: erofs-utils checks the erofs writer's images in tests;
   # mkfs.ext4 formats `kiln run --disk` scratch disks
   erofs-utils e2fsprogs
+  # the real-image tests and benchmark: a Debian+python3 image made with
+  # debootstrap (scripts/build-python-image.sh); mksquashfs is the peer of
+  # the image build benchmark
+  debootstrap squashfs-tools
   # the boot-time peer for benchmarks
   qemu-system-x86
   # tests: setpriv (util-linux), OpenSSH client
@@ -54,4 +58,7 @@ RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$repo/target/guest" 
 install -D -m 0755 "$repo/target/guest/x86_64-unknown-linux-gnu/guest/kiln-agent" "$kiln_home/bin/kiln-agent"
 
 "$repo/scripts/build-demo-image.sh" "$kiln_home/demo/oci"
+# The real-image tests' Debian+python3 image, cached outside the repo
+# (a few minutes once; reused while its recipe is unchanged).
+"$repo/scripts/build-python-image.sh" >/dev/null
 echo "setup: done"

@@ -60,3 +60,28 @@ pub fn styled_archive(dir: &Path) -> (PathBuf, String) {
     let sums = std::fs::read_to_string(dir.join("sums")).unwrap_or_default();
     (dir.join("styled.tar"), sums)
 }
+
+/// The Debian bookworm minbase + python3 image (tag `py`), built by
+/// scripts/build-python-image.sh with debootstrap and umoci, or reused
+/// from the kiln cache where that script built it before. Returns its OCI
+/// layout directory. Needs root and the machine's Debian mirror.
+pub fn python_layout() -> PathBuf {
+    let script = crate::workspace_root().join("scripts/build-python-image.sh");
+    let out = std::process::Command::new(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed:\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let layout = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+    assert!(
+        layout.join("index.json").exists(),
+        "no OCI layout at {}",
+        layout.display()
+    );
+    layout
+}

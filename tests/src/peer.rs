@@ -31,16 +31,42 @@ pub fn qemu_microvm(
     init_args: &str,
     level: PvmCmdline,
 ) -> Command {
+    qemu_microvm_root(kernel, initrd, None, vcpus, mem_mib, init_args, level)
+}
+
+/// As [`qemu_microvm`], with `root` (a block root's image) as a read-only
+/// virtio-blk disk and `kiln.root=vda` on the command line, as kiln-vmm
+/// gives a block root.
+pub fn qemu_microvm_root(
+    kernel: &Path,
+    initrd: &Path,
+    root: Option<&Path>,
+    vcpus: u8,
+    mem_mib: u64,
+    init_args: &str,
+    level: PvmCmdline,
+) -> Command {
     let pvm = pvm_host();
     let mut append = BASE_CMDLINE.to_string();
     if pvm {
         append = format!("{append} {}", kiln_vmm::host::pvm_cmdline(level).join(" "));
     }
+    if root.is_some() {
+        append.push_str(" kiln.root=vda");
+    }
     if !init_args.is_empty() {
         append = format!("{append} -- {init_args}");
     }
     let mut q = Command::new("qemu-system-x86_64");
-    q.args(["-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on"])
+    // QEMU names its virtio-mmio devices on the kernel command line only
+    // with ACPI off; kiln's guest kernel has no ACPI, so without it the
+    // root disk never appears (the agent stops: /dev/vda did not appear).
+    let machine = if root.is_some() {
+        "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off"
+    } else {
+        "microvm,x-option-roms=off,rtc=off,isa-serial=on"
+    };
+    q.args(["-M", machine])
         .args(["-enable-kvm", "-cpu"])
         // On PVM hosts QEMU's `-cpu host` aborts setting
         // IA32_ARCH_CAPABILITIES, and needs the same masks kiln applies.
@@ -63,6 +89,14 @@ pub fn qemu_microvm(
         .arg("-initrd")
         .arg(initrd)
         .args(["-append", &append]);
+    if let Some(root) = root {
+        q.arg("-drive")
+            .arg(format!(
+                "file={},if=none,id=root,format=raw,readonly=on",
+                root.display()
+            ))
+            .args(["-device", "virtio-blk-device,drive=root"]);
+    }
     q
 }
 
