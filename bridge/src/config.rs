@@ -135,7 +135,10 @@ impl Config {
                 if crate::backends::local::build::Rootfs::parse(word).is_none() {
                     return Err(ConfigError::invalid(
                         format!("backend[{i}].rootfs"),
-                        format!("must be {}, not {word:?}", crate::backends::ROOTFS_WORDS),
+                        format!(
+                            "must be {}, not {word:?}",
+                            crate::backends::local::build::Rootfs::WORDS
+                        ),
                     ));
                 }
             }

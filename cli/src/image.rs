@@ -5,7 +5,6 @@ use clap::{Args, Subcommand};
 use kiln_image::build::{self, Built, Event, Input, Options};
 use kiln_image::cache::Cache;
 use kiln_image::compress::Compression;
-use kiln_image::root::RootKind;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
@@ -52,7 +51,7 @@ pub struct BuildArgs {
     output: Option<PathBuf>,
     /// Root filesystem: the whole image in the initramfs, an erofs image
     /// for a virtio-blk root next to an agent-only initramfs, or by size.
-    #[arg(long, value_enum, default_value = "initramfs")]
+    #[arg(long, value_name = "auto|initramfs|block", value_parser = parse_rootfs, default_value = "initramfs")]
     rootfs: Rootfs,
     /// Refuse images whose layers expand to more than this many bytes.
     #[arg(long, value_name = "BYTES", default_value_t = kiln_image::assemble::DEFAULT_MAX_EXPANDED)]
@@ -135,21 +134,11 @@ fn image_build(cache: &Cache, home: &Path, a: BuildArgs) -> Result<()> {
 }
 
 /// `--rootfs`: a root kind, or `auto` to pick by the image's size.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Rootfs {
-    Auto,
-    Initramfs,
-    Block,
-}
+pub use kiln_image::root::Rootfs;
 
-impl Rootfs {
-    pub fn kind(self) -> Option<RootKind> {
-        match self {
-            Rootfs::Auto => None,
-            Rootfs::Initramfs => Some(RootKind::Initramfs),
-            Rootfs::Block => Some(RootKind::Block),
-        }
-    }
+/// `--rootfs`'s value.
+pub fn parse_rootfs(s: &str) -> Result<Rootfs, String> {
+    Rootfs::parse(s).ok_or_else(|| format!("must be {}", Rootfs::WORDS))
 }
 
 /// The image source the user named: an archive, a layout, or a reference.

@@ -66,7 +66,7 @@ pub struct RunArgs {
     pub insecure: Vec<String>,
     /// Root filesystem: the image in the initramfs, on a read-only virtio-blk
     /// disk under a writable overlay, or picked by the image's size.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_name = "auto|initramfs|block", value_parser = image::parse_rootfs, default_value = "auto")]
     pub rootfs: Rootfs,
     /// Give the VM a scratch disk of SIZE (e.g. 1G, 512M) for everything it
     /// writes (a block root's overlay); removed when the run ends.

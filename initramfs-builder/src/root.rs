@@ -44,6 +44,46 @@ impl RootKind {
     }
 }
 
+/// A root kind, or `auto` to pick one by the image's size: what
+/// `kiln run --rootfs`, `kiln image build --rootfs` and the local
+/// backend's `rootfs` setting take.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Rootfs {
+    /// By the image's unpacked size ([`RootKind::auto`]).
+    #[default]
+    Auto,
+    Initramfs,
+    Block,
+}
+
+impl Rootfs {
+    /// The words it is written as, for messages.
+    pub const WORDS: &'static str = "auto, initramfs or block";
+
+    /// The kind it fixes, or None for `auto`.
+    pub fn kind(self) -> Option<RootKind> {
+        match self {
+            Rootfs::Auto => None,
+            Rootfs::Initramfs => Some(RootKind::Initramfs),
+            Rootfs::Block => Some(RootKind::Block),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rootfs::Auto => "auto",
+            Rootfs::Initramfs => "initramfs",
+            Rootfs::Block => "block",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Rootfs> {
+        [Rootfs::Auto, Rootfs::Initramfs, Rootfs::Block]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("unknown root filesystem kind {0:?} (initramfs, block)")]
 pub struct UnknownRootKind(String);

@@ -16,14 +16,11 @@ use crate::config::CapacityConfig;
 pub enum BuildError {
     #[error("Backend kind {0} is not available in this build")]
     NotInThisBuild(&'static str),
-    #[error("Backend {0}: rootfs must be {ROOTFS_WORDS}, not {1:?}")]
+    #[error("Backend {0}: rootfs must be {words}, not {1:?}", words = kiln_image::root::Rootfs::WORDS)]
     Rootfs(String, String),
     #[error("Backend {0} has an unusable capacity")]
     Capacity(String, #[source] CapacityError),
 }
-
-/// What a local backend's `rootfs` may say.
-pub const ROOTFS_WORDS: &str = "auto, initramfs or block";
 
 /// One `[[backend]]` table; `kind` picks the variant.
 #[derive(Debug, Deserialize)]

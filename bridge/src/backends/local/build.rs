@@ -10,7 +10,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
-use kiln_image::root::RootKind;
 use serde::{Deserialize, Serialize};
 
 use super::process::Process;
@@ -20,41 +19,8 @@ use crate::machine::BootFiles;
 /// The first argument that makes `kiln-shim` build instead of shim.
 pub const BUILD_FLAG: &str = "--build-image";
 
-/// The local backend's `rootfs` setting: which root filesystem its
-/// grants' images get, as `kiln run --rootfs` chooses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Rootfs {
-    /// By the image's unpacked size (kiln-image's rule).
-    #[default]
-    Auto,
-    Initramfs,
-    Block,
-}
-
-impl Rootfs {
-    pub fn kind(self) -> Option<RootKind> {
-        match self {
-            Rootfs::Auto => None,
-            Rootfs::Initramfs => Some(RootKind::Initramfs),
-            Rootfs::Block => Some(RootKind::Block),
-        }
-    }
-
-    /// As the build child's argument.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Rootfs::Auto => "auto",
-            Rootfs::Initramfs => "initramfs",
-            Rootfs::Block => "block",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Rootfs> {
-        [Rootfs::Auto, Rootfs::Initramfs, Rootfs::Block]
-            .into_iter()
-            .find(|r| r.as_str() == s)
-    }
-}
+/// The local backend's `rootfs` setting, as `kiln run --rootfs` takes it.
+pub use kiln_image::root::Rootfs;
 
 /// The child's one line on stdout.
 #[derive(Debug, Serialize, Deserialize)]
