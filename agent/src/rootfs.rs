@@ -6,7 +6,7 @@
 //! into the overlay, frees the initramfs and switches root into it the way
 //! `switch_root` does (move the new root onto `/`, then chroot).
 
-use std::ffi::CString;
+use crate::system::{self, cstr};
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -85,10 +85,6 @@ fn device(name: &str, wait: Duration) -> Result<String, RootError> {
     Ok(path)
 }
 
-fn cstr(s: &str) -> CString {
-    CString::new(s).unwrap_or_default()
-}
-
 fn last_error() -> io::Error {
     io::Error::last_os_error()
 }
@@ -100,34 +96,14 @@ fn mount(
     flags: libc::c_ulong,
     data: &str,
 ) -> Result<(), RootError> {
-    std::fs::create_dir_all(target).map_err(|e| RootError::Mount {
-        what: source.to_string(),
+    system::try_mount(source, target, fstype, flags, data).map_err(|e| RootError::Mount {
+        what: format!(
+            "{source} ({})",
+            if fstype.is_empty() { "move" } else { fstype }
+        ),
         target: target.to_string(),
         source: e,
-    })?;
-    let (s, t, f, d) = (cstr(source), cstr(target), cstr(fstype), cstr(data));
-    let fptr = if fstype.is_empty() {
-        std::ptr::null()
-    } else {
-        f.as_ptr()
-    };
-    let dptr = if data.is_empty() {
-        std::ptr::null()
-    } else {
-        d.as_ptr().cast()
-    };
-    // SAFETY: NUL-terminated strings that outlive the call.
-    if unsafe { libc::mount(s.as_ptr(), t.as_ptr(), fptr, flags, dptr) } != 0 {
-        return Err(RootError::Mount {
-            what: format!(
-                "{source} ({})",
-                if fstype.is_empty() { "move" } else { fstype }
-            ),
-            target: target.to_string(),
-            source: last_error(),
-        });
-    }
-    Ok(())
+    })
 }
 
 /// Mounts the root image and its overlay, then makes the overlay `/`.

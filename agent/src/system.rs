@@ -9,23 +9,42 @@ pub fn console(line: &str) {
     let _ = writeln!(err, "kiln-agent: {line}");
 }
 
-fn cstr(s: &str) -> CString {
+pub(crate) fn cstr(s: &str) -> CString {
     CString::new(s).unwrap_or_default()
 }
 
-/// mount(2), creating the target; already-mounted is fine.
-pub fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) {
-    let _ = std::fs::create_dir_all(target);
+/// mount(2), creating the target first. An empty `fstype` or `data` is
+/// passed as NULL (as a move or a bind mount needs).
+pub fn try_mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(target)?;
     let (s, t, f, d) = (cstr(source), cstr(target), cstr(fstype), cstr(data));
+    let fstype_ptr = if fstype.is_empty() {
+        std::ptr::null()
+    } else {
+        f.as_ptr()
+    };
     let data_ptr = if data.is_empty() {
         std::ptr::null()
     } else {
         d.as_ptr().cast()
     };
     // SAFETY: NUL-terminated strings that outlive the call.
-    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, data_ptr) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
+    if unsafe { libc::mount(s.as_ptr(), t.as_ptr(), fstype_ptr, flags, data_ptr) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// mount(2), creating the target; already-mounted is fine, any other
+/// failure is said on the console and left for what needs it to find.
+pub fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) {
+    if let Err(e) = try_mount(source, target, fstype, flags, data) {
         if e.raw_os_error() != Some(libc::EBUSY) {
             console(&format!("mount {fstype} on {target}: {e}"));
         }
