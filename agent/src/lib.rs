@@ -6,6 +6,7 @@
 //! It must depend on nothing a bare initramfs does not have: it is a static
 //! binary and reads only the kernel's interfaces and its own files.
 
+pub mod identity;
 pub mod image_config;
 pub mod reaper;
 pub mod rootfs;

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use kiln_agent::image_config::{self, ImageConfig};
 use kiln_agent::system::{self, console};
-use kiln_agent::{reaper, rootfs, ssh, usage, user, vsock, workload};
+use kiln_agent::{identity, reaper, rootfs, ssh, usage, user, vsock, workload};
 use kiln_protocol::console::{agent_fatal_line, READY_MARKER};
 use kiln_protocol::{
-    read_frame, ExitStatus, Frame, Message, Workload, CONTROL_PORT,
+    read_frame, ExitStatus, Frame, Identity, Message, Workload, CONTROL_PORT,
     EXIT_NOT_EXECUTABLE as NOT_EXECUTABLE, EXIT_NOT_FOUND as NOT_FOUND,
 };
 
@@ -129,25 +129,31 @@ fn main() {
     }
 
     let conn: Conn = Arc::new(Mutex::new(connect_host()));
-    let uptime_ms = std::fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(boot.elapsed().as_millis() as u64, |s| (s * 1000.0) as u64);
-    send(
-        &conn,
-        &Frame::Control(Message::Ready {
+    let ready = |resumed: bool| {
+        let uptime_ms = std::fs::read_to_string("/proc/uptime")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(boot.elapsed().as_millis() as u64, |s| (s * 1000.0) as u64);
+        Frame::Control(Message::Ready {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms,
             init_to_ready_ms: system::boot_clock_ms().saturating_sub(started),
-        }),
-    );
+            resumed,
+        })
+    };
+    send(&conn, &ready(false));
     console(READY_MARKER);
     if is_init && system::kernel_cmdline_has(FAULT_PANIC) {
         // Lets tests prove how a fatal agent error ends the VM.
         panic!("fault injected by {FAULT_PANIC}");
     }
 
-    let start = wait_for_start(&conn);
+    let start = wait_for_start(&conn, &|| ready(true));
+    if let Some(id) = &start.identity {
+        if let Err(e) = identity::apply(id) {
+            console(&format!("identity: {e}"));
+        }
+    }
     // SSH is a convenience next to the workload: without it the VM still runs.
     if !start.authorized_keys.is_empty() {
         match ssh::start(&start.authorized_keys, start.ssh_host_key.as_deref()) {
@@ -209,20 +215,23 @@ struct StartRequest {
     authorized_keys: Vec<String>,
     ssh_host_key: Option<String>,
     one_shot: bool,
+    identity: Option<Box<Identity>>,
 }
 
 /// Reads frames until the host says what to run (or runs the image's
-/// default when there is no host).
-fn wait_for_start(conn: &Conn) -> StartRequest {
+/// default when there is no host). A channel reset while waiting is what
+/// a restored snapshot sees (its VMM drops every vsock connection): the
+/// agent connects again, says `ready` (`resumed`) and goes on waiting.
+fn wait_for_start(conn: &Conn, resumed_ready: &dyn Fn() -> Frame) -> StartRequest {
     let default = StartRequest {
         workload: Workload::default(),
         usage_interval: Duration::from_secs(1),
         authorized_keys: Vec::new(),
         ssh_host_key: None,
         one_shot: true,
+        identity: None,
     };
-    let reader = reader_of(conn);
-    let Some(mut reader) = reader else {
+    let Some(mut reader) = reader_of(conn) else {
         return default;
     };
     loop {
@@ -233,6 +242,7 @@ fn wait_for_start(conn: &Conn) -> StartRequest {
                 authorized_keys,
                 ssh_host_key,
                 one_shot,
+                identity,
             })))) => {
                 return StartRequest {
                     workload,
@@ -240,11 +250,23 @@ fn wait_for_start(conn: &Conn) -> StartRequest {
                     authorized_keys,
                     ssh_host_key,
                     one_shot,
+                    identity,
                 }
             }
             Ok(Some(Ok(_))) => send(conn, &error("expected a start message")),
             Ok(Some(Err(e))) => send(conn, &error(&e.to_string())),
-            Ok(None) | Err(_) => return default,
+            Ok(None) | Err(_) => {
+                let Some(again) = connect_host() else {
+                    return default;
+                };
+                console("control channel reset: connected again");
+                let Ok(next) = again.try_clone() else {
+                    return default;
+                };
+                *conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(again);
+                reader = next;
+                send(conn, &resumed_ready());
+            }
         }
     }
 }

@@ -269,6 +269,7 @@ impl Session {
                 ssh_host_key: None,
                 usage_interval_ms: 1000,
                 one_shot: true,
+                identity: kiln_protocol::Identity::from_host(None).ok(),
             }))
             .context("cannot send the command to the agent")?;
         if interactive {

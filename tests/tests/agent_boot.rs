@@ -1,12 +1,13 @@
 //! The agent as PID 1 in a real micro-VM: readiness, a workload run with
 //! the requested env, cwd and user, output and exit code over vsock, usage
-//! reports, and power-off when the workload ends. One VM for all of it.
+//! reports, the per-VM identity (hostname, clock, entropy), and power-off
+//! when the workload ends. One VM for all of it.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use kiln_protocol::console::{AGENT_FATAL_MARKER, READY_MARKER};
-use kiln_protocol::{ExitStatus, Frame, Message, Workload};
+use kiln_protocol::{ExitStatus, Frame, Identity, Message, Workload};
 use kiln_tests::{agent, AgentVm, GuestRoot};
 
 #[test]
@@ -24,6 +25,7 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
             agent_version,
             uptime_ms,
             init_to_ready_ms,
+            ..
         }) => {
             assert_eq!(agent_version, env!("CARGO_PKG_VERSION"));
             assert!(uptime_ms > 0);
@@ -33,6 +35,7 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
     }
 
     let script = "echo out:$FOO:$FROM_IMAGE:${KILN_AGENT_STARTED_MS:-unset}:${GLIBC_TUNABLES%%,*}; echo err >&2; id -u; id -g; pwd; echo $HOME; \
+                  echo $(cat /proc/sys/kernel/hostname) $(busybox date -u +%Y-%m-%d); \
                   i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; echo last; exit 3";
     let start = Frame::Control(Message::Start {
         workload: Workload {
@@ -46,6 +49,13 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
         ssh_host_key: None,
         usage_interval_ms: 200,
         one_shot: true,
+        // 2031-10-17; the entropy's effect is shown on restored clones
+        // (two clones of one snapshot draw different bytes).
+        identity: Some(Box::new(Identity {
+            entropy: vec![7; 64],
+            unix_time_ms: Some(1_950_000_000_000),
+            hostname: Some("clone-7".into()),
+        })),
     });
     vm.send(&start);
 
@@ -72,7 +82,7 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
         stdout,
         // glibc stays off AVX in workloads too, whether the tunable came
         // from a PVM host's command line or from the agent's re-exec.
-        "out:bar:1:unset:glibc.cpu.hwcaps=-AVX\n1000\n1000\n/tmp\n/home/app\nlast\n"
+        "out:bar:1:unset:glibc.cpu.hwcaps=-AVX\n1000\n1000\n/tmp\n/home/app\nclone-7 2031-10-17\nlast\n"
     );
     assert_eq!(String::from_utf8(stderr).unwrap(), "err\n");
     assert_eq!(status, ExitStatus::Code(3));
@@ -85,6 +95,7 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
     let (code, err, text) = vm.wait(Duration::from_secs(120));
     assert_eq!(code.code(), Some(0), "{err}\n{text}");
     assert!(text.contains(READY_MARKER), "{text}");
+    assert!(!text.contains("identity:"), "the identity was refused:\n{text}");
 }
 
 /// PID 1 must never just die: a fatal agent error is written to the

@@ -35,6 +35,7 @@ fn openssh_client_reaches_the_agent_over_vsock() {
         ssh_host_key: None,
         usage_interval_ms: 1000,
         one_shot: false,
+        identity: None,
     });
     vm.send(&start);
     // The workload ends at once; the VM must stay up for SSH.

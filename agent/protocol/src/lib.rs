@@ -70,6 +70,46 @@ pub fn valid_env_name(name: &str) -> bool {
     !name.is_empty() && !name.contains(['=', '\0'])
 }
 
+/// Per-VM identity the host hands the agent before the workload starts.
+/// Clones of one snapshot share the template's kernel state: its random
+/// pool, its clock and its hostname; these make each clone its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    /// Fresh host random bytes, mixed into the guest kernel's pool (and
+    /// credited) before its generator is reseeded. At most
+    /// [`MAX_ENTROPY_BYTES`].
+    #[serde(default)]
+    pub entropy: Vec<u8>,
+    /// The host's wall clock, milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_time_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+impl Identity {
+    /// Fresh bytes from the host's generator and the host's clock now.
+    pub fn from_host(hostname: Option<String>) -> std::io::Result<Box<Identity>> {
+        use std::io::Read;
+        let mut entropy = vec![0u8; 64];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut entropy)?;
+        let unix_time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_millis() as u64);
+        Ok(Box::new(Identity {
+            entropy,
+            unix_time_ms,
+            hostname,
+        }))
+    }
+}
+
+/// The most entropy bytes an [`Identity`] carries (the kernel's input pool
+/// is 256 bits; more only costs frame space).
+pub const MAX_ENTROPY_BYTES: usize = 256;
+
 /// Resource usage as the agent measures it inside the guest.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
@@ -123,6 +163,10 @@ pub enum Message {
         /// to this message, re-exec included.
         #[serde(default)]
         init_to_ready_ms: u64,
+        /// The agent was waiting for its start when its channel was reset
+        /// (a restored snapshot resumes here): a new `Start` may come.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resumed: bool,
     },
     /// Host -> agent: run this (overrides merged onto the image config).
     Start {
@@ -139,6 +183,10 @@ pub enum Message {
         /// Power the VM off when the workload ends.
         #[serde(default = "default_true")]
         one_shot: bool,
+        /// What makes this VM itself rather than a copy of the snapshot it
+        /// may have been restored from.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        identity: Option<Box<Identity>>,
     },
     /// Agent -> host: the workload started.
     Started { pid: u32 },
@@ -305,12 +353,47 @@ mod tests {
         }
     }
 
+    #[test]
+    fn each_host_identity_has_its_own_entropy_and_the_clock() {
+        let (a, b) = (
+            Identity::from_host(None).unwrap(),
+            Identity::from_host(Some("x".into())).unwrap(),
+        );
+        assert_eq!(a.entropy.len(), 64);
+        assert!(a.entropy.len() <= MAX_ENTROPY_BYTES);
+        assert_ne!(a.entropy, b.entropy);
+        assert!(a.unix_time_ms.is_some_and(|t| t > 1_700_000_000_000));
+        assert_eq!(b.hostname.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn messages_without_the_clone_fields_still_decode() {
+        let ready = br#"{"v":1,"type":"ready","agent_version":"0","uptime_ms":1}"#;
+        let start = br#"{"v":1,"type":"start","workload":{}}"#;
+        for (json, resumed) in [(&ready[..], Some(false)), (&start[..], None)] {
+            let mut body = vec![KIND_CONTROL];
+            body.extend_from_slice(json);
+            match Frame::decode(&body).unwrap() {
+                Frame::Control(Message::Ready { resumed: r, .. }) => assert_eq!(Some(r), resumed),
+                Frame::Control(Message::Start { identity, .. }) => assert!(identity.is_none()),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
     fn all_frames() -> Vec<Frame> {
         vec![
             Frame::Control(Message::Ready {
                 agent_version: "0.1.0".into(),
                 uptime_ms: 1234,
                 init_to_ready_ms: 56,
+                resumed: false,
+            }),
+            Frame::Control(Message::Ready {
+                agent_version: "0.1.0".into(),
+                uptime_ms: 99,
+                init_to_ready_ms: 0,
+                resumed: true,
             }),
             Frame::Control(Message::Start {
                 workload: Workload {
@@ -324,6 +407,11 @@ mod tests {
                 ssh_host_key: None,
                 usage_interval_ms: 500,
                 one_shot: true,
+                identity: Some(Box::new(Identity {
+                    entropy: vec![1, 2, 3],
+                    unix_time_ms: Some(1_800_000_000_000),
+                    hostname: Some("clone-1".into()),
+                })),
             }),
             Frame::Control(Message::Exited {
                 status: ExitStatus::Signal(9),

@@ -441,6 +441,7 @@ impl Booting {
                 agent_version,
                 uptime_ms,
                 init_to_ready_ms,
+                ..
             })))) => Ready {
                 boot: launched.elapsed(),
                 agent_version,

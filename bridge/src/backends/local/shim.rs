@@ -194,6 +194,7 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
             ssh_host_key: Some(launch.ssh_host_key.clone()),
             usage_interval_ms: 1000,
             one_shot: true,
+            identity: kiln_protocol::Identity::from_host(None).ok(),
         }))
         .map_err(crate::machine::MachineError::Control)
     });
