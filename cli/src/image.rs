@@ -50,8 +50,9 @@ pub struct BuildArgs {
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     output: Option<PathBuf>,
     /// Root filesystem: the whole image in the initramfs, an erofs image
-    /// for a virtio-blk root next to an agent-only initramfs, or by size.
-    #[arg(long, value_name = "auto|initramfs|block", value_parser = parse_rootfs, default_value = "initramfs")]
+    /// for a virtio-blk root next to an agent-only initramfs, or by size
+    /// (what `kiln run` picks, so a build here warms its cache).
+    #[arg(long, value_name = "auto|initramfs|block", value_parser = parse_rootfs, default_value = "auto")]
     rootfs: Rootfs,
     /// Refuse images whose layers expand to more than this many bytes.
     #[arg(long, value_name = "BYTES", default_value_t = kiln_image::assemble::DEFAULT_MAX_EXPANDED)]
