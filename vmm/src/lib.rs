@@ -6,6 +6,7 @@
 //! event-manager loop. It knows nothing of grants, images or clouds.
 
 pub mod boot;
+pub(crate) mod builder;
 pub mod capabilities;
 pub mod config;
 pub mod cpuid;
@@ -15,6 +16,7 @@ pub mod host;
 pub mod layout;
 pub mod memory;
 pub mod metrics;
+pub mod signals;
 pub mod timeline;
 pub mod vcpu;
 pub mod vm;

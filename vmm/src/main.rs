@@ -106,7 +106,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let started = Instant::now();
-    kiln_vmm::vm::block_stop_signals();
+    kiln_vmm::signals::block_stop_signals();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Colour only for a person: logs often go to files (shim.log, journals).
