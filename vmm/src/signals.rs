@@ -95,9 +95,12 @@ pub fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    crate::vcpu::on_kick();
+}
 
-/// The vCPU kick signal only interrupts KVM_RUN; its handler does nothing.
+/// The vCPU kick signal interrupts KVM_RUN; its handler only makes sure a
+/// KVM_RUN about to start returns at once too.
 pub fn install_kick_handler() {
     static INSTALLED: std::sync::Once = std::sync::Once::new();
     INSTALLED.call_once(|| {

@@ -2,7 +2,6 @@
 //! [`crate::builder`], and run to its end.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,8 +26,8 @@ use crate::host::HostProfile;
 use crate::layout::*;
 use crate::memory::{self, MemoryError};
 use crate::metrics::{self, DriveMetrics, Metrics};
-use crate::signals::{install_kick_handler, kick_signal, SignalWatch};
-use crate::vcpu::{self, VcpuContext, VcpuError};
+use crate::signals::{install_kick_handler, SignalWatch};
+use crate::vcpu::{self, VcpuContext, VcpuError, VcpuHandle};
 
 /// Every way building a VM can fail.
 #[derive(Debug, thiserror::Error)]
@@ -209,8 +208,7 @@ impl Vm {
         }
         install_kick_handler();
 
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
+        let mut vcpus = Vec::new();
         for (index, fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let ctx = VcpuContext {
                 index: index as u8,
@@ -218,16 +216,12 @@ impl Vm {
                 mmio: self.mmio.clone(),
                 mem: self.mem.clone(),
                 state: self.state.clone(),
-                stop: stop.clone(),
             };
-            match std::thread::Builder::new()
-                .name(format!("kiln-vcpu-{index}"))
-                .spawn(move || vcpu::run(fd, ctx))
-            {
-                Ok(t) => threads.push(t),
+            match VcpuHandle::spawn(fd, ctx) {
+                Ok(h) => vcpus.push(h),
                 Err(e) => {
                     self.state.request_exit(ExitReason::VmmError {
-                        message: format!("cannot start vCPU thread {index}: {e}"),
+                        message: e.to_string(),
                     });
                     break;
                 }
@@ -252,22 +246,7 @@ impl Vm {
             }
         };
 
-        // Stop the vCPUs: flag, then kick each out of KVM_RUN until it leaves.
-        stop.store(true, Ordering::Release);
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while Instant::now() < deadline && threads.iter().any(|t| !t.is_finished()) {
-            for t in threads.iter().filter(|t| !t.is_finished()) {
-                use std::os::unix::thread::JoinHandleExt;
-                // SAFETY: the thread is alive (not finished) and its pthread_t valid.
-                unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        for t in threads {
-            if t.is_finished() {
-                let _ = t.join();
-            }
-        }
+        VcpuHandle::stop_all(vcpus, Instant::now() + Duration::from_secs(1));
 
         let metrics = self.metrics(&reason);
         for path in &self.owned_paths {
