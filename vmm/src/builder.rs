@@ -11,13 +11,16 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
+use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::devices::i8042::I8042;
 use crate::devices::pvpanic::{self, PvPanic};
-use crate::devices::serial::{ConsoleSink, ConsoleTail, IrqTrigger, Markers, SerialDevice};
+use crate::devices::serial::{
+    ConsoleSink, ConsoleTail, IrqTrigger, Markers, SavedSerial, SerialDevice,
+};
 use crate::devices::virtio::block::{Block, Disk};
 use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
 use crate::devices::virtio::rng::Rng;
@@ -28,11 +31,13 @@ use crate::exit::{ExitReason, RunState};
 use crate::host::HostProfile;
 use crate::layout::*;
 use crate::memory;
+use crate::snapshot::DeviceKind;
 use crate::timeline::Timeline;
 use crate::vm::{describe_kvm_open_error, VmError};
 
 /// An event-loop participant.
 pub(crate) type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+type SharedDevice = Arc<Mutex<dyn VirtioDevice>>;
 
 pub(crate) fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
@@ -133,10 +138,12 @@ pub(crate) struct LegacyDevices {
     pub created_log: RemoveOnDrop,
 }
 
+/// `serial`: the UART's saved state, on a restore.
 pub(crate) fn attach_legacy_devices(
     vm_fd: &VmFd,
     config: &VmConfig,
     core: &Core,
+    serial: Option<&SavedSerial>,
 ) -> Result<LegacyDevices, VmError> {
     let mut pio = Bus::default();
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Setup {
@@ -165,20 +172,24 @@ pub(crate) fn attach_legacy_devices(
         })),
     };
     let console_tail = Arc::new(ConsoleTail::default());
-    let serial = Arc::new(Mutex::new(SerialDevice {
-        uart: Serial::new(
-            IrqTrigger(serial_irq),
-            ConsoleSink::new(
-                console_out,
-                console_tail.clone(),
-                &Markers {
-                    ready: config.ready_marker.clone(),
-                    init_failed: config.init_failed_marker.clone(),
-                },
-                core.timeline.clone(),
-            ),
-        ),
-    }));
+    let sink = ConsoleSink::new(
+        console_out,
+        console_tail.clone(),
+        &Markers {
+            ready: config.ready_marker.clone(),
+            init_failed: config.init_failed_marker.clone(),
+        },
+        core.timeline.clone(),
+    );
+    let uart = match serial {
+        None => Serial::new(IrqTrigger(serial_irq), sink),
+        Some(saved) => Serial::from_state(&saved.into(), IrqTrigger(serial_irq), NoEvents, sink)
+            .map_err(|_| VmError::Setup {
+                what: "the serial console from its saved state",
+                source: std::io::Error::other("receive FIFO overflow"),
+            })?,
+    };
+    let serial = Arc::new(Mutex::new(SerialDevice { uart }));
     pio.insert(serial.clone(), 0x3f8, 8)?;
     let reset_state = core.state.clone();
     pio.insert(
@@ -215,6 +226,11 @@ pub(crate) struct VirtioDevices {
     pub drives: Vec<Arc<Mutex<Block>>>,
     /// Files the devices created and the VM must remove.
     pub owned_paths: Vec<PathBuf>,
+    /// Every transport, in guest order, with what its device is.
+    pub transports: Vec<(Arc<Mutex<MmioTransport>>, DeviceKind)>,
+    /// Every device, in guest order.
+    pub devices: Vec<SharedDevice>,
+    pub vsock: Option<Arc<Mutex<Vsock>>>,
 }
 
 /// Creates the configured devices (vsock, rng, then drives in order) and
@@ -226,7 +242,8 @@ pub(crate) fn attach_virtio_devices(
     core: &mut Core,
 ) -> Result<VirtioDevices, VmError> {
     let mut owned_paths = Vec::new();
-    let mut virtio: Vec<(Arc<Mutex<dyn VirtioDevice>>, Subscriber)> = Vec::new();
+    let mut virtio: Vec<(SharedDevice, Subscriber, DeviceKind)> = Vec::new();
+    let mut vsock = None;
     if let Some(vsock_cfg) = &config.vsock {
         let dev = Arc::new(Mutex::new(Vsock::new(
             vsock_cfg.guest_cid,
@@ -235,20 +252,29 @@ pub(crate) fn attach_virtio_devices(
         owned_paths.push(vsock_cfg.uds_path.clone());
         let activity = core.timeline.clone();
         lock(&dev).set_activity_hook(Box::new(move || activity.mark_activity()));
-        virtio.push((dev.clone(), dev));
+        vsock = Some(dev.clone());
+        let kind = DeviceKind::Vsock {
+            guest_cid: vsock_cfg.guest_cid,
+        };
+        virtio.push((dev.clone(), dev, kind));
     }
     if config.rng {
         let dev = Arc::new(Mutex::new(Rng::new().map_err(|source| VmError::Setup {
             what: "virtio-rng",
             source,
         })?));
-        virtio.push((dev.clone(), dev));
+        virtio.push((dev.clone(), dev, DeviceKind::Rng));
     }
     // Drives last and in order: the guest names them vda, vdb, ... as it
     // probes the command line's devices.
     let mut drives = Vec::new();
     for (i, drive) in config.drives.iter().enumerate() {
         let disk = Disk::open(&drive.path, drive.read_only).map_err(ConfigError::from)?;
+        let kind = DeviceKind::Block {
+            path: drive.path.clone(),
+            sectors: disk.sectors(),
+            read_only: drive.read_only,
+        };
         let dev = Arc::new(Mutex::new(
             Block::new(disk, &drive.id_or_default(i)).map_err(|source| VmError::Setup {
                 what: "virtio-blk",
@@ -258,11 +284,13 @@ pub(crate) fn attach_virtio_devices(
         let activity = core.timeline.clone();
         lock(&dev).set_activity_hook(Box::new(move || activity.mark_activity()));
         drives.push(dev.clone());
-        virtio.push((dev.clone(), dev));
+        virtio.push((dev.clone(), dev, kind));
     }
     let mut mmio = Bus::default();
     let mut cmdline_devices = Vec::new();
-    for (i, (device, subscriber)) in virtio.into_iter().enumerate() {
+    let mut transports = Vec::new();
+    let mut devices = Vec::new();
+    for (i, (device, subscriber, kind)) in virtio.into_iter().enumerate() {
         let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
         let irq = VIRTIO_IRQ_BASE + i as u32;
         let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Setup {
@@ -282,8 +310,14 @@ pub(crate) fn attach_virtio_devices(
                 )
                 .map_err(kvm_err("register a queue notification"))?;
         }
-        let transport = MmioTransport::new(device, mem.clone(), Arc::new(Interrupt::new(irqfd)));
-        mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device.clone(),
+            mem.clone(),
+            Arc::new(Interrupt::new(irqfd)),
+        )));
+        mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+        transports.push((transport, kind));
+        devices.push(device);
         core.events.add_subscriber(subscriber);
         cmdline_devices.push((base, irq));
     }
@@ -292,6 +326,9 @@ pub(crate) fn attach_virtio_devices(
         cmdline_devices,
         drives,
         owned_paths,
+        transports,
+        devices,
+        vsock,
     })
 }
 

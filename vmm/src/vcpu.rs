@@ -20,6 +20,7 @@ use crate::devices::Bus;
 use crate::exit::{ExitReason, RunState};
 use crate::host::HostProfile;
 use crate::layout::*;
+use crate::snapshot::{Parts, SnapshotError, VcpuState, VcpuStateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -215,6 +216,8 @@ enum Step {
 enum Command {
     Pause,
     Resume,
+    /// Read the state (only while paused): the MSRs to read, the parts.
+    Save(Arc<Vec<u32>>, Parts),
     Stop,
 }
 
@@ -222,6 +225,8 @@ enum Command {
 enum Answer {
     Paused,
     Resumed,
+    Saved(Box<Result<VcpuState, VcpuStateError>>),
+    NotPaused,
 }
 
 thread_local! {
@@ -310,6 +315,15 @@ impl VcpuHandle {
         }
     }
 
+    /// Reads the state of a paused vCPU.
+    pub fn save(&self, msr_list: Arc<Vec<u32>>, parts: Parts) -> Result<VcpuState, SnapshotError> {
+        match self.ask(Command::Save(msr_list, parts))? {
+            Answer::Saved(result) => Ok((*result)?),
+            Answer::NotPaused => Err(SnapshotError::NotPaused),
+            _ => Err(VcpuError::NoAnswer(self.index).into()),
+        }
+    }
+
     /// Asks the thread to end, running or parked, without waiting.
     pub fn request_stop(&self) {
         let _ = self.commands.send(Command::Stop);
@@ -349,7 +363,12 @@ fn run_thread(
 }
 
 /// Parks a vCPU until it is resumed (true) or stopped (false).
-fn park(vcpu: &mut VcpuFd, commands: &Receiver<Command>, answers: &Sender<Answer>) -> bool {
+fn park(
+    vcpu: &mut VcpuFd,
+    index: u8,
+    commands: &Receiver<Command>,
+    answers: &Sender<Answer>,
+) -> bool {
     // One KVM_RUN that returns at once: KVM finishes the I/O the last
     // exit left pending (a port read's value into RAX, RIP past the
     // instruction), so the state a snapshot reads is whole.
@@ -365,6 +384,10 @@ fn park(vcpu: &mut VcpuFd, commands: &Receiver<Command>, answers: &Sender<Answer
             Ok(Command::Resume) => {
                 let _ = answers.send(Answer::Resumed);
                 return true;
+            }
+            Ok(Command::Save(msrs, parts)) => {
+                let state = VcpuState::save(vcpu, index, &msrs, parts);
+                let _ = answers.send(Answer::Saved(Box::new(state)));
             }
             Ok(Command::Stop) | Err(_) => return false,
         }
@@ -389,12 +412,15 @@ fn run(
         vcpu.set_kvm_immediate_exit(0);
         match commands.try_recv() {
             Ok(Command::Pause) => {
-                if !park(vcpu, commands, answers) {
+                if !park(vcpu, ctx.index, commands, answers) {
                     break;
                 }
             }
             Ok(Command::Resume) => {
                 let _ = answers.send(Answer::Resumed);
+            }
+            Ok(Command::Save(..)) => {
+                let _ = answers.send(Answer::NotPaused);
             }
             Ok(Command::Stop) | Err(TryRecvError::Disconnected) => break,
             Err(TryRecvError::Empty) => {}

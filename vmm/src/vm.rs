@@ -1,17 +1,18 @@
 //! One micro-VM, assembled from a [`VmConfig`] by the steps in
 //! [`crate::builder`], and run to its end.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kiln_protocol::vmm::{KvmProblem, KVM_DEVICE};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::api::{ApiError, ApiServer, Pending, Reply, Request};
 use crate::boot::{self, BootError, BootProtocol, KernelEntry};
 use crate::builder::{self, kvm_err, Subscriber};
 use crate::config::{ConfigError, SerialOutput, VmConfig};
@@ -20,13 +21,15 @@ use crate::devices::pvpanic;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::vsock::MuxerError;
+use crate::devices::virtio::MmioTransport;
 use crate::devices::{bus::lock, Bus};
 use crate::exit::{ExitReason, RunState};
-use crate::host::HostProfile;
+use crate::host::{HostProfile, Virtualization};
 use crate::layout::*;
 use crate::memory::{self, MemoryError};
 use crate::metrics::{self, DriveMetrics, Metrics};
 use crate::signals::{install_kick_handler, SignalWatch};
+use crate::snapshot::{self, DeviceKind, DeviceState, MachineState, SnapshotError, VmState};
 use crate::vcpu::{self, VcpuContext, VcpuError, VcpuHandle};
 
 /// Every way building a VM can fail.
@@ -60,6 +63,18 @@ pub enum VmError {
     },
     #[error("cannot register a device: {0}")]
     Bus(#[from] crate::devices::bus::BusError),
+    #[error(transparent)]
+    Restore(Box<crate::snapshot::restore::RestoreError>),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+impl From<crate::snapshot::FileError> for VmError {
+    fn from(e: crate::snapshot::FileError) -> Self {
+        crate::snapshot::restore::RestoreError::File(e).into()
+    }
 }
 
 /// A clear sentence for a failure to open /dev/kvm.
@@ -90,20 +105,25 @@ pub struct VmOutcome {
 }
 
 pub struct Vm {
-    config: VmConfig,
-    profile: HostProfile,
-    mem: GuestMemoryMmap,
-    _vm_fd: VmFd,
-    vcpus: Vec<VcpuFd>,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    state: Arc<RunState>,
-    events: EventManager<Subscriber>,
-    serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) config: VmConfig,
+    pub(crate) profile: HostProfile,
+    pub(crate) kvm: Kvm,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) vm_fd: VmFd,
+    pub(crate) vcpus: Vec<VcpuFd>,
+    pub(crate) pio: Arc<Bus>,
+    pub(crate) mmio: Arc<Bus>,
+    pub(crate) state: Arc<RunState>,
+    pub(crate) events: EventManager<Subscriber>,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
     /// virtio-blk devices, in guest order (for metrics).
-    drives: Vec<Arc<Mutex<Block>>>,
+    pub(crate) drives: Vec<Arc<Mutex<Block>>>,
+    /// Every virtio transport, in guest order, and its device's kind.
+    pub(crate) transports: Vec<(Arc<Mutex<MmioTransport>>, DeviceKind)>,
     /// Files this VM created and must remove.
-    owned_paths: Vec<PathBuf>,
+    pub(crate) owned_paths: Vec<PathBuf>,
+    /// The control socket, once [`Vm::serve_api`] set it up.
+    api: Option<Arc<Mutex<Vec<Pending>>>>,
 }
 
 impl Vm {
@@ -142,7 +162,7 @@ impl Vm {
         };
 
         let mut core = builder::create_core(started)?;
-        let mut legacy = builder::attach_legacy_devices(&vm_fd, &config, &core)?;
+        let mut legacy = builder::attach_legacy_devices(&vm_fd, &config, &core, None)?;
         let virtio = builder::attach_virtio_devices(&vm_fd, &config, &mem, &mut core)?;
 
         if linux {
@@ -172,11 +192,30 @@ impl Vm {
         }
 
         legacy.created_log.0 = None;
-        Ok(Vm {
+        Ok(Vm::assemble(
+            config, profile, kvm, mem, vm_fd, vcpus, core, legacy, virtio,
+        ))
+    }
+
+    /// The VM from the products of the builder's steps.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn assemble(
+        config: VmConfig,
+        profile: HostProfile,
+        kvm: Kvm,
+        mem: GuestMemoryMmap,
+        vm_fd: VmFd,
+        vcpus: Vec<VcpuFd>,
+        core: builder::Core,
+        legacy: builder::LegacyDevices,
+        virtio: builder::VirtioDevices,
+    ) -> Vm {
+        Vm {
             config,
             profile,
+            kvm,
             mem,
-            _vm_fd: vm_fd,
+            vm_fd,
             vcpus,
             pio: Arc::new(legacy.pio),
             mmio: Arc::new(virtio.mmio),
@@ -184,8 +223,131 @@ impl Vm {
             events: core.events,
             serial: legacy.serial,
             drives: virtio.drives,
+            transports: virtio.transports,
             owned_paths: virtio.owned_paths,
-        })
+            api: None,
+        }
+    }
+
+    /// Serves the control socket at `path` while the VM runs.
+    pub fn serve_api(&mut self, path: &Path) -> Result<(), ApiError> {
+        let server = ApiServer::bind(path)?;
+        self.api = Some(server.queue());
+        self.events.add_subscriber(Arc::new(Mutex::new(server)));
+        Ok(())
+    }
+
+    /// Carries out the control socket's queued requests.
+    fn serve_requests(&self, vcpus: &[VcpuHandle], paused: &mut bool) {
+        let Some(queue) = &self.api else {
+            return;
+        };
+        let pending = std::mem::take(&mut *lock(queue));
+        for p in pending {
+            let reply = match &p.request {
+                Err(e) => Reply::error(e),
+                Ok(Request::Pause) => match vcpus.iter().try_for_each(VcpuHandle::pause) {
+                    Ok(()) => {
+                        *paused = true;
+                        Reply::ok()
+                    }
+                    Err(e) => Reply::error(e),
+                },
+                Ok(Request::Resume) => match vcpus.iter().try_for_each(VcpuHandle::resume) {
+                    Ok(()) => {
+                        *paused = false;
+                        // The pause is not the guest's silence.
+                        self.state.timeline.mark_activity();
+                        Reply::ok()
+                    }
+                    Err(e) => Reply::error(e),
+                },
+                Ok(Request::Snapshot { state, mem }) => {
+                    if !*paused {
+                        Reply::error(SnapshotError::NotPaused)
+                    } else {
+                        match self.snapshot(vcpus, state, mem) {
+                            Ok(()) => Reply::ok(),
+                            Err(e) => Reply::error(error_chain(&e)),
+                        }
+                    }
+                }
+                Ok(Request::Stop) => {
+                    self.state.request_exit(ExitReason::Signal {
+                        signal: libc::SIGTERM,
+                    });
+                    Reply::ok()
+                }
+                Ok(Request::Metrics) => {
+                    let (rss, _) = metrics::rss_kib();
+                    Reply {
+                        metrics: Some(serde_json::json!({
+                            "paused": *paused,
+                            "uptime_ms": self.state.timeline.start().elapsed().as_secs_f64() * 1000.0,
+                            "vm_exits": self.state.exits.snapshot(),
+                            "rss_kib": rss,
+                            "guest_resident_kib": memory::resident(&self.mem).total_bytes() / 1024,
+                        })),
+                        ..Reply::ok()
+                    }
+                }
+            };
+            p.answer(&reply);
+        }
+    }
+
+    /// Writes a snapshot of the paused VM: guest memory to `mem_path`, then
+    /// the state file (whose presence marks the snapshot complete).
+    fn snapshot(
+        &self,
+        vcpus: &[VcpuHandle],
+        state_path: &Path,
+        mem_path: &Path,
+    ) -> Result<(), SnapshotError> {
+        if vcpus.len() != usize::from(self.config.vcpus) {
+            return Err(SnapshotError::Stopped);
+        }
+        let msr_list = Arc::new(
+            self.kvm
+                .get_msr_index_list()
+                .map_err(SnapshotError::MsrList)?
+                .as_slice()
+                .to_vec(),
+        );
+        let parts = snapshot::Parts {
+            // A PVM guest runs with `noxsave`: the FPU area is the whole state.
+            xsave: self.profile.virtualization != Virtualization::Pvm
+                && self.kvm.check_extension(kvm_ioctls::Cap::Xsave),
+        };
+        let vcpu_states = vcpus
+            .iter()
+            .map(|h| h.save(msr_list.clone(), parts))
+            .collect::<Result<Vec<_>, _>>()?;
+        let state = VmState {
+            config: self.config.clone(),
+            host_profile: self.profile.name().to_string(),
+            vcpus: vcpu_states,
+            machine: MachineState::save(&self.vm_fd)?,
+            serial: lock(&self.serial).uart.state().into(),
+            devices: self
+                .transports
+                .iter()
+                .map(|(t, kind)| DeviceState {
+                    transport: lock(t).state(),
+                    kind: kind.clone(),
+                })
+                .collect(),
+        };
+        let payload = serde_json::to_vec(&state).map_err(SnapshotError::Encode)?;
+        memory::save(&self.mem, mem_path)?;
+        snapshot::file::write(state_path, &payload)?;
+        tracing::info!(
+            "snapshot written: {} ({} bytes of state), {}",
+            state_path.display(),
+            payload.len(),
+            mem_path.display()
+        );
+        Ok(())
     }
 
     /// Runs the VM until the guest stops, a signal arrives, or the watchdog fires.
@@ -230,16 +392,21 @@ impl Vm {
 
         let watchdog = Duration::from_secs(self.config.watchdog_secs);
         self.state.timeline.mark_activity();
+        let mut paused = false;
         let reason = loop {
             if let Err(e) = self.events.run_with_timeout(200) {
                 self.state.request_exit(ExitReason::VmmError {
                     message: format!("event loop failed: {e:?}"),
                 });
             }
+            self.serve_requests(&vcpus, &mut paused);
             if let Some(reason) = self.state.exit_reason() {
                 break self.with_init_failure(reason);
             }
-            if !watchdog.is_zero() && self.state.timeline.since_last_activity() > watchdog {
+            if paused {
+                // A paused guest is silent by our doing, not stuck.
+                self.state.timeline.mark_activity();
+            } else if !watchdog.is_zero() && self.state.timeline.since_last_activity() > watchdog {
                 self.state.request_exit(ExitReason::Watchdog {
                     idle_secs: self.config.watchdog_secs,
                 });
@@ -315,4 +482,16 @@ impl MutEventSubscriber for ExitWatch {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.0.exit_event().read();
     }
+}
+
+/// An error and its sources on one line, as the VMM prints errors.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line
 }
