@@ -201,3 +201,31 @@ fn check_device(index: usize, actual: &DeviceKind, saved: &DeviceKind) -> Result
         _ => Err(RestoreError::DeviceList),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blk(sectors: u64, read_only: bool) -> DeviceKind {
+        DeviceKind::Block {
+            path: "/clone.img".into(),
+            sectors,
+            read_only,
+        }
+    }
+
+    #[test]
+    fn a_clone_drive_must_match_the_saved_one() {
+        assert!(check_device(0, &blk(8, true), &blk(8, true)).is_ok());
+        let e = check_device(1, &blk(16, true), &blk(8, true)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "drive 1 (/clone.img) differs from the snapshot's: size"
+        );
+        let e = check_device(1, &blk(8, false), &blk(8, true)).unwrap_err();
+        assert!(e.to_string().ends_with("read-only flag"), "{e}");
+        let e = check_device(0, &DeviceKind::Rng, &blk(8, true)).unwrap_err();
+        assert!(matches!(e, RestoreError::DeviceList));
+        assert!(check_device(0, &DeviceKind::Rng, &DeviceKind::Rng).is_ok());
+    }
+}

@@ -415,6 +415,50 @@ mod tests {
     }
 
     #[test]
+    fn a_running_transport_is_saved_and_restored_with_its_queue() {
+        let mem = Memory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let irq = || Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let mut t = MmioTransport::new(
+            Arc::new(Mutex::new(Rng::new().unwrap())),
+            mem.clone(),
+            irq(),
+        );
+        write32(&mut t, 0x24, 1);
+        write32(&mut t, 0x20, 1);
+        write32(&mut t, 0x38, 16);
+        write32(&mut t, 0x80, 0x1000);
+        write32(&mut t, 0x90, 0x2000);
+        write32(&mut t, 0xa0, 0x3000);
+        write32(&mut t, 0x44, 1);
+        let all = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        write32(&mut t, 0x70, all);
+        t.interrupt.signal_used_queue();
+        let saved = t.state();
+        assert!(saved.activated);
+        assert_eq!(saved.queues[0].size, 16);
+        assert_eq!(saved.queues[0].desc_table, 0x1000);
+        assert_eq!(saved.interrupt_status, super::super::INT_USED_RING);
+
+        let mut back = MmioTransport::new(
+            Arc::new(Mutex::new(Rng::new().unwrap())),
+            mem.clone(),
+            irq(),
+        );
+        back.restore(&saved).unwrap();
+        assert_eq!(back.state(), saved);
+        assert_eq!(read32(&mut back, 0x70), all);
+        assert_eq!(read32(&mut back, 0x60), super::super::INT_USED_RING);
+
+        let mut wrong = saved.clone();
+        wrong.device_type = super::super::TYPE_BLOCK;
+        let mut other = MmioTransport::new(Arc::new(Mutex::new(Rng::new().unwrap())), mem, irq());
+        assert!(matches!(
+            other.restore(&wrong),
+            Err(TransportRestoreError::DeviceType { .. })
+        ));
+    }
+
+    #[test]
     fn activation_with_unconfigured_queue_fails_cleanly() {
         let mem = Memory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
