@@ -5,7 +5,9 @@
 //! report port and virtio-mmio devices (vsock, rng, blk), driven by an
 //! event-manager loop. It knows nothing of grants, images or clouds.
 
+pub mod api;
 pub mod boot;
+pub(crate) mod builder;
 pub mod capabilities;
 pub mod config;
 pub mod cpuid;
@@ -15,6 +17,8 @@ pub mod host;
 pub mod layout;
 pub mod memory;
 pub mod metrics;
+pub mod signals;
+pub mod snapshot;
 pub mod timeline;
 pub mod vcpu;
 pub mod vm;

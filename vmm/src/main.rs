@@ -10,6 +10,7 @@ use kiln_vmm::config::{
     default_kernel_path, DriveConfig, VmConfig, VsockConfig, DEFAULT_GUEST_CID,
 };
 use kiln_vmm::exit::code;
+use kiln_vmm::snapshot::RestoreOptions;
 use kiln_vmm::{capabilities, Payload, SerialOutput, Vm};
 
 const EXIT_STATUS_HELP: &str = "\
@@ -96,6 +97,20 @@ struct Args {
     /// VM ended (repeatable); lets a launcher that dies leave nothing behind
     #[arg(long, value_name = "PATH")]
     cleanup: Vec<PathBuf>,
+    /// Restore the VM saved in this snapshot state file instead of booting
+    /// (with --mem-file; --vsock-uds, --drive/--drive-ro, --serial-log,
+    /// --watchdog-secs give the clone its own)
+    #[arg(long, value_name = "STATE", requires = "mem_file")]
+    restore: Option<PathBuf>,
+    /// The snapshot's guest memory file (mapped copy-on-write, never changed)
+    #[arg(long, value_name = "MEM", requires = "restore")]
+    mem_file: Option<PathBuf>,
+    /// Serve the control socket here: one JSON request per line
+    /// ({"op":"pause"|"resume"|"metrics"},
+    /// {"op":"snapshot","state":PATH,"mem":PATH} or {"op":"stop"}, which
+    /// ends the VM as SIGTERM does), one JSON answer per line
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
     /// Print what this host offers micro-VMs and exit
     #[arg(long)]
     capabilities: bool,
@@ -106,7 +121,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let started = Instant::now();
-    kiln_vmm::vm::block_stop_signals();
+    kiln_vmm::signals::block_stop_signals();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Colour only for a person: logs often go to files (shim.log, journals).
@@ -161,8 +176,30 @@ fn run(args: Args, started: Instant) -> anyhow::Result<i32> {
     if args.die_with_parent {
         die_with_parent()?;
     }
-    let config = merge_config(&args)?;
-    let vm = Vm::build(config, Payload::Kernel, started)?;
+    let mut vm = match (&args.restore, &args.mem_file) {
+        (Some(state), Some(mem)) => {
+            let serial = if args.serial_stdio {
+                SerialOutput::Stdio
+            } else {
+                args.serial_log
+                    .clone()
+                    .map_or(SerialOutput::None, SerialOutput::File)
+            };
+            let opts = RestoreOptions {
+                state: state.clone(),
+                mem: mem.clone(),
+                vsock_uds: args.vsock_uds.clone(),
+                drives: args.drives_in_order.clone(),
+                serial,
+                watchdog_secs: args.watchdog_secs,
+            };
+            Vm::restore(&opts, started)?
+        }
+        _ => Vm::build(merge_config(&args)?, Payload::Kernel, started)?,
+    };
+    if let Some(path) = &args.api_sock {
+        vm.serve_api(path)?;
+    }
     let outcome = vm.run();
     if let Some(path) = &args.metrics {
         outcome

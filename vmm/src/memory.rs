@@ -1,12 +1,15 @@
 //! Guest RAM: anonymous mappings (optionally 2 MiB huge pages), one per
 //! range, and their registration with KVM.
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MmapRegion,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
 };
 
 use crate::layout::ram_ranges;
@@ -30,6 +33,27 @@ pub enum MemoryError {
     Layout,
     #[error("KVM refused a guest memory slot")]
     Register(#[source] kvm_ioctls::Error),
+    #[error("cannot open memory file {}", path.display())]
+    OpenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("memory file {} holds {found} bytes, the snapshot's guest has {expected}", path.display())]
+    FileSize {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+    #[error("cannot map memory file {}", path.display())]
+    MapFile {
+        path: PathBuf,
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("cannot write memory file {}", path.display())]
+    WriteFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub fn create(mem_bytes: u64, hugepages: bool) -> Result<GuestMemoryMmap, MemoryError> {
@@ -74,6 +98,86 @@ pub fn create(mem_bytes: u64, hugepages: bool) -> Result<GuestMemoryMmap, Memory
             };
         }
         regions.push(GuestRegionMmap::new(region, GuestAddress(start)).ok_or(MemoryError::Layout)?);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Layout)
+}
+
+/// Writes every region of `mem`, in order, to a new file at `path`. The
+/// vCPUs must be paused. Pages of zeros become holes: most of a guest's
+/// memory is untouched, and the file stays as small on disk.
+pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<(), MemoryError> {
+    let err = |source| MemoryError::WriteFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("partial");
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        let mut total = 0u64;
+        for region in mem.iter() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|_| std::io::Error::other("guest memory region without a mapping"))?;
+            // SAFETY: the region's mapping is live for `mem`'s lifetime and
+            // no vCPU writes to it while paused; device threads do not run
+            // during a snapshot (the event loop is the caller).
+            let bytes = unsafe { std::slice::from_raw_parts(host, region.len() as usize) };
+            for page in bytes.chunks(4096) {
+                if page.iter().all(|b| *b == 0) {
+                    std::io::Seek::seek(&mut file, std::io::SeekFrom::Current(page.len() as i64))?;
+                } else {
+                    file.write_all(page)?;
+                }
+            }
+            total += region.len();
+        }
+        file.set_len(total)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(err)
+}
+
+/// Guest memory of `mem_bytes` mapped copy-on-write (`MAP_PRIVATE`) from a
+/// file [`save`] wrote: the guest's writes stay in this process, and every
+/// VM restored from one file shares its pages in the page cache.
+pub fn from_file(path: &Path, mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let file = std::fs::File::open(path).map_err(|source| MemoryError::OpenFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let found = file
+        .metadata()
+        .map_err(|source| MemoryError::OpenFile {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    if found != mem_bytes {
+        return Err(MemoryError::FileSize {
+            path: path.to_path_buf(),
+            expected: mem_bytes,
+            found,
+        });
+    }
+    let file = std::sync::Arc::new(file);
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (start, size) in ram_ranges(mem_bytes) {
+        let region: MmapRegion = MmapRegionBuilder::new(size as usize)
+            .with_file_offset(FileOffset::from_arc(file.clone(), offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|source| MemoryError::MapFile {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        regions.push(GuestRegionMmap::new(region, GuestAddress(start)).ok_or(MemoryError::Layout)?);
+        offset += size;
     }
     GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Layout)
 }
@@ -175,6 +279,39 @@ fn resident_within(smaps: &str, ranges: &[(usize, usize)]) -> Resident {
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    #[test]
+    fn saved_memory_maps_back_copy_on_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let mem = create(8 << 20, false).unwrap();
+        mem.write_obj(0x1234_5678u32, GuestAddress(0x3000)).unwrap();
+        mem.write_obj(0xabu8, GuestAddress((8 << 20) - 1)).unwrap();
+        save(&mem, &path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 8 << 20);
+        let before = std::fs::read(&path).unwrap();
+
+        let back = from_file(&path, 8 << 20).unwrap();
+        assert_eq!(
+            back.read_obj::<u32>(GuestAddress(0x3000)).unwrap(),
+            0x1234_5678
+        );
+        assert_eq!(
+            back.read_obj::<u8>(GuestAddress((8 << 20) - 1)).unwrap(),
+            0xab
+        );
+        back.write_obj(7u32, GuestAddress(0x3000)).unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            before,
+            "the file is unchanged"
+        );
+
+        let e = from_file(&path, 16 << 20).unwrap_err();
+        assert!(matches!(e, MemoryError::FileSize { .. }), "{e}");
+        let e = from_file(&dir.path().join("missing"), 8 << 20).unwrap_err();
+        assert!(matches!(e, MemoryError::OpenFile { .. }), "{e}");
+    }
 
     #[test]
     fn touched_pages_become_resident() {

@@ -1,8 +1,14 @@
-//! vCPU setup (CPUID, MSRs, registers, LAPIC) and the thread that runs it.
+//! vCPU setup (CPUID, MSRs, registers, LAPIC), the thread that runs it,
+//! and the handle that pauses, resumes, saves and stops that thread.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use kvm_bindings::kvm_run;
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -14,6 +20,7 @@ use crate::devices::Bus;
 use crate::exit::{ExitReason, RunState};
 use crate::host::HostProfile;
 use crate::layout::*;
+use crate::snapshot::{Parts, SnapshotError, VcpuState, VcpuStateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -29,6 +36,12 @@ pub enum VcpuError {
         set: usize,
         wanted: usize,
     },
+    #[error("vCPU {0} has stopped")]
+    Stopped(u8),
+    #[error("vCPU {0} did not answer in time (stuck in KVM_RUN?)")]
+    NoAnswer(u8),
+    #[error("cannot start the thread of vCPU {index}")]
+    Thread { index: u8, source: std::io::Error },
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -191,7 +204,6 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     pub mem: GuestMemoryMmap,
     pub state: Arc<RunState>,
-    pub stop: Arc<AtomicBool>,
 }
 
 enum Step {
@@ -200,14 +212,219 @@ enum Step {
     InternalError,
 }
 
+/// What the handle asks of a vCPU thread.
+enum Command {
+    Pause,
+    Resume,
+    /// Read the state (only while paused): the MSRs to read, the parts.
+    Save(Arc<Vec<u32>>, Parts),
+    Stop,
+}
+
+/// What a vCPU thread answers.
+enum Answer {
+    Paused,
+    Resumed,
+    Saved(Box<Result<VcpuState, VcpuStateError>>),
+    NotPaused,
+}
+
+thread_local! {
+    /// This thread's `kvm_run` area, for the kick signal's handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Called by the kick signal's handler: makes this thread's next (or
+/// current) KVM_RUN return at once, so a kick sent just before the thread
+/// enters KVM_RUN is not lost.
+pub(crate) fn on_kick() {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's live kvm_run mapping, set by
+        // `run_thread` and cleared before the VcpuFd is dropped; the handler
+        // runs on this same thread.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// How long a vCPU thread may take to answer; a guest stuck inside a
+/// hypercall on some hosts never leaves KVM_RUN.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A running vCPU thread, controlled from the VMM's main thread.
+pub struct VcpuHandle {
+    index: u8,
+    thread: JoinHandle<()>,
+    commands: Sender<Command>,
+    answers: Receiver<Answer>,
+}
+
+impl VcpuHandle {
+    /// Starts the thread that runs `vcpu`.
+    pub fn spawn(vcpu: VcpuFd, ctx: VcpuContext) -> Result<Self, VcpuError> {
+        let index = ctx.index;
+        let (commands, command_rx) = mpsc::channel();
+        let (answer_tx, answers) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("kiln-vcpu-{index}"))
+            .spawn(move || run_thread(vcpu, ctx, command_rx, answer_tx))
+            .map_err(|source| VcpuError::Thread { index, source })?;
+        Ok(VcpuHandle {
+            index,
+            thread,
+            commands,
+            answers,
+        })
+    }
+
+    fn kick(&self) {
+        use std::os::unix::thread::JoinHandleExt;
+        if !self.thread.is_finished() {
+            // SAFETY: the thread is alive (not finished) and its pthread_t valid.
+            unsafe {
+                libc::pthread_kill(self.thread.as_pthread_t(), crate::signals::kick_signal())
+            };
+        }
+    }
+
+    fn ask(&self, command: Command) -> Result<Answer, VcpuError> {
+        self.commands
+            .send(command)
+            .map_err(|_| VcpuError::Stopped(self.index))?;
+        self.kick();
+        match self.answers.recv_timeout(ANSWER_TIMEOUT) {
+            Ok(answer) => Ok(answer),
+            Err(RecvTimeoutError::Timeout) => Err(VcpuError::NoAnswer(self.index)),
+            Err(RecvTimeoutError::Disconnected) => Err(VcpuError::Stopped(self.index)),
+        }
+    }
+
+    /// Takes the vCPU out of KVM_RUN and parks it; returns once it is parked.
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        match self.ask(Command::Pause)? {
+            Answer::Paused => Ok(()),
+            _ => Err(VcpuError::NoAnswer(self.index)),
+        }
+    }
+
+    /// Lets a parked vCPU run again.
+    pub fn resume(&self) -> Result<(), VcpuError> {
+        match self.ask(Command::Resume)? {
+            Answer::Resumed => Ok(()),
+            _ => Err(VcpuError::NoAnswer(self.index)),
+        }
+    }
+
+    /// Reads the state of a paused vCPU.
+    pub fn save(&self, msr_list: Arc<Vec<u32>>, parts: Parts) -> Result<VcpuState, SnapshotError> {
+        match self.ask(Command::Save(msr_list, parts))? {
+            Answer::Saved(result) => Ok((*result)?),
+            Answer::NotPaused => Err(SnapshotError::NotPaused),
+            _ => Err(VcpuError::NoAnswer(self.index).into()),
+        }
+    }
+
+    /// Asks the thread to end, running or parked, without waiting.
+    pub fn request_stop(&self) {
+        let _ = self.commands.send(Command::Stop);
+        self.kick();
+    }
+
+    /// Stops every thread in `handles`, kicking them out of KVM_RUN until
+    /// `deadline`; a thread still inside KVM_RUN then is left behind.
+    pub fn stop_all(handles: Vec<VcpuHandle>, deadline: Instant) {
+        for h in &handles {
+            h.request_stop();
+        }
+        while Instant::now() < deadline && handles.iter().any(|h| !h.thread.is_finished()) {
+            for h in &handles {
+                h.kick();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for h in handles {
+            if h.thread.is_finished() {
+                let _ = h.thread.join();
+            }
+        }
+    }
+}
+
+/// The vCPU thread: runs the vCPU and obeys the handle between runs.
+fn run_thread(
+    mut vcpu: VcpuFd,
+    ctx: VcpuContext,
+    commands: Receiver<Command>,
+    answers: Sender<Answer>,
+) {
+    KVM_RUN.with(|r| r.set(vcpu.get_kvm_run()));
+    run(&mut vcpu, &ctx, &commands, &answers);
+    KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+}
+
+/// Parks a vCPU until it is resumed (true) or stopped (false).
+fn park(
+    vcpu: &mut VcpuFd,
+    index: u8,
+    commands: &Receiver<Command>,
+    answers: &Sender<Answer>,
+) -> bool {
+    // One KVM_RUN that returns at once: KVM finishes the I/O the last
+    // exit left pending (a port read's value into RAX, RIP past the
+    // instruction), so the state a snapshot reads is whole.
+    vcpu.set_kvm_immediate_exit(1);
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
+    let _ = answers.send(Answer::Paused);
+    loop {
+        match commands.recv() {
+            Ok(Command::Pause) => {
+                let _ = answers.send(Answer::Paused);
+            }
+            Ok(Command::Resume) => {
+                let _ = answers.send(Answer::Resumed);
+                return true;
+            }
+            Ok(Command::Save(msrs, parts)) => {
+                let state = VcpuState::save(vcpu, index, &msrs, parts);
+                let _ = answers.send(Answer::Saved(Box::new(state)));
+            }
+            Ok(Command::Stop) | Err(_) => return false,
+        }
+    }
+}
+
 /// Runs the vCPU until the VM stops; reports why through `ctx.state`.
-pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
+fn run(
+    vcpu: &mut VcpuFd,
+    ctx: &VcpuContext,
+    commands: &Receiver<Command>,
+    answers: &Sender<Answer>,
+) {
     let counters = &ctx.state.exits;
     let timeline = &ctx.state.timeline;
     if ctx.index == 0 {
         timeline.mark_first_kvm_run();
     }
-    while !ctx.stop.load(Ordering::Acquire) {
+    loop {
+        // Cleared before the commands are read: a kick after this point
+        // either finds its command below or makes KVM_RUN return at once.
+        vcpu.set_kvm_immediate_exit(0);
+        match commands.try_recv() {
+            Ok(Command::Pause) => {
+                if !park(vcpu, ctx.index, commands, answers) {
+                    break;
+                }
+            }
+            Ok(Command::Resume) => {
+                let _ = answers.send(Answer::Resumed);
+            }
+            Ok(Command::Save(..)) => {
+                let _ = answers.send(Answer::NotPaused);
+            }
+            Ok(Command::Stop) | Err(TryRecvError::Disconnected) => break,
+            Err(TryRecvError::Empty) => {}
+        }
         let step = match vcpu.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
@@ -276,7 +493,7 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
                 break;
             }
             Step::InternalError => {
-                ctx.state.request_exit(emulation_failure(&mut vcpu, &ctx));
+                ctx.state.request_exit(emulation_failure(vcpu, ctx));
                 break;
             }
         }

@@ -1,40 +1,36 @@
-//! One micro-VM assembled from a [`VmConfig`] and run to its end.
+//! One micro-VM, assembled from a [`VmConfig`] by the steps in
+//! [`crate::builder`], and run to its end.
 
-use std::fs::File;
-use std::io::Read;
-use std::os::unix::io::FromRawFd;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kiln_protocol::vmm::{KvmProblem, KVM_DEVICE};
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vm_superio::Serial;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::{ApiError, ApiServer, Pending, Reply, Request};
 use crate::boot::{self, BootError, BootProtocol, KernelEntry};
+use crate::builder::{self, kvm_err, Subscriber};
 use crate::config::{ConfigError, SerialOutput, VmConfig};
-use crate::devices::i8042::I8042;
-use crate::devices::pvpanic::{self, PvPanic};
-use crate::devices::serial::{ConsoleSink, ConsoleTail, IrqTrigger, Markers, SerialDevice};
-use crate::devices::virtio::block::{Block, Disk};
-use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
-use crate::devices::virtio::rng::Rng;
-use crate::devices::virtio::vsock::{MuxerError, Vsock};
-use crate::devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
+use crate::devices::console_input::ConsoleInput;
+use crate::devices::pvpanic;
+use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::vsock::MuxerError;
+use crate::devices::virtio::MmioTransport;
 use crate::devices::{bus::lock, Bus};
 use crate::exit::{ExitReason, RunState};
-use crate::host::HostProfile;
+use crate::host::{HostProfile, Virtualization};
 use crate::layout::*;
 use crate::memory::{self, MemoryError};
 use crate::metrics::{self, DriveMetrics, Metrics};
-use crate::timeline::Timeline;
-use crate::vcpu::{self, VcpuContext, VcpuError};
+use crate::signals::{install_kick_handler, SignalWatch};
+use crate::snapshot::{self, DeviceKind, DeviceState, MachineState, SnapshotError, VmState};
+use crate::vcpu::{self, VcpuContext, VcpuError, VcpuHandle};
 
 /// Every way building a VM can fail.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +63,18 @@ pub enum VmError {
     },
     #[error("cannot register a device: {0}")]
     Bus(#[from] crate::devices::bus::BusError),
+    #[error(transparent)]
+    Restore(Box<crate::snapshot::restore::RestoreError>),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+impl From<crate::snapshot::FileError> for VmError {
+    fn from(e: crate::snapshot::FileError) -> Self {
+        crate::snapshot::restore::RestoreError::File(e).into()
+    }
 }
 
 /// A clear sentence for a failure to open /dev/kvm.
@@ -80,9 +88,6 @@ pub fn describe_kvm_open_error(e: &kvm_ioctls::Error) -> String {
     };
     format!("{what}: {}", problem.advice())
 }
-
-/// An event-loop participant.
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// What runs in the VM.
 pub enum Payload {
@@ -100,63 +105,37 @@ pub struct VmOutcome {
 }
 
 pub struct Vm {
-    config: VmConfig,
-    profile: HostProfile,
-    mem: GuestMemoryMmap,
-    _vm_fd: VmFd,
-    vcpus: Vec<VcpuFd>,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    state: Arc<RunState>,
-    events: EventManager<Subscriber>,
-    serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) config: VmConfig,
+    pub(crate) profile: HostProfile,
+    pub(crate) kvm: Kvm,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) vm_fd: VmFd,
+    pub(crate) vcpus: Vec<VcpuFd>,
+    pub(crate) pio: Arc<Bus>,
+    pub(crate) mmio: Arc<Bus>,
+    pub(crate) state: Arc<RunState>,
+    pub(crate) events: EventManager<Subscriber>,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
     /// virtio-blk devices, in guest order (for metrics).
-    drives: Vec<Arc<Mutex<Block>>>,
+    pub(crate) drives: Vec<Arc<Mutex<Block>>>,
+    /// Every virtio transport, in guest order, and its device's kind.
+    pub(crate) transports: Vec<(Arc<Mutex<MmioTransport>>, DeviceKind)>,
     /// Files this VM created and must remove.
-    owned_paths: Vec<PathBuf>,
+    pub(crate) owned_paths: Vec<PathBuf>,
+    /// The control socket, once [`Vm::serve_api`] set it up.
+    api: Option<Arc<Mutex<Vec<Pending>>>>,
 }
 
 impl Vm {
-    /// Builds a VM; `started` is when the VMM started (for boot metrics).
+    /// Builds a VM to boot `payload`; `started` is when the VMM started
+    /// (for boot metrics).
     pub fn build(config: VmConfig, payload: Payload, started: Instant) -> Result<Vm, VmError> {
         config.validate()?;
-        let kvm = Kvm::new().map_err(|e| VmError::KvmUnavailable(describe_kvm_open_error(&e)))?;
-        if config.tdx {
-            let types = kvm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_VM_TYPES));
-            return Err(
-                if types > 0 && types & (1 << kvm_bindings::KVM_X86_TDX_VM) != 0 {
-                    VmError::TdxNotImplemented
-                } else {
-                    VmError::TdxUnavailable
-                },
-            );
-        }
-        let profile = HostProfile::detect();
-        tracing::info!(
-            "host profile: {} (cx16 masked: {}, PV hypercalls masked: {}, extra cmdline: {:?})",
-            profile.name(),
-            profile.mask_cx16,
-            profile.mask_pv_hypercalls,
-            profile.cmdline_extra
-        );
-        let kvm_err = |what| move |source| VmError::Kvm { what, source };
-        let vm_fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-        // Memory first: see `memory::register` for why.
+        let kvm = builder::open_kvm(&config)?;
+        let profile = builder::detect_profile();
         let mem_bytes = config.mem_mib << 20;
         let mem = memory::create(mem_bytes, config.hugepages)?;
-        memory::register(&vm_fd, &mem)?;
-        vm_fd
-            .set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(kvm_err("set the TSS address"))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(kvm_err("create the interrupt controller"))?;
-        vm_fd
-            .create_pit2(kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            })
-            .map_err(kvm_err("create the PIT"))?;
+        let vm_fd = builder::create_vm(&kvm, &mem)?;
 
         // The kernel and initramfs replace parts of the mapping KVM already
         // knows; its MMU notifier follows, and no vCPU has run yet.
@@ -182,153 +161,15 @@ impl Vm {
             }
         };
 
-        let timeline = Arc::new(Timeline::new(started));
-        let state = Arc::new(
-            RunState::new(timeline.clone()).map_err(|source| VmError::Setup {
-                what: "the exit event",
-                source,
-            })?,
-        );
-        let mut events: EventManager<Subscriber> =
-            EventManager::new().map_err(|e| VmError::Setup {
-                what: "the event loop",
-                source: std::io::Error::other(format!("{e:?}")),
-            })?;
-        let mut owned_paths = Vec::new();
-
-        // Port devices: COM1 and the reset half of the i8042.
-        let mut pio = Bus::default();
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Setup {
-            what: "the serial IRQ",
-            source,
-        })?;
-        vm_fd
-            .register_irqfd(&serial_irq, SERIAL_IRQ)
-            .map_err(kvm_err("route the serial IRQ"))?;
-        // A log file this build creates goes away again if the build fails.
-        let mut created_log = RemoveOnDrop(None);
-        let console_out: Option<Box<dyn std::io::Write + Send>> = match &config.serial {
-            SerialOutput::None => None,
-            SerialOutput::Stdio => Some(Box::new(std::io::stdout())),
-            SerialOutput::File(path) => Some(Box::new({
-                if !path.exists() {
-                    created_log.0 = Some(path.clone());
-                }
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| VmError::Setup {
-                        what: "the serial log file",
-                        source,
-                    })?
-            })),
-        };
-        let console_tail = Arc::new(ConsoleTail::default());
-        let serial = Arc::new(Mutex::new(SerialDevice {
-            uart: Serial::new(
-                IrqTrigger(serial_irq),
-                ConsoleSink::new(
-                    console_out,
-                    console_tail.clone(),
-                    &Markers {
-                        ready: config.ready_marker.clone(),
-                        init_failed: config.init_failed_marker.clone(),
-                    },
-                    timeline.clone(),
-                ),
-            ),
-        }));
-        pio.insert(serial.clone(), 0x3f8, 8)?;
-        let reset_state = state.clone();
-        pio.insert(
-            Arc::new(Mutex::new(I8042::new(Box::new(move || {
-                reset_state.request_exit(ExitReason::GuestReset)
-            })))),
-            0x60,
-            5,
-        )?;
-        // The panic report comes first: the guest resets right after it.
-        let panic_state = state.clone();
-        pio.insert(
-            Arc::new(Mutex::new(PvPanic::new(Box::new(move || {
-                panic_state.request_exit(ExitReason::GuestPanic {
-                    line: console_tail.panic_line(),
-                })
-            })))),
-            pvpanic::PORT,
-            1,
-        )?;
-
-        // virtio-mmio devices, one page and one IRQ each.
-        let mut mmio = Bus::default();
-        let mut virtio: Vec<(Arc<Mutex<dyn VirtioDevice>>, Subscriber)> = Vec::new();
-        if let Some(vsock_cfg) = &config.vsock {
-            let dev = Arc::new(Mutex::new(Vsock::new(
-                vsock_cfg.guest_cid,
-                &vsock_cfg.uds_path,
-            )?));
-            owned_paths.push(vsock_cfg.uds_path.clone());
-            let activity = timeline.clone();
-            lock(&dev).set_activity_hook(Box::new(move || activity.mark_activity()));
-            virtio.push((dev.clone(), dev));
-        }
-        if config.rng {
-            let dev = Arc::new(Mutex::new(Rng::new().map_err(|source| VmError::Setup {
-                what: "virtio-rng",
-                source,
-            })?));
-            virtio.push((dev.clone(), dev));
-        }
-        // Drives last and in order: the guest names them vda, vdb, ... as it
-        // probes the command line's devices.
-        let mut drives = Vec::new();
-        for (i, drive) in config.drives.iter().enumerate() {
-            let disk = Disk::open(&drive.path, drive.read_only).map_err(ConfigError::from)?;
-            let dev = Arc::new(Mutex::new(
-                Block::new(disk, &drive.id_or_default(i)).map_err(|source| VmError::Setup {
-                    what: "virtio-blk",
-                    source,
-                })?,
-            ));
-            let activity = timeline.clone();
-            lock(&dev).set_activity_hook(Box::new(move || activity.mark_activity()));
-            drives.push(dev.clone());
-            virtio.push((dev.clone(), dev));
-        }
-        let mut cmdline_devices = Vec::new();
-        for (i, (device, subscriber)) in virtio.into_iter().enumerate() {
-            let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
-            let irq = VIRTIO_IRQ_BASE + i as u32;
-            let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Setup {
-                what: "a virtio IRQ",
-                source,
-            })?;
-            vm_fd
-                .register_irqfd(&irqfd, irq)
-                .map_err(kvm_err("route a virtio IRQ"))?;
-            for (q, evt) in lock(&device).queue_events().iter().enumerate() {
-                // Queue notifications go straight to the event loop, no vCPU exit.
-                vm_fd
-                    .register_ioevent(
-                        evt,
-                        &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
-                        q as u32,
-                    )
-                    .map_err(kvm_err("register a queue notification"))?;
-            }
-            let transport =
-                MmioTransport::new(device, mem.clone(), Arc::new(Interrupt::new(irqfd)));
-            mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
-            events.add_subscriber(subscriber);
-            cmdline_devices.push((base, irq));
-        }
+        let mut core = builder::create_core(started)?;
+        let mut legacy = builder::attach_legacy_devices(&vm_fd, &config, &core, None)?;
+        let virtio = builder::attach_virtio_devices(&vm_fd, &config, &mem, &mut core)?;
 
         if linux {
             // On every host: without it a guest panic reads as a clean reset.
             let mut extra = profile.cmdline_extra.clone();
             extra.push(pvpanic::CMDLINE_PARAM.to_string());
-            let cmdline = boot::build_cmdline(&config.cmdline, &extra, &cmdline_devices)?;
+            let cmdline = boot::build_cmdline(&config.cmdline, &extra, &virtio.cmdline_devices)?;
             tracing::info!(
                 "kernel {} ({:?} entry at {:#x}), command line: {}",
                 config.kernel.display(),
@@ -345,30 +186,168 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("report supported CPUID"))?;
-        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-        for index in 0..config.vcpus {
-            let fd = vm_fd
-                .create_vcpu(u64::from(index))
-                .map_err(kvm_err("create a vCPU"))?;
-            vcpu::configure(&fd, index, config.vcpus, &supported, &profile, &kernel)?;
-            vcpus.push(fd);
+        let vcpus = builder::create_vcpus(&vm_fd, config.vcpus)?;
+        for (index, fd) in vcpus.iter().enumerate() {
+            vcpu::configure(fd, index as u8, config.vcpus, &supported, &profile, &kernel)?;
         }
 
-        created_log.0 = None;
-        Ok(Vm {
+        legacy.created_log.0 = None;
+        Ok(Vm::assemble(
+            config, profile, kvm, mem, vm_fd, vcpus, core, legacy, virtio,
+        ))
+    }
+
+    /// The VM from the products of the builder's steps.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn assemble(
+        config: VmConfig,
+        profile: HostProfile,
+        kvm: Kvm,
+        mem: GuestMemoryMmap,
+        vm_fd: VmFd,
+        vcpus: Vec<VcpuFd>,
+        core: builder::Core,
+        legacy: builder::LegacyDevices,
+        virtio: builder::VirtioDevices,
+    ) -> Vm {
+        Vm {
             config,
             profile,
+            kvm,
             mem,
-            _vm_fd: vm_fd,
+            vm_fd,
             vcpus,
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            state,
-            events,
-            serial,
-            drives,
-            owned_paths,
-        })
+            pio: Arc::new(legacy.pio),
+            mmio: Arc::new(virtio.mmio),
+            state: core.state,
+            events: core.events,
+            serial: legacy.serial,
+            drives: virtio.drives,
+            transports: virtio.transports,
+            owned_paths: virtio.owned_paths,
+            api: None,
+        }
+    }
+
+    /// Serves the control socket at `path` while the VM runs.
+    pub fn serve_api(&mut self, path: &Path) -> Result<(), ApiError> {
+        let server = ApiServer::bind(path)?;
+        self.api = Some(server.queue());
+        self.events.add_subscriber(Arc::new(Mutex::new(server)));
+        Ok(())
+    }
+
+    /// Carries out the control socket's queued requests.
+    fn serve_requests(&self, vcpus: &[VcpuHandle], paused: &mut bool) {
+        let Some(queue) = &self.api else {
+            return;
+        };
+        let pending = std::mem::take(&mut *lock(queue));
+        for p in pending {
+            let reply = match &p.request {
+                Err(e) => Reply::error(e),
+                Ok(Request::Pause) => match vcpus.iter().try_for_each(VcpuHandle::pause) {
+                    Ok(()) => {
+                        *paused = true;
+                        Reply::ok()
+                    }
+                    Err(e) => Reply::error(e),
+                },
+                Ok(Request::Resume) => match vcpus.iter().try_for_each(VcpuHandle::resume) {
+                    Ok(()) => {
+                        *paused = false;
+                        // The pause is not the guest's silence.
+                        self.state.timeline.mark_activity();
+                        Reply::ok()
+                    }
+                    Err(e) => Reply::error(e),
+                },
+                Ok(Request::Snapshot { state, mem }) => {
+                    if !*paused {
+                        Reply::error(SnapshotError::NotPaused)
+                    } else {
+                        match self.snapshot(vcpus, state, mem) {
+                            Ok(()) => Reply::ok(),
+                            Err(e) => Reply::error(error_chain(&e)),
+                        }
+                    }
+                }
+                Ok(Request::Stop) => {
+                    self.state.request_exit(ExitReason::Signal {
+                        signal: libc::SIGTERM,
+                    });
+                    Reply::ok()
+                }
+                Ok(Request::Metrics) => {
+                    let (rss, _) = metrics::rss_kib();
+                    Reply {
+                        metrics: Some(serde_json::json!({
+                            "paused": *paused,
+                            "uptime_ms": self.state.timeline.start().elapsed().as_secs_f64() * 1000.0,
+                            "vm_exits": self.state.exits.snapshot(),
+                            "rss_kib": rss,
+                            "guest_resident_kib": memory::resident(&self.mem).total_bytes() / 1024,
+                        })),
+                        ..Reply::ok()
+                    }
+                }
+            };
+            p.answer(&reply);
+        }
+    }
+
+    /// Writes a snapshot of the paused VM: guest memory to `mem_path`, then
+    /// the state file (whose presence marks the snapshot complete).
+    fn snapshot(
+        &self,
+        vcpus: &[VcpuHandle],
+        state_path: &Path,
+        mem_path: &Path,
+    ) -> Result<(), SnapshotError> {
+        if vcpus.len() != usize::from(self.config.vcpus) {
+            return Err(SnapshotError::Stopped);
+        }
+        let msr_list = Arc::new(
+            self.kvm
+                .get_msr_index_list()
+                .map_err(SnapshotError::MsrList)?
+                .as_slice()
+                .to_vec(),
+        );
+        let parts = snapshot::Parts {
+            // A PVM guest runs with `noxsave`: the FPU area is the whole state.
+            xsave: self.profile.virtualization != Virtualization::Pvm
+                && self.kvm.check_extension(kvm_ioctls::Cap::Xsave),
+        };
+        let vcpu_states = vcpus
+            .iter()
+            .map(|h| h.save(msr_list.clone(), parts))
+            .collect::<Result<Vec<_>, _>>()?;
+        let state = VmState {
+            config: self.config.clone(),
+            host_profile: self.profile.name().to_string(),
+            vcpus: vcpu_states,
+            machine: MachineState::save(&self.vm_fd)?,
+            serial: lock(&self.serial).uart.state().into(),
+            devices: self
+                .transports
+                .iter()
+                .map(|(t, kind)| DeviceState {
+                    transport: lock(t).state(),
+                    kind: kind.clone(),
+                })
+                .collect(),
+        };
+        let payload = serde_json::to_vec(&state).map_err(SnapshotError::Encode)?;
+        memory::save(&self.mem, mem_path)?;
+        snapshot::file::write(state_path, &payload)?;
+        tracing::info!(
+            "snapshot written: {} ({} bytes of state), {}",
+            state_path.display(),
+            payload.len(),
+            mem_path.display()
+        );
+        Ok(())
     }
 
     /// Runs the VM until the guest stops, a signal arrives, or the watchdog fires.
@@ -387,14 +366,11 @@ impl Vm {
             .add_subscriber(Arc::new(Mutex::new(ExitWatch(self.state.clone()))));
         if self.config.serial == SerialOutput::Stdio {
             self.events
-                .add_subscriber(Arc::new(Mutex::new(ConsoleInput {
-                    serial: self.serial.clone(),
-                })));
+                .add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(self.serial.clone()))));
         }
         install_kick_handler();
 
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
+        let mut vcpus = Vec::new();
         for (index, fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let ctx = VcpuContext {
                 index: index as u8,
@@ -402,16 +378,12 @@ impl Vm {
                 mmio: self.mmio.clone(),
                 mem: self.mem.clone(),
                 state: self.state.clone(),
-                stop: stop.clone(),
             };
-            match std::thread::Builder::new()
-                .name(format!("kiln-vcpu-{index}"))
-                .spawn(move || vcpu::run(fd, ctx))
-            {
-                Ok(t) => threads.push(t),
+            match VcpuHandle::spawn(fd, ctx) {
+                Ok(h) => vcpus.push(h),
                 Err(e) => {
                     self.state.request_exit(ExitReason::VmmError {
-                        message: format!("cannot start vCPU thread {index}: {e}"),
+                        message: e.to_string(),
                     });
                     break;
                 }
@@ -420,38 +392,28 @@ impl Vm {
 
         let watchdog = Duration::from_secs(self.config.watchdog_secs);
         self.state.timeline.mark_activity();
+        let mut paused = false;
         let reason = loop {
             if let Err(e) = self.events.run_with_timeout(200) {
                 self.state.request_exit(ExitReason::VmmError {
                     message: format!("event loop failed: {e:?}"),
                 });
             }
+            self.serve_requests(&vcpus, &mut paused);
             if let Some(reason) = self.state.exit_reason() {
                 break self.with_init_failure(reason);
             }
-            if !watchdog.is_zero() && self.state.timeline.since_last_activity() > watchdog {
+            if paused {
+                // A paused guest is silent by our doing, not stuck.
+                self.state.timeline.mark_activity();
+            } else if !watchdog.is_zero() && self.state.timeline.since_last_activity() > watchdog {
                 self.state.request_exit(ExitReason::Watchdog {
                     idle_secs: self.config.watchdog_secs,
                 });
             }
         };
 
-        // Stop the vCPUs: flag, then kick each out of KVM_RUN until it leaves.
-        stop.store(true, Ordering::Release);
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while Instant::now() < deadline && threads.iter().any(|t| !t.is_finished()) {
-            for t in threads.iter().filter(|t| !t.is_finished()) {
-                use std::os::unix::thread::JoinHandleExt;
-                // SAFETY: the thread is alive (not finished) and its pthread_t valid.
-                unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        for t in threads {
-            if t.is_finished() {
-                let _ = t.join();
-            }
-        }
+        VcpuHandle::stop_all(vcpus, Instant::now() + Duration::from_secs(1));
 
         let metrics = self.metrics(&reason);
         for path in &self.owned_paths {
@@ -510,17 +472,6 @@ impl Vm {
     }
 }
 
-/// Removes a path when dropped, unless emptied first.
-struct RemoveOnDrop(Option<PathBuf>);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
 /// Wakes the event loop when a vCPU or device asks the VM to stop.
 struct ExitWatch(Arc<RunState>);
 
@@ -533,119 +484,14 @@ impl MutEventSubscriber for ExitWatch {
     }
 }
 
-/// Feeds the VMM's standard input to the guest console.
-struct ConsoleInput {
-    serial: Arc<Mutex<SerialDevice>>,
-}
-
-impl MutEventSubscriber for ConsoleInput {
-    fn init(&mut self, ops: &mut EventOps) {
-        // Fails for files and /dev/null, which then simply give no input.
-        let _ = ops.add(Events::new_raw(libc::STDIN_FILENO, EventSet::IN));
+/// An error and its sources on one line, as the VMM prints errors.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
     }
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let mut buf = [0u8; 64];
-        // SAFETY: reading into a stack buffer of the given length.
-        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            let _ = ops.remove(events);
-            return;
-        }
-        let _ = lock(&self.serial)
-            .uart
-            .enqueue_raw_bytes(&buf[..n as usize]);
-    }
-}
-
-/// SIGTERM, SIGINT and SIGHUP, taken through a signalfd while the VM runs.
-struct SignalWatch {
-    subscriber: Subscriber,
-    old_mask: libc::sigset_t,
-}
-
-const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
-
-/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and threads it
-/// starts later), so that one arriving while the VM is built waits for the
-/// VM's signalfd instead of killing the process uncleanly.
-pub fn block_stop_signals() {
-    // SAFETY: plain sigset manipulation on a local value.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in STOP_SIGNALS {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
-}
-
-impl SignalWatch {
-    fn new(state: Arc<RunState>) -> std::io::Result<Self> {
-        // SAFETY: plain sigset manipulation on local values.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for s in STOP_SIGNALS {
-                libc::sigaddset(&mut set, s);
-            }
-            // Blocked here, inherited by the vCPU threads: only the signalfd sees them.
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
-            let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
-            if fd < 0 {
-                let e = std::io::Error::last_os_error();
-                libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-                return Err(e);
-            }
-            Ok(SignalWatch {
-                subscriber: Arc::new(Mutex::new(SignalSubscriber {
-                    file: File::from_raw_fd(fd),
-                    state,
-                })),
-                old_mask: old,
-            })
-        }
-    }
-}
-
-impl Drop for SignalWatch {
-    fn drop(&mut self) {
-        // SAFETY: restores the mask saved in new().
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut()) };
-    }
-}
-
-struct SignalSubscriber {
-    file: File,
-    state: Arc<RunState>,
-}
-
-impl MutEventSubscriber for SignalSubscriber {
-    fn init(&mut self, ops: &mut EventOps) {
-        let _ = ops.add(Events::new(&self.file, EventSet::IN));
-    }
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
-        if self.file.read_exact(&mut info).is_ok() {
-            let signal = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]) as i32;
-            self.state.request_exit(ExitReason::Signal { signal });
-        }
-    }
-}
-
-fn kick_signal() -> i32 {
-    vmm_sys_util::signal::SIGRTMIN()
-}
-
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// The vCPU kick signal only interrupts KVM_RUN; its handler does nothing.
-fn install_kick_handler() {
-    static INSTALLED: std::sync::Once = std::sync::Once::new();
-    INSTALLED.call_once(|| {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick) {
-            tracing::warn!("cannot install the vCPU kick handler: {e}");
-        }
-    });
+    line
 }

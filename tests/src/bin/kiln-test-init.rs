@@ -153,6 +153,30 @@ fn mode() -> String {
     words.nth(1).unwrap_or_default().to_string()
 }
 
+/// Counts on the console, with what a snapshot must keep beside the count
+/// (a file in tmpfs) and whether the host answers on vsock (a fresh
+/// connection each time, so it works again after a restore's reset).
+fn count_forever() -> ! {
+    mount("tmpfs", "/tmp", "tmpfs");
+    if let Err(e) = std::fs::write("/tmp/kept", "before-snapshot") {
+        say(&format!("tmpfs write error {e}"));
+    }
+    say(READY_MARKER);
+    let mut count = 0u64;
+    loop {
+        count += 1;
+        let kept = std::fs::read_to_string("/tmp/kept").unwrap_or_else(|_| "missing".into());
+        let vsock = connect_host(GUEST_CONNECT_PORT)
+            .and_then(|mut s| {
+                s.write_all(format!("count={count}\n").as_bytes())?;
+                read_line(&mut s)
+            })
+            .unwrap_or_else(|_| "down".into());
+        say(&format!("count={count} file={kept} vsock={vsock}"));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 fn main() {
     mount("proc", "/proc", "proc");
     let mode = mode();
@@ -162,6 +186,10 @@ fn main() {
         reboot();
     }
     mount("devtmpfs", "/dev", "devtmpfs");
+    // `-- snap`: the snapshot test's workload, counting until stopped.
+    if mode == "snap" {
+        count_forever();
+    }
     say(READY_MARKER);
     say(&format!("nproc={}", nproc()));
 

@@ -3,7 +3,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::{Interrupt, Memory, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::lock;
@@ -21,6 +22,78 @@ const STATUS_DRIVER: u32 = 2;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_FAILED: u32 = 0x80;
+
+/// A saved queue: the driver's layout and the device's ring positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedQueue {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+}
+
+impl From<QueueState> for SavedQueue {
+    fn from(q: QueueState) -> Self {
+        SavedQueue {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<SavedQueue> for QueueState {
+    fn from(q: SavedQueue) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+/// A transport's registers and queues, for snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub acked_features: u64,
+    pub queue_sel: u32,
+    pub status: u32,
+    pub config_generation: u32,
+    pub activated: bool,
+    pub interrupt_status: u32,
+    pub queues: Vec<SavedQueue>,
+}
+
+/// Why a saved transport cannot be put back.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportRestoreError {
+    #[error("saved device type {saved} where the VM has type {actual}")]
+    DeviceType { saved: u32, actual: u32 },
+    #[error("saved queue {0} is invalid")]
+    Queue(usize),
+    #[error("the device did not start again: {0}")]
+    Activate(#[from] super::ActivateError),
+}
 
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
@@ -56,6 +129,78 @@ impl MmioTransport {
             config_generation: 0,
             activated: false,
         }
+    }
+
+    /// The registers and queues; the queues of a running device come from
+    /// the device, which owns them.
+    pub fn state(&self) -> TransportState {
+        let device = lock(&self.device);
+        let queues = if self.activated {
+            device.queue_states()
+        } else {
+            self.queues.iter().map(Queue::state).collect()
+        };
+        TransportState {
+            device_type: device.device_type(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            activated: self.activated,
+            interrupt_status: self.interrupt.status(),
+            queues: queues.into_iter().map(SavedQueue::from).collect(),
+        }
+    }
+
+    /// Puts a saved state back into a fresh transport; a device that was
+    /// running is started again on its saved queues.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), TransportRestoreError> {
+        let mut device = lock(&self.device);
+        let actual = device.device_type();
+        if state.device_type != actual {
+            return Err(TransportRestoreError::DeviceType {
+                saved: state.device_type,
+                actual,
+            });
+        }
+        if state.queues.len() != device.queue_max_sizes().len() {
+            return Err(TransportRestoreError::Queue(state.queues.len()));
+        }
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (i, (q, max)) in state
+            .queues
+            .iter()
+            .zip(device.queue_max_sizes())
+            .enumerate()
+        {
+            if q.max_size != *max {
+                return Err(TransportRestoreError::Queue(i));
+            }
+            queues.push(
+                Queue::try_from(QueueState::from(*q))
+                    .map_err(|_| TransportRestoreError::Queue(i))?,
+            );
+        }
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.acked_features = state.acked_features;
+        self.queue_sel = state.queue_sel;
+        self.status = state.status;
+        self.config_generation = state.config_generation;
+        self.interrupt.set_status(state.interrupt_status);
+        if state.activated {
+            device.set_acked_features(self.acked_features);
+            for (mine, theirs) in self.queues.iter_mut().zip(&queues) {
+                mine.set_ready(theirs.ready());
+            }
+            device.activate(self.mem.clone(), queues, self.interrupt.clone())?;
+            self.activated = true;
+        } else {
+            self.queues = queues;
+        }
+        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -267,6 +412,50 @@ mod tests {
         write32(&mut t, 0x70, 0);
         assert!(!t.activated);
         assert_eq!(read32(&mut t, 0x44), 0);
+    }
+
+    #[test]
+    fn a_running_transport_is_saved_and_restored_with_its_queue() {
+        let mem = Memory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let irq = || Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let mut t = MmioTransport::new(
+            Arc::new(Mutex::new(Rng::new().unwrap())),
+            mem.clone(),
+            irq(),
+        );
+        write32(&mut t, 0x24, 1);
+        write32(&mut t, 0x20, 1);
+        write32(&mut t, 0x38, 16);
+        write32(&mut t, 0x80, 0x1000);
+        write32(&mut t, 0x90, 0x2000);
+        write32(&mut t, 0xa0, 0x3000);
+        write32(&mut t, 0x44, 1);
+        let all = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        write32(&mut t, 0x70, all);
+        t.interrupt.signal_used_queue();
+        let saved = t.state();
+        assert!(saved.activated);
+        assert_eq!(saved.queues[0].size, 16);
+        assert_eq!(saved.queues[0].desc_table, 0x1000);
+        assert_eq!(saved.interrupt_status, super::super::INT_USED_RING);
+
+        let mut back = MmioTransport::new(
+            Arc::new(Mutex::new(Rng::new().unwrap())),
+            mem.clone(),
+            irq(),
+        );
+        back.restore(&saved).unwrap();
+        assert_eq!(back.state(), saved);
+        assert_eq!(read32(&mut back, 0x70), all);
+        assert_eq!(read32(&mut back, 0x60), super::super::INT_USED_RING);
+
+        let mut wrong = saved.clone();
+        wrong.device_type = super::super::TYPE_BLOCK;
+        let mut other = MmioTransport::new(Arc::new(Mutex::new(Rng::new().unwrap())), mem, irq());
+        assert!(matches!(
+            other.restore(&wrong),
+            Err(TransportRestoreError::DeviceType { .. })
+        ));
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Returns the device to its pre-activation state.
     fn reset(&mut self);
+    /// The queues the running device owns (none before activation), for
+    /// snapshots.
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState>;
 }
 
 /// A device's interrupt line: the status register plus an irqfd.
@@ -89,6 +92,11 @@ impl Interrupt {
 
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Puts back a saved status, without raising the IRQ.
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 }
 

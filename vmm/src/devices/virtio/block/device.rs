@@ -338,4 +338,7 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.active = None;
     }
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active.iter().map(|a| a.queue.state()).collect()
+    }
 }

@@ -22,6 +22,8 @@ const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 const EVENT: usize = 2;
+/// `struct virtio_vsock_event { le32 id; }` with this id: all connections reset.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Largest payload accepted from or sent to the guest in one packet.
 const MAX_PAYLOAD: usize = 64 * 1024;
 
@@ -66,6 +68,37 @@ impl Vsock {
 
     pub fn muxer(&self) -> &Muxer {
         &self.muxer
+    }
+
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// Tells the guest that every connection it had is gone (after a
+    /// restore: the host ends of those connections did not survive): one
+    /// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue. Returns false
+    /// when the device is not running or the driver left no event buffer.
+    pub fn send_transport_reset(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let Some(chain) = active.queues[EVENT].pop_descriptor_chain(&active.mem) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let written = chain
+            .writer(&active.mem)
+            .ok()
+            .and_then(|mut w| w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes()).ok())
+            .map_or(0, |_| 4);
+        if active.queues[EVENT]
+            .add_used(&active.mem, head, written)
+            .is_err()
+        {
+            return false;
+        }
+        active.interrupt.signal_used_queue();
+        written == 4
     }
 
     /// Reads every packet the guest queued for the host.
@@ -190,6 +223,12 @@ impl VirtioDevice for Vsock {
     }
     fn reset(&mut self) {
         self.active = None;
+    }
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .iter()
+            .flat_map(|a| a.queues.iter().map(|q| q.state()))
+            .collect()
     }
 }
 
