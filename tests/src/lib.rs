@@ -199,23 +199,51 @@ impl AgentVm {
     /// Boots `initrd` (2 vCPUs, vsock at `dir/vm.sock`) and waits for the
     /// agent to connect to the host control port.
     pub fn boot(dir: &Path, initrd: &Path) -> Self {
-        let uds = dir.join("vm.sock");
-        let serial = dir.join("serial.log");
-        let port = kiln_protocol::CONTROL_PORT;
-        let control = std::os::unix::net::UnixListener::bind(format!("{}_{port}", uds.display()))
-            .expect("bind control socket");
-        let mut vmm = VmmProcess::spawn(&[
+        Self::boot_with(dir, initrd, &[])
+    }
+
+    /// [`AgentVm::boot`] with more kiln-vmm arguments (e.g. `--api-sock`).
+    pub fn boot_with(dir: &Path, initrd: &Path, extra: &[&str]) -> Self {
+        let (kernel, initrd) = (kernel(), initrd.to_path_buf());
+        let mut args = vec![
             "--kernel",
-            kernel().to_str().unwrap_or_default(),
+            kernel.to_str().unwrap_or_default(),
             "--initrd",
             initrd.to_str().unwrap_or_default(),
             "--vcpus",
             "2",
+        ];
+        args.extend_from_slice(extra);
+        Self::launch(dir, "vm.sock", "serial.log", &args)
+    }
+
+    /// Restores a snapshot as a VM named `name` (vsock at
+    /// `dir/<name>.sock`, console at `dir/<name>.log`) and waits for its
+    /// agent to connect again.
+    pub fn restore(dir: &Path, name: &str, state: &Path, mem: &Path) -> Self {
+        let args = [
+            "--restore",
+            state.to_str().unwrap_or_default(),
+            "--mem-file",
+            mem.to_str().unwrap_or_default(),
+        ];
+        let (uds, serial) = (format!("{name}.sock"), format!("{name}.log"));
+        Self::launch(dir, &uds, &serial, &args)
+    }
+
+    fn launch(dir: &Path, uds: &str, serial: &str, args: &[&str]) -> Self {
+        let (uds, serial) = (dir.join(uds), dir.join(serial));
+        let port = kiln_protocol::CONTROL_PORT;
+        let control = std::os::unix::net::UnixListener::bind(format!("{}_{port}", uds.display()))
+            .expect("bind control socket");
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend([
             "--vsock-uds",
             uds.to_str().unwrap_or_default(),
             "--serial-log",
             serial.to_str().unwrap_or_default(),
         ]);
+        let mut vmm = VmmProcess::spawn(&all);
         control.set_nonblocking(true).expect("nonblocking listener");
         let serial_text = || std::fs::read_to_string(&serial).unwrap_or_default();
         // Generous: boots are slow on emulating hosts, slower on a busy machine.
@@ -231,6 +259,11 @@ impl AgentVm {
             serial,
             conn,
         }
+    }
+
+    /// The VMM process (for its control socket, signals, exit).
+    pub fn vmm_mut(&mut self) -> &mut VmmProcess {
+        &mut self.vmm
     }
 
     /// The VM's vsock socket (for forwarders).
