@@ -95,7 +95,10 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
     let (code, err, text) = vm.wait(Duration::from_secs(120));
     assert_eq!(code.code(), Some(0), "{err}\n{text}");
     assert!(text.contains(READY_MARKER), "{text}");
-    assert!(!text.contains("identity:"), "the identity was refused:\n{text}");
+    assert!(
+        !text.contains("identity:"),
+        "the identity was refused:\n{text}"
+    );
 }
 
 /// PID 1 must never just die: a fatal agent error is written to the
