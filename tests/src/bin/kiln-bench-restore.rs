@@ -71,7 +71,7 @@ fn main() {
         "--vcpus",
         "2",
         "--mem-mib",
-        "256",
+        "128",
         "--serial-log",
         serial.to_str().unwrap_or_default(),
         "--api-sock",
@@ -106,7 +106,7 @@ fn main() {
     let _ = orig.kill();
     let _ = orig.wait();
     println!(
-        "snapshot (pause + save, 256 MiB guest, 2 vCPUs): {snap_ms:.0} ms; state {} bytes; {runs} restores",
+        "snapshot (pause + save, 128 MiB guest, 2 vCPUs): {snap_ms:.0} ms; state {} bytes; {runs} restores",
         std::fs::metadata(&state).map(|m| m.len()).unwrap_or(0)
     );
 
