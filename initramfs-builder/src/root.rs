@@ -18,12 +18,13 @@ pub enum RootKind {
 /// first virtio-blk device (`/dev/vda`).
 pub const BLOCK_ROOT_ARG: &str = "kiln.root=vda";
 
-/// `auto` picks the block root from this much unpacked file data up. Not
-/// yet measured on a PVM host: below it the initramfs path boots a
-/// busybox-sized image without the erofs mount and overlay; above it the
-/// guest kernel's unpacking (emulated there) and the second copy in RAM
-/// cost more than reading blocks on demand.
-pub const AUTO_BLOCK_MIN: u64 = 32 << 20;
+/// `auto` picks the block root from this much unpacked file data up.
+/// Measured on a PVM host (scripts/bench-rootfs-crossover.sh, the VM's CPU
+/// seconds for `kiln run -- true`): with the demo image's ~2 MiB both
+/// roots cost the same (21-22 s); with 4 MiB more, initramfs 24-30 s
+/// against block 18-22 s; with 16 MiB more, 33 s against 19 s. The guest
+/// kernel's unpacking grows with the image, the block root's reads do not.
+pub const AUTO_BLOCK_MIN: u64 = 4 << 20;
 
 impl RootKind {
     /// The choice for an image with `unpacked` bytes of file data.
