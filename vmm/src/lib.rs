@@ -12,6 +12,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod exit;
 pub mod host;
+pub mod jail;
 pub mod layout;
 pub mod memory;
 pub mod metrics;

@@ -10,6 +10,7 @@ use kiln_vmm::config::{
     default_kernel_path, DriveConfig, VmConfig, VsockConfig, DEFAULT_GUEST_CID,
 };
 use kiln_vmm::exit::code;
+use kiln_vmm::jail::{self, JailConfig, Role};
 use kiln_vmm::{capabilities, Payload, SerialOutput, Vm};
 
 const EXIT_STATUS_HELP: &str = "\
@@ -96,6 +97,17 @@ struct Args {
     /// VM ended (repeatable); lets a launcher that dies leave nothing behind
     #[arg(long, value_name = "PATH")]
     cleanup: Vec<PathBuf>,
+    /// Run the VMM without its jail (namespaces, unprivileged uid, private
+    /// root): for debugging only, a VMM bug then gives the guest the host
+    #[arg(long)]
+    no_jail: bool,
+    /// Where the jail's root is mounted (an empty directory is made there)
+    /// [default: a directory in $TMPDIR]
+    #[arg(long, value_name = "DIR")]
+    jail_root: Option<PathBuf>,
+    /// The uids (and gids) jailed VMMs run as, one per VM
+    #[arg(long, value_name = "FIRST-LAST", default_value = jail::DEFAULT_UID_RANGE)]
+    jail_uids: String,
     /// Print what this host offers micro-VMs and exit
     #[arg(long)]
     capabilities: bool,
@@ -128,8 +140,8 @@ fn main() -> ExitCode {
         }
     };
     let args = parse_args(matches);
-    let _cleanup = Cleanup(args.cleanup.clone());
-    match run(args, started) {
+    let mut cleanup = Cleanup(args.cleanup.clone());
+    match run(args, started, &mut cleanup) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             eprintln!("kiln-vmm: error: {e:#}");
@@ -138,7 +150,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args, started: Instant) -> anyhow::Result<i32> {
+fn run(args: Args, started: Instant, cleanup: &mut Cleanup) -> anyhow::Result<i32> {
     if args.capabilities {
         let caps = capabilities::probe();
         if args.json {
@@ -161,10 +173,33 @@ fn run(args: Args, started: Instant) -> anyhow::Result<i32> {
     if args.die_with_parent {
         die_with_parent()?;
     }
-    let config = merge_config(&args)?;
+    let mut config = merge_config(&args)?;
+    let mut metrics = args.metrics.clone();
+    if args.no_jail {
+        eprintln!(
+            "kiln-vmm: WARNING: --no-jail: this VMM runs as root with the host's \
+             filesystem and network; a VMM bug gives the guest the host"
+        );
+    } else {
+        // Bad input is reported before the fork, as without the jail.
+        config.validate()?;
+        jail::absolute_paths(&mut config, &mut metrics);
+        let jail = JailConfig {
+            root: args.jail_root.clone().unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("kiln-jail-{}", std::process::id()))
+            }),
+            uids: args.jail_uids.parse()?,
+            lock_dir: PathBuf::from(jail::UID_LOCK_DIR),
+        };
+        match jail::enter(&jail, &mut config, metrics.as_deref())? {
+            Role::Supervisor(code) => return Ok(code),
+            // The supervisor outside cleans up; here those paths are the jail's.
+            Role::Vmm => cleanup.0.clear(),
+        }
+    }
     let vm = Vm::build(config, Payload::Kernel, started)?;
     let outcome = vm.run();
-    if let Some(path) = &args.metrics {
+    if let Some(path) = &metrics {
         outcome
             .metrics
             .write_to(path)

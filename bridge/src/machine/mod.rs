@@ -45,6 +45,9 @@ pub struct Spec {
     pub drives: Vec<Drive>,
     /// Words added to kiln-vmm's default kernel command line.
     pub kernel_args: Vec<String>,
+    /// Jail the VMM (namespaces, unprivileged uid, a root of its own);
+    /// false only for debugging (`kiln run --no-jail`).
+    pub jail: bool,
 }
 
 /// A file the guest sees as a virtio-blk disk.
@@ -147,6 +150,8 @@ pub struct Machine {
 
 /// Name of the VM's vsock socket inside its directory.
 const VSOCK_SOCKET: &str = "vsock.sock";
+/// Where the VMM's jail has its root, inside the VM's directory.
+const JAIL_ROOT: &str = "root";
 
 impl Machine {
     /// Boots `spec` and waits for the agent's `ready`. On any failure the
@@ -203,6 +208,12 @@ impl Machine {
         }
         if let Some(m) = &spec.metrics {
             cmd.arg("--metrics").arg(m);
+        }
+        if spec.jail {
+            // In the VM's directory: removed with it, whoever cleans up.
+            cmd.arg("--jail-root").arg(dir.join(JAIL_ROOT));
+        } else {
+            cmd.arg("--no-jail");
         }
         for d in &spec.drives {
             cmd.arg(if d.read_only { "--drive-ro" } else { "--drive" })
@@ -561,6 +572,7 @@ mod tests {
             metrics: None,
             drives: Vec::new(),
             kernel_args: Vec::new(),
+            jail: true,
         };
         match Machine::launch(&spec) {
             Err(MachineError::VmmExited { status, detail }) => {

@@ -153,6 +153,7 @@ mod tests {
             metrics: None,
             drives: Vec::new(),
             kernel_args: Vec::new(),
+            jail: true,
         }
     }
 

@@ -169,6 +169,7 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
         metrics: Some(dir.join(METRICS_FILE)),
         drives: launch.boot.drives(),
         kernel_args: launch.boot.kernel_args.clone(),
+        jail: true,
     };
     let mut machine = match Machine::launch_cancellable(&spec, &|| stop_signals::count() > 0) {
         Ok(m) => m,
