@@ -170,6 +170,7 @@ pub fn run(cache: &Cache, home: &Path, a: RunArgs) -> Result<i32> {
         drives,
         kernel_args,
         jail: !a.no_jail,
+        cpu_millicores: None,
     };
     signals::catch_stop_signals();
     let mut machine = match Machine::launch_cancellable(&spec, &|| signals::count() > 0) {

@@ -10,6 +10,7 @@ use kiln_vmm::config::{
     default_kernel_path, DriveConfig, VmConfig, VsockConfig, DEFAULT_GUEST_CID,
 };
 use kiln_vmm::exit::code;
+use kiln_vmm::jail::cgroup::Limits;
 use kiln_vmm::jail::{self, JailConfig, Role};
 use kiln_vmm::{capabilities, Payload, SerialOutput, Vm};
 
@@ -108,6 +109,10 @@ struct Args {
     /// The uids (and gids) jailed VMMs run as, one per VM
     #[arg(long, value_name = "FIRST-LAST", default_value = jail::DEFAULT_UID_RANGE)]
     jail_uids: String,
+    /// CPU time the VM may use, in thousandths of a CPU (its cgroup's
+    /// cpu.max) [default: 1000 per vCPU]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    cpu_millicores: Option<u32>,
     /// Print what this host offers micro-VMs and exit
     #[arg(long)]
     capabilities: bool,
@@ -190,6 +195,12 @@ fn run(args: Args, started: Instant, cleanup: &mut Cleanup) -> anyhow::Result<i3
             }),
             uids: args.jail_uids.parse()?,
             lock_dir: PathBuf::from(jail::UID_LOCK_DIR),
+            limits: Limits::for_vm(
+                config.vcpus,
+                config.mem_mib,
+                args.cpu_millicores
+                    .unwrap_or(u32::from(config.vcpus) * 1000),
+            ),
         };
         match jail::enter(&jail, &mut config, metrics.as_deref())? {
             Role::Supervisor(code) => return Ok(code),

@@ -48,6 +48,9 @@ pub struct Spec {
     /// Jail the VMM (namespaces, unprivileged uid, a root of its own);
     /// false only for debugging (`kiln run --no-jail`).
     pub jail: bool,
+    /// The VM's CPU share in thousandths of a CPU (its cgroup's cpu.max);
+    /// None: one CPU per vCPU.
+    pub cpu_millicores: Option<u32>,
 }
 
 /// A file the guest sees as a virtio-blk disk.
@@ -212,6 +215,9 @@ impl Machine {
         if spec.jail {
             // In the VM's directory: removed with it, whoever cleans up.
             cmd.arg("--jail-root").arg(dir.join(JAIL_ROOT));
+            if let Some(m) = spec.cpu_millicores {
+                cmd.args(["--cpu-millicores", &m.to_string()]);
+            }
         } else {
             cmd.arg("--no-jail");
         }
@@ -573,6 +579,7 @@ mod tests {
             drives: Vec::new(),
             kernel_args: Vec::new(),
             jail: true,
+            cpu_millicores: None,
         };
         match Machine::launch(&spec) {
             Err(MachineError::VmmExited { status, detail }) => {

@@ -154,6 +154,7 @@ mod tests {
             drives: Vec::new(),
             kernel_args: Vec::new(),
             jail: true,
+            cpu_millicores: None,
         }
     }
 

@@ -14,6 +14,7 @@
 //! the jail's uid: the VMM creates its socket there and reaches the host's
 //! listeners beside it, while root on the host still reaches everything.
 
+pub mod cgroup;
 mod mounts;
 mod supervisor;
 mod uid;
@@ -45,6 +46,8 @@ pub enum JailError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("no cgroup hierarchy with the {0} controller")]
+    NoCgroupController(&'static str),
     #[error("cannot {what}")]
     Sys {
         what: &'static str,
@@ -73,6 +76,8 @@ pub struct JailConfig {
     pub uids: UidRange,
     /// Where the uid lock files live (one per uid in use on this host).
     pub lock_dir: PathBuf,
+    /// What the VM's cgroup allows.
+    pub limits: cgroup::Limits,
 }
 
 /// A host path the jailed VMM uses, and how.
@@ -239,6 +244,8 @@ pub fn enter(
         return Err(JailError::NotRoot);
     }
     let lease = UidLease::acquire(&jail.uids, &jail.lock_dir)?;
+    // Named by the uid: unique while the lease is held.
+    let cgroup = cgroup::Cgroup::create(&format!("vm-{}", lease.uid()), &jail.limits)?;
     let exposed = exposed_paths(config, metrics);
     let rlimit_fsize = file_size_limit(config);
     mounts::prepare_host_side(&exposed, lease.uid())?;
@@ -252,16 +259,18 @@ pub fn enter(
         exposed,
         uid: lease.uid(),
         rlimit_fsize,
+        cgroup,
     };
-    let role = supervisor::fork_jailed(&plan, lease)?;
-    match role {
+    let role = supervisor::fork_jailed(&plan, lease);
+    match &role {
         // Only a mount point in the child's namespace: gone with it.
-        Role::Supervisor(_) => {
+        Ok(Role::Supervisor(_)) | Err(_) => {
             let _ = std::fs::remove_dir(&jail.root);
+            plan.cgroup.remove();
         }
-        Role::Vmm => rewrite_drives(config, &plan.exposed),
+        Ok(Role::Vmm) => rewrite_drives(config, &plan.exposed),
     }
-    Ok(role)
+    role
 }
 
 /// Open files the VMM may hold: its devices, vCPUs, event fds and the

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use super::cgroup::Cgroup;
 use super::{mounts, Exposed, JailError, UidLease, RLIMIT_NOFILE};
 
 /// Which side of the fork this process is.
@@ -21,6 +22,7 @@ pub(super) struct ChildPlan {
     pub exposed: Vec<Exposed>,
     pub uid: u32,
     pub rlimit_fsize: u64,
+    pub cgroup: Cgroup,
 }
 
 /// Signals the supervisor passes on to the VMM.
@@ -113,6 +115,7 @@ fn jail_child(plan: &ChildPlan) -> Result<(), JailError> {
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
         return Err(JailError::last_os("watch the supervisor"));
     }
+    plan.cgroup.join()?;
     // SAFETY: unshare has no memory effects.
     if unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET) } != 0 {
         return Err(JailError::last_os("create mount and network namespaces"));

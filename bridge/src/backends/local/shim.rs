@@ -32,6 +32,10 @@ pub struct Launch {
     /// arguments.
     pub boot: BootFiles,
     pub vcpus: u8,
+    /// The grant's CPU share, when it asked in millicores (the VMM's
+    /// cgroup cpu.max); whole vCPUs otherwise.
+    #[serde(default)]
+    pub cpu_millicores: Option<u32>,
     pub mem_mib: u64,
     /// `$KILN_HOME/vms`.
     pub runtime_dir: PathBuf,
@@ -170,6 +174,7 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
         drives: launch.boot.drives(),
         kernel_args: launch.boot.kernel_args.clone(),
         jail: true,
+        cpu_millicores: launch.cpu_millicores,
     };
     let mut machine = match Machine::launch_cancellable(&spec, &|| stop_signals::count() > 0) {
         Ok(m) => m,
