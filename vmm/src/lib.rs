@@ -16,6 +16,7 @@ pub mod jail;
 pub mod layout;
 pub mod memory;
 pub mod metrics;
+pub mod seccomp;
 pub mod timeline;
 pub mod vcpu;
 pub mod vm;

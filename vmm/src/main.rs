@@ -12,6 +12,7 @@ use kiln_vmm::config::{
 use kiln_vmm::exit::code;
 use kiln_vmm::jail::cgroup::Limits;
 use kiln_vmm::jail::{self, JailConfig, Role};
+use kiln_vmm::seccomp::SeccompMode;
 use kiln_vmm::{capabilities, Payload, SerialOutput, Vm};
 
 const EXIT_STATUS_HELP: &str = "\
@@ -109,6 +110,11 @@ struct Args {
     /// The uids (and gids) jailed VMMs run as, one per VM
     #[arg(long, value_name = "FIRST-LAST", default_value = jail::DEFAULT_UID_RANGE)]
     jail_uids: String,
+    /// What the per-thread seccomp filters do with a system call they have
+    /// no rule for: kill the VMM, log it (kernel log) and allow it, or no
+    /// filters at all
+    #[arg(long, value_name = "kill|log|off")]
+    seccomp: Option<SeccompMode>,
     /// CPU time the VM may use, in thousandths of a CPU (its cgroup's
     /// cpu.max) [default: 1000 per vCPU]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -286,6 +292,9 @@ fn merge_config(args: &Args) -> anyhow::Result<VmConfig> {
         c.watchdog_secs = w;
     }
     c.tdx |= args.tdx;
+    if let Some(m) = args.seccomp {
+        c.seccomp = m;
+    }
     Ok(c)
 }
 

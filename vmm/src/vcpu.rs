@@ -192,6 +192,8 @@ pub struct VcpuContext {
     pub mem: GuestMemoryMmap,
     pub state: Arc<RunState>,
     pub stop: Arc<AtomicBool>,
+    /// The vCPU threads' seccomp filter, installed before the first KVM_RUN.
+    pub seccomp: Option<Arc<seccompiler::BpfProgram>>,
 }
 
 enum Step {
@@ -202,6 +204,14 @@ enum Step {
 
 /// Runs the vCPU until the VM stops; reports why through `ctx.state`.
 pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
+    if let Some(filter) = &ctx.seccomp {
+        if let Err(e) = crate::seccomp::install(filter) {
+            ctx.state.request_exit(ExitReason::VmmError {
+                message: format!("vCPU {}: {e}", ctx.index),
+            });
+            return;
+        }
+    }
     let counters = &ctx.state.exits;
     let timeline = &ctx.state.timeline;
     if ctx.index == 0 {

@@ -33,6 +33,7 @@ use crate::host::HostProfile;
 use crate::layout::*;
 use crate::memory::{self, MemoryError};
 use crate::metrics::{self, DriveMetrics, Metrics};
+use crate::seccomp::{self, ThreadKind};
 use crate::timeline::Timeline;
 use crate::vcpu::{self, VcpuContext, VcpuError};
 
@@ -392,10 +393,28 @@ impl Vm {
                 })));
         }
         install_kick_handler();
+        let filters = (
+            seccomp::program(ThreadKind::Vcpu, self.config.seccomp),
+            seccomp::program(ThreadKind::Main, self.config.seccomp),
+        );
+        let (vcpu_filter, main_filter) = match filters {
+            (Ok(v), Ok(m)) => (v.map(Arc::new), m),
+            (Err(e), _) | (_, Err(e)) => {
+                self.state.request_exit(ExitReason::VmmError {
+                    message: e.to_string(),
+                });
+                (None, None)
+            }
+        };
 
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        for (index, fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+        // No vCPU starts without its filter.
+        let vcpus = match self.state.exit_reason() {
+            None => std::mem::take(&mut self.vcpus),
+            Some(_) => Vec::new(),
+        };
+        for (index, fd) in vcpus.into_iter().enumerate() {
             let ctx = VcpuContext {
                 index: index as u8,
                 pio: self.pio.clone(),
@@ -403,6 +422,7 @@ impl Vm {
                 mem: self.mem.clone(),
                 state: self.state.clone(),
                 stop: stop.clone(),
+                seccomp: vcpu_filter.clone(),
             };
             match std::thread::Builder::new()
                 .name(format!("kiln-vcpu-{index}"))
@@ -418,6 +438,14 @@ impl Vm {
             }
         }
 
+        // Before the loop serves the first device request the guest makes.
+        if let Some(filter) = &main_filter {
+            if let Err(e) = seccomp::install(filter) {
+                self.state.request_exit(ExitReason::VmmError {
+                    message: format!("main thread: {e}"),
+                });
+            }
+        }
         let watchdog = Duration::from_secs(self.config.watchdog_secs);
         self.state.timeline.mark_activity();
         let reason = loop {
