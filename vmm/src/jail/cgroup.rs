@@ -68,10 +68,10 @@ impl Cgroup {
         create_v1(root, name, limits)
     }
 
-    /// Moves the calling process into the cgroup.
-    pub fn join(&self) -> Result<(), JailError> {
+    /// Moves process `pid` into the cgroup.
+    pub fn add(&self, pid: i32) -> Result<(), JailError> {
         for d in &self.dirs {
-            write(&d.join("cgroup.procs"), "0")?;
+            write(&d.join("cgroup.procs"), &pid.to_string())?;
         }
         Ok(())
     }

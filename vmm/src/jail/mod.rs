@@ -119,15 +119,13 @@ pub(crate) fn exposed_paths(config: &VmConfig, metrics: Option<&Path>) -> Vec<Ex
             } else {
                 dir
             };
-            Some((
-                dir.canonicalize().ok()?,
-                name.to_string_lossy().into_owned(),
-            ))
+            let real = dir.canonicalize().ok()?;
+            Some((real, dir.to_path_buf(), name.to_string_lossy().into_owned()))
         });
-    if let Some((dir, socket)) = &sockets {
+    if let Some((dir, given, socket)) = &sockets {
         out.push(Exposed {
             path: dir.clone(),
-            inside: dir.clone(),
+            inside: given.clone(),
             access: Access::Sockets {
                 socket: socket.clone(),
             },
@@ -143,8 +141,9 @@ pub(crate) fn exposed_paths(config: &VmConfig, metrics: Option<&Path>) -> Vec<Ex
                 access,
             });
         } else if let Ok(p) = path.canonicalize() {
+            // At the path the VMM opens; a symlink on the way is the host's.
             out.push(Exposed {
-                inside: p.clone(),
+                inside: path.to_path_buf(),
                 path: p,
                 access,
             });
@@ -178,12 +177,12 @@ pub(crate) fn exposed_paths(config: &VmConfig, metrics: Option<&Path>) -> Vec<Ex
             continue;
         };
         // In the sockets directory the VMM creates it itself, as unjailed.
-        if sockets.as_ref().is_some_and(|(s, _)| *s == dir) {
+        if sockets.as_ref().is_some_and(|(s, _, _)| *s == dir) {
             continue;
         }
         out.push(Exposed {
             path: dir.join(name),
-            inside: dir.join(name),
+            inside: p.to_path_buf(),
             access: Access::Output,
         });
     }
@@ -349,6 +348,17 @@ mod tests {
             })
             .collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_file_reached_through_a_symlink_shows_at_the_path_the_vmm_opens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().canonicalize().unwrap();
+        std::fs::write(dir.join("vmlinux-6.12"), b"k").unwrap();
+        std::os::unix::fs::symlink(dir.join("vmlinux-6.12"), dir.join("vmlinux")).unwrap();
+        let exposed = exposed_paths(&VmConfig::new(dir.join("vmlinux")), None);
+        assert_eq!(exposed[0].path, dir.join("vmlinux-6.12"));
+        assert_eq!(exposed[0].inside, dir.join("vmlinux"));
     }
 
     #[test]

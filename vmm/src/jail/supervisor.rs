@@ -37,6 +37,14 @@ pub(super) fn fork_jailed(plan: &ChildPlan, lease: UidLease) -> Result<Role, Jai
         libc::sigaddset(&mut set, libc::SIGCHLD);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
+    // The parent moves the child into its cgroup while the child builds
+    // its jail (a migration waits for an RCU grace period: milliseconds),
+    // and says over this pipe when it is done.
+    let mut joined = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors.
+    if unsafe { libc::pipe2(joined.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(JailError::last_os("create a pipe"));
+    }
     // SAFETY: unshare has no memory effects; the new PID namespace applies
     // to the children of this process only.
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
@@ -56,7 +64,9 @@ pub(super) fn fork_jailed(plan: &ChildPlan, lease: UidLease) -> Result<Role, Jai
             libc::sigaddset(&mut only_chld, libc::SIGCHLD);
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &only_chld, std::ptr::null_mut());
         }
-        if let Err(e) = jail_child(plan) {
+        // SAFETY: closing the parent's end in the child.
+        unsafe { libc::close(joined[1]) };
+        if let Err(e) = jail_child(plan, joined[0]) {
             eprintln!("kiln-vmm: error: cannot enter the jail: {e}");
             if let Some(source) = std::error::Error::source(&e) {
                 eprintln!("kiln-vmm: caused by: {source}");
@@ -66,8 +76,19 @@ pub(super) fn fork_jailed(plan: &ChildPlan, lease: UidLease) -> Result<Role, Jai
         }
         return Ok(Role::Vmm);
     }
+    // SAFETY: the child's end is the child's.
+    unsafe { libc::close(joined[0]) };
+    let added = plan.cgroup.add(pid);
+    // One byte: the child may go on; none (the pipe closes): it stops.
+    if added.is_ok() {
+        // SAFETY: a one-byte write from a local buffer.
+        unsafe { libc::write(joined[1], [1u8].as_ptr().cast(), 1) };
+    }
+    // SAFETY: our own descriptor, closed once.
+    unsafe { libc::close(joined[1]) };
     let status = supervise(pid, &set);
     drop(lease);
+    added?;
     Ok(Role::Supervisor(status))
 }
 
@@ -110,12 +131,11 @@ fn supervise(child: libc::pid_t, set: &libc::sigset_t) -> i32 {
 }
 
 /// In the child: namespaces, root, limits, then the unprivileged uid.
-fn jail_child(plan: &ChildPlan) -> Result<(), JailError> {
+fn jail_child(plan: &ChildPlan, joined: libc::c_int) -> Result<(), JailError> {
     // SAFETY: prctl with constant arguments. The VMM dies with its supervisor.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
         return Err(JailError::last_os("watch the supervisor"));
     }
-    plan.cgroup.join()?;
     // SAFETY: unshare has no memory effects.
     if unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET) } != 0 {
         return Err(JailError::last_os("create mount and network namespaces"));
@@ -123,6 +143,11 @@ fn jail_child(plan: &ChildPlan) -> Result<(), JailError> {
     mounts::enter_root(&plan.root, &plan.exposed, plan.uid)?;
     set_rlimit(libc::RLIMIT_NOFILE, RLIMIT_NOFILE)?;
     set_rlimit(libc::RLIMIT_FSIZE, plan.rlimit_fsize)?;
+    let mut byte = [0u8; 1];
+    // SAFETY: a one-byte read into a local buffer.
+    if unsafe { libc::read(joined, byte.as_mut_ptr().cast(), 1) } != 1 {
+        return Err(JailError::last_os("join the VM's cgroup"));
+    }
     close_other_fds()?;
     let keys: Vec<_> = std::env::vars_os().map(|(k, _)| k).collect();
     for k in keys {
