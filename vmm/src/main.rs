@@ -211,7 +211,10 @@ fn run(args: Args, started: Instant, cleanup: &mut Cleanup) -> anyhow::Result<i3
         match jail::enter(&jail, &mut config, metrics.as_deref())? {
             Role::Supervisor(code) => return Ok(code),
             // The supervisor outside cleans up; here those paths are the jail's.
-            Role::Vmm => cleanup.0.clear(),
+            Role::Vmm => {
+                cleanup.0.clear();
+                tracing::debug!("jailed {:?} after start", started.elapsed());
+            }
         }
     }
     let vm = Vm::build(config, Payload::Kernel, started)?;
