@@ -288,8 +288,19 @@ impl Machine {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+    /// The `kiln-vmm` process kiln started (a jailed VMM's supervisor):
+    /// the one to signal.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+    /// The process that runs the VM, for its CPU time and memory: a jailed
+    /// VMM's only child (its supervisor stays on the host), else [`Self::pid`].
+    pub fn vmm_pid(&self) -> u32 {
+        let pid = self.child.id();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next()?.parse().ok())
+            .unwrap_or(pid)
     }
     pub fn ready(&self) -> &Ready {
         &self.ready

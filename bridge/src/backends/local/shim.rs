@@ -214,7 +214,7 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
     };
     // Still `booting` until the agent has started the command: it serves
     // SSH before that, so `running` means the requester can log in.
-    state.vmm_pid = Some(machine.pid());
+    state.vmm_pid = Some(machine.vmm_pid());
     state.ssh_port = Some(forwarder.local_addr().port());
     state.boot_ms = Some(machine.ready().boot.as_millis() as u64);
     write_state(dir, &mut state)?;
