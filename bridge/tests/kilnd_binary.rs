@@ -226,6 +226,7 @@ fn a_second_shim_of_a_grant_exits_naming_the_first_and_changes_nothing() {
             kernel_args: Vec::new(),
         },
         vcpus: 1,
+        cpu_millicores: None,
         mem_mib: 128,
         runtime_dir: dir.path().join("vms"),
         workload: Default::default(),

@@ -52,6 +52,7 @@ pub fn demo(cache: &Cache, home: &Path, a: DemoArgs) -> Result<i32> {
         insecure: Vec::new(),
         kernel: None,
         vmm_metrics: None,
+        no_jail: false,
         rootfs: crate::image::Rootfs::Auto,
         disk: None,
         cmd: Vec::new(),

@@ -75,6 +75,10 @@ pub struct RunArgs {
     /// Guest kernel [default: $KILN_HOME/kernel/vmlinux].
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
+    /// Run kiln-vmm without its jail (namespaces, unprivileged uid, a root
+    /// of its own): for debugging only, a VMM bug then gives the guest the host.
+    #[arg(long)]
+    pub no_jail: bool,
     /// Have kiln-vmm write its metrics (JSON) to FILE (for benchmarks).
     #[arg(long, value_name = "FILE", hide = true)]
     pub vmm_metrics: Option<PathBuf>,
@@ -165,6 +169,8 @@ pub fn run(cache: &Cache, home: &Path, a: RunArgs) -> Result<i32> {
         metrics: a.vmm_metrics.clone(),
         drives,
         kernel_args,
+        jail: !a.no_jail,
+        cpu_millicores: None,
     };
     signals::catch_stop_signals();
     let mut machine = match Machine::launch_cancellable(&spec, &|| signals::count() > 0) {
@@ -498,6 +504,7 @@ mod tests {
             insecure: vec![],
             kernel: None,
             vmm_metrics: None,
+            no_jail: false,
             rootfs: Rootfs::Auto,
             disk: None,
             cmd: vec!["true".into()],

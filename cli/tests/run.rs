@@ -195,6 +195,7 @@ fn interrupt_and_kill_leave_nothing_behind() {
     };
     assert!(stdout_has_ready(&mut interrupted), "command did not start");
     assert!(stdout_has_ready(&mut killed), "command did not start");
+    assert_the_vmm_is_jailed(interrupted.id(), home.path());
     // SAFETY: signalling our own children.
     unsafe { libc::kill(interrupted.id() as i32, libc::SIGINT) };
     unsafe { libc::kill(killed.id() as i32, libc::SIGKILL) };
@@ -206,6 +207,23 @@ fn interrupt_and_kill_leave_nothing_behind() {
     assert!(err.contains("stopping the command"), "{err}");
     let _ = finish(killed, Duration::from_secs(10));
     home.assert_clean();
+}
+
+/// The running VM's kiln-vmm (under `kiln`, pid `kiln`) is jailed, its
+/// root holds only its own files, and its cgroup has `kiln run`'s default
+/// limits (1 vCPU: a whole CPU; 512 MiB plus the VMM's allowance).
+fn assert_the_vmm_is_jailed(kiln: u32, home: &std::path::Path) {
+    let supervisor = kiln_tests::jail::vmm_under(kiln).expect("kiln-vmm under kiln");
+    let vmm = kiln_tests::jail::jailed_child(supervisor).expect("the jailed VMM");
+    let files = [
+        home.join("kernel/vmlinux"),
+        home.join("images"),
+        home.join("vms"),
+    ];
+    kiln_tests::jail::assert_jailed(vmm, &files);
+    let (cpu, memory) = kiln_tests::jail::cgroup_limits(vmm);
+    assert_eq!(cpu, "100000 100000");
+    assert_eq!(memory, (512 + 64 + 32) << 20);
 }
 
 /// The README's main command works from what setup produced.

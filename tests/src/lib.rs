@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use kiln_image::cpio::{Meta, Writer};
 
 pub mod images;
+pub mod jail;
 pub mod kilnd;
 pub mod openssh;
 pub mod peer;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::virtio::block::{Disk, DiskError, ID_BYTES};
+use crate::seccomp::SeccompMode;
 
 /// Most vCPUs a kiln micro-VM may have.
 pub const MAX_VCPUS: u8 = 32;
@@ -162,6 +163,9 @@ pub struct VmConfig {
     /// Request an Intel TDX guest.
     #[serde(default)]
     pub tdx: bool,
+    /// The per-thread seccomp filters: what a system call without a rule does.
+    #[serde(default)]
+    pub seccomp: SeccompMode,
 }
 
 pub fn default_cmdline() -> String {
@@ -204,6 +208,7 @@ impl VmConfig {
             init_failed_marker: default_init_failed_marker(),
             watchdog_secs: default_watchdog_secs(),
             tdx: false,
+            seccomp: SeccompMode::default(),
         }
     }
 

@@ -10,6 +10,9 @@ use kiln_vmm::config::{
     default_kernel_path, DriveConfig, VmConfig, VsockConfig, DEFAULT_GUEST_CID,
 };
 use kiln_vmm::exit::code;
+use kiln_vmm::jail::cgroup::Limits;
+use kiln_vmm::jail::{self, JailConfig, Role};
+use kiln_vmm::seccomp::SeccompMode;
 use kiln_vmm::snapshot::RestoreOptions;
 use kiln_vmm::{capabilities, Payload, SerialOutput, Vm};
 
@@ -111,6 +114,26 @@ struct Args {
     /// ends the VM as SIGTERM does), one JSON answer per line
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Run the VMM without its jail (namespaces, unprivileged uid, private
+    /// root): for debugging only, a VMM bug then gives the guest the host
+    #[arg(long)]
+    no_jail: bool,
+    /// Where the jail's root is mounted (an empty directory is made there)
+    /// [default: a directory in $TMPDIR]
+    #[arg(long, value_name = "DIR")]
+    jail_root: Option<PathBuf>,
+    /// The uids (and gids) jailed VMMs run as, one per VM
+    #[arg(long, value_name = "FIRST-LAST", default_value = jail::DEFAULT_UID_RANGE)]
+    jail_uids: String,
+    /// What the per-thread seccomp filters do with a system call they have
+    /// no rule for: kill the VMM, log it (kernel log) and allow it, or no
+    /// filters at all
+    #[arg(long, value_name = "kill|log|off")]
+    seccomp: Option<SeccompMode>,
+    /// CPU time the VM may use, in thousandths of a CPU (its cgroup's
+    /// cpu.max) [default: 1000 per vCPU]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    cpu_millicores: Option<u32>,
     /// Print what this host offers micro-VMs and exit
     #[arg(long)]
     capabilities: bool,
@@ -143,8 +166,8 @@ fn main() -> ExitCode {
         }
     };
     let args = parse_args(matches);
-    let _cleanup = Cleanup(args.cleanup.clone());
-    match run(args, started) {
+    let mut cleanup = Cleanup(args.cleanup.clone());
+    match run(args, started, &mut cleanup) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             eprintln!("kiln-vmm: error: {e:#}");
@@ -153,7 +176,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args, started: Instant) -> anyhow::Result<i32> {
+fn run(args: Args, started: Instant, cleanup: &mut Cleanup) -> anyhow::Result<i32> {
     if args.capabilities {
         let caps = capabilities::probe();
         if args.json {
@@ -176,8 +199,12 @@ fn run(args: Args, started: Instant) -> anyhow::Result<i32> {
     if args.die_with_parent {
         die_with_parent()?;
     }
+    let mut metrics = args.metrics.clone();
     let mut vm = match (&args.restore, &args.mem_file) {
         (Some(state), Some(mem)) => {
+            // Not jailed yet: the jail is built from a boot's config, and a
+            // restore's files (state, memory, control socket) are not in it.
+            eprintln!("kiln-vmm: note: a restored VM runs without the jail for now");
             let serial = if args.serial_stdio {
                 SerialOutput::Stdio
             } else {
@@ -195,13 +222,51 @@ fn run(args: Args, started: Instant) -> anyhow::Result<i32> {
             };
             Vm::restore(&opts, started)?
         }
-        _ => Vm::build(merge_config(&args)?, Payload::Kernel, started)?,
+        _ => {
+            let mut config = merge_config(&args)?;
+            if args.no_jail {
+                eprintln!(
+                    "kiln-vmm: WARNING: --no-jail: this VMM runs as root with the host's \
+                     filesystem and network; a VMM bug gives the guest the host"
+                );
+            } else if args.api_sock.is_some() {
+                // The control socket and the snapshots it writes live on
+                // the host's paths, which the jail does not hold.
+                eprintln!("kiln-vmm: note: a VM with --api-sock runs without the jail for now");
+            } else {
+                // Bad input is reported before the fork, as without the jail.
+                config.validate()?;
+                jail::absolute_paths(&mut config, &mut metrics);
+                let jail = JailConfig {
+                    root: args.jail_root.clone().unwrap_or_else(|| {
+                        std::env::temp_dir().join(format!("kiln-jail-{}", std::process::id()))
+                    }),
+                    uids: args.jail_uids.parse()?,
+                    lock_dir: PathBuf::from(jail::UID_LOCK_DIR),
+                    limits: Limits::for_vm(
+                        config.vcpus,
+                        config.mem_mib,
+                        args.cpu_millicores
+                            .unwrap_or(u32::from(config.vcpus) * 1000),
+                    ),
+                };
+                match jail::enter(&jail, &mut config, metrics.as_deref())? {
+                    Role::Supervisor(code) => return Ok(code),
+                    // The supervisor outside cleans up; here those paths are the jail's.
+                    Role::Vmm => {
+                        cleanup.0.clear();
+                        tracing::debug!("jailed {:?} after start", started.elapsed());
+                    }
+                }
+            }
+            Vm::build(config, Payload::Kernel, started)?
+        }
     };
     if let Some(path) = &args.api_sock {
         vm.serve_api(path)?;
     }
     let outcome = vm.run();
-    if let Some(path) = &args.metrics {
+    if let Some(path) = &metrics {
         outcome
             .metrics
             .write_to(path)
@@ -277,6 +342,9 @@ fn merge_config(args: &Args) -> anyhow::Result<VmConfig> {
         c.watchdog_secs = w;
     }
     c.tdx |= args.tdx;
+    if let Some(m) = args.seccomp {
+        c.seccomp = m;
+    }
     Ok(c)
 }
 

@@ -204,6 +204,8 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     pub mem: GuestMemoryMmap,
     pub state: Arc<RunState>,
+    /// The vCPU threads' seccomp filter, installed before the first KVM_RUN.
+    pub seccomp: Option<Arc<seccompiler::BpfProgram>>,
 }
 
 enum Step {
@@ -401,6 +403,14 @@ fn run(
     commands: &Receiver<Command>,
     answers: &Sender<Answer>,
 ) {
+    if let Some(filter) = &ctx.seccomp {
+        if let Err(e) = crate::seccomp::install(filter) {
+            ctx.state.request_exit(ExitReason::VmmError {
+                message: format!("vCPU {}: {e}", ctx.index),
+            });
+            return;
+        }
+    }
     let counters = &ctx.state.exits;
     let timeline = &ctx.state.timeline;
     if ctx.index == 0 {

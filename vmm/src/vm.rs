@@ -28,6 +28,7 @@ use crate::host::{HostProfile, Virtualization};
 use crate::layout::*;
 use crate::memory::{self, MemoryError};
 use crate::metrics::{self, DriveMetrics, Metrics};
+use crate::seccomp::{self, ThreadKind};
 use crate::signals::{install_kick_handler, SignalWatch};
 use crate::snapshot::{self, DeviceKind, DeviceState, MachineState, SnapshotError, VmState};
 use crate::vcpu::{self, VcpuContext, VcpuError, VcpuHandle};
@@ -369,15 +370,34 @@ impl Vm {
                 .add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(self.serial.clone()))));
         }
         install_kick_handler();
+        let filters = (
+            seccomp::program(ThreadKind::Vcpu, self.config.seccomp),
+            seccomp::program(ThreadKind::Main, self.config.seccomp),
+        );
+        let (vcpu_filter, main_filter) = match filters {
+            (Ok(v), Ok(m)) => (v.map(Arc::new), m),
+            (Err(e), _) | (_, Err(e)) => {
+                self.state.request_exit(ExitReason::VmmError {
+                    message: e.to_string(),
+                });
+                (None, None)
+            }
+        };
 
         let mut vcpus = Vec::new();
-        for (index, fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+        // No vCPU starts without its filter.
+        let fds = match self.state.exit_reason() {
+            None => std::mem::take(&mut self.vcpus),
+            Some(_) => Vec::new(),
+        };
+        for (index, fd) in fds.into_iter().enumerate() {
             let ctx = VcpuContext {
                 index: index as u8,
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
                 mem: self.mem.clone(),
                 state: self.state.clone(),
+                seccomp: vcpu_filter.clone(),
             };
             match VcpuHandle::spawn(fd, ctx) {
                 Ok(h) => vcpus.push(h),
@@ -390,6 +410,14 @@ impl Vm {
             }
         }
 
+        // Before the loop serves the first device request the guest makes.
+        if let Some(filter) = &main_filter {
+            if let Err(e) = seccomp::install(filter) {
+                self.state.request_exit(ExitReason::VmmError {
+                    message: format!("main thread: {e}"),
+                });
+            }
+        }
         let watchdog = Duration::from_secs(self.config.watchdog_secs);
         self.state.timeline.mark_activity();
         let mut paused = false;

@@ -45,6 +45,12 @@ pub struct Spec {
     pub drives: Vec<Drive>,
     /// Words added to kiln-vmm's default kernel command line.
     pub kernel_args: Vec<String>,
+    /// Jail the VMM (namespaces, unprivileged uid, a root of its own);
+    /// false only for debugging (`kiln run --no-jail`).
+    pub jail: bool,
+    /// The VM's CPU share in thousandths of a CPU (its cgroup's cpu.max);
+    /// None: one CPU per vCPU.
+    pub cpu_millicores: Option<u32>,
 }
 
 /// A file the guest sees as a virtio-blk disk.
@@ -147,6 +153,8 @@ pub struct Machine {
 
 /// Name of the VM's vsock socket inside its directory.
 const VSOCK_SOCKET: &str = "vsock.sock";
+/// Where the VMM's jail has its root, inside the VM's directory.
+const JAIL_ROOT: &str = "root";
 
 impl Machine {
     /// Boots `spec` and waits for the agent's `ready`. On any failure the
@@ -203,6 +211,15 @@ impl Machine {
         }
         if let Some(m) = &spec.metrics {
             cmd.arg("--metrics").arg(m);
+        }
+        if spec.jail {
+            // In the VM's directory: removed with it, whoever cleans up.
+            cmd.arg("--jail-root").arg(dir.join(JAIL_ROOT));
+            if let Some(m) = spec.cpu_millicores {
+                cmd.args(["--cpu-millicores", &m.to_string()]);
+            }
+        } else {
+            cmd.arg("--no-jail");
         }
         for d in &spec.drives {
             cmd.arg(if d.read_only { "--drive-ro" } else { "--drive" })
@@ -271,8 +288,19 @@ impl Machine {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+    /// The `kiln-vmm` process kiln started (a jailed VMM's supervisor):
+    /// the one to signal.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+    /// The process that runs the VM, for its CPU time and memory: a jailed
+    /// VMM's only child (its supervisor stays on the host), else [`Self::pid`].
+    pub fn vmm_pid(&self) -> u32 {
+        let pid = self.child.id();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next()?.parse().ok())
+            .unwrap_or(pid)
     }
     pub fn ready(&self) -> &Ready {
         &self.ready
@@ -562,6 +590,8 @@ mod tests {
             metrics: None,
             drives: Vec::new(),
             kernel_args: Vec::new(),
+            jail: true,
+            cpu_millicores: None,
         };
         match Machine::launch(&spec) {
             Err(MachineError::VmmExited { status, detail }) => {

@@ -153,6 +153,8 @@ mod tests {
             metrics: None,
             drives: Vec::new(),
             kernel_args: Vec::new(),
+            jail: true,
+            cpu_millicores: None,
         }
     }
 

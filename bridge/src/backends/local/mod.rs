@@ -185,6 +185,7 @@ impl LocalBackend {
             kernel: self.home.join("kernel/vmlinux"),
             boot,
             vcpus: grant.vcpus as u8,
+            cpu_millicores: grant.cpu_millicores,
             mem_mib: grant.ram_mib,
             runtime_dir: self.home.join("vms"),
             workload: grant.workload(),

@@ -32,6 +32,10 @@ pub struct Launch {
     /// arguments.
     pub boot: BootFiles,
     pub vcpus: u8,
+    /// The grant's CPU share, when it asked in millicores (the VMM's
+    /// cgroup cpu.max); whole vCPUs otherwise.
+    #[serde(default)]
+    pub cpu_millicores: Option<u32>,
     pub mem_mib: u64,
     /// `$KILN_HOME/vms`.
     pub runtime_dir: PathBuf,
@@ -169,6 +173,8 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
         metrics: Some(dir.join(METRICS_FILE)),
         drives: launch.boot.drives(),
         kernel_args: launch.boot.kernel_args.clone(),
+        jail: true,
+        cpu_millicores: launch.cpu_millicores,
     };
     let mut machine = match Machine::launch_cancellable(&spec, &|| stop_signals::count() > 0) {
         Ok(m) => m,
@@ -209,7 +215,7 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
     };
     // Still `booting` until the agent has started the command: it serves
     // SSH before that, so `running` means the requester can log in.
-    state.vmm_pid = Some(machine.pid());
+    state.vmm_pid = Some(machine.vmm_pid());
     state.ssh_port = Some(forwarder.local_addr().port());
     state.boot_ms = Some(machine.ready().boot.as_millis() as u64);
     write_state(dir, &mut state)?;

@@ -1,0 +1,208 @@
+//! The fork into the jail: the child (PID 1 of a new PID namespace) drops
+//! everything and becomes the VMM; the parent forwards stop signals to it
+//! and ends with its status.
+
+use std::path::PathBuf;
+
+use super::cgroup::Cgroup;
+use super::{mounts, Exposed, JailError, UidLease, RLIMIT_NOFILE};
+
+/// Which side of the fork this process is.
+#[derive(Debug)]
+pub enum Role {
+    /// The jailed child: build and run the VM.
+    Vmm,
+    /// The host-side parent, after the child ended: exit with this status.
+    Supervisor(i32),
+}
+
+/// What the child needs to jail itself.
+pub(super) struct ChildPlan {
+    pub root: PathBuf,
+    pub exposed: Vec<Exposed>,
+    pub uid: u32,
+    pub rlimit_fsize: u64,
+    pub cgroup: Cgroup,
+}
+
+/// Signals the supervisor passes on to the VMM.
+const FORWARDED: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+pub(super) fn fork_jailed(plan: &ChildPlan, lease: UidLease) -> Result<Role, JailError> {
+    // SIGCHLD joins the (already blocked) stop signals: the parent takes
+    // them all with sigwaitinfo, so none is lost between checks.
+    let mut set = sigset(&FORWARDED);
+    // SAFETY: sigset manipulation on a local; sigprocmask of this thread.
+    unsafe {
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    // The parent moves the child into its cgroup while the child builds
+    // its jail (a migration waits for an RCU grace period: milliseconds),
+    // and says over this pipe when it is done.
+    let mut joined = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors.
+    if unsafe { libc::pipe2(joined.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(JailError::last_os("create a pipe"));
+    }
+    // SAFETY: unshare has no memory effects; the new PID namespace applies
+    // to the children of this process only.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+        return Err(JailError::last_os("create a PID namespace"));
+    }
+    // SAFETY: the process is single-threaded (see `enter`), so the child
+    // may run arbitrary code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(JailError::last_os("fork the jailed VMM"));
+    }
+    if pid == 0 {
+        drop(lease); // the parent's copy of the lock holds the uid
+        let mut only_chld = sigset(&[]);
+        // SAFETY: as above.
+        unsafe {
+            libc::sigaddset(&mut only_chld, libc::SIGCHLD);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &only_chld, std::ptr::null_mut());
+        }
+        // SAFETY: closing the parent's end in the child.
+        unsafe { libc::close(joined[1]) };
+        if let Err(e) = jail_child(plan, joined[0]) {
+            eprintln!("kiln-vmm: error: cannot enter the jail: {e}");
+            if let Some(source) = std::error::Error::source(&e) {
+                eprintln!("kiln-vmm: caused by: {source}");
+            }
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(crate::exit::code::VMM_ERROR) };
+        }
+        return Ok(Role::Vmm);
+    }
+    // SAFETY: the child's end is the child's.
+    unsafe { libc::close(joined[0]) };
+    let added = plan.cgroup.add(pid);
+    // One byte: the child may go on; none (the pipe closes): it stops.
+    if added.is_ok() {
+        // SAFETY: a one-byte write from a local buffer.
+        unsafe { libc::write(joined[1], [1u8].as_ptr().cast(), 1) };
+    }
+    // SAFETY: our own descriptor, closed once.
+    unsafe { libc::close(joined[1]) };
+    let status = supervise(pid, &set);
+    drop(lease);
+    added?;
+    Ok(Role::Supervisor(status))
+}
+
+/// Forwards stop signals to `child` until it exits; its exit status, or
+/// 128 + the signal that killed it.
+fn supervise(child: libc::pid_t, set: &libc::sigset_t) -> i32 {
+    loop {
+        // SAFETY: a zeroed siginfo_t is a valid output buffer.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` and `info` are valid for the call.
+        let sig = unsafe { libc::sigwaitinfo(set, &mut info) };
+        if sig < 0 {
+            continue; // EINTR
+        }
+        if sig != libc::SIGCHLD {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(child, sig) };
+            continue;
+        }
+        let mut status = 0;
+        // SAFETY: waitpid on our own child with a valid status pointer.
+        let r = unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) };
+        if r != child {
+            continue;
+        }
+        if libc::WIFEXITED(status) {
+            return libc::WEXITSTATUS(status);
+        }
+        if libc::WIFSIGNALED(status) {
+            let sig = libc::WTERMSIG(status);
+            let why = if sig == libc::SIGSYS {
+                " (a seccomp filter refused a system call; --seccomp log names it)"
+            } else {
+                ""
+            };
+            eprintln!("kiln-vmm: the jailed VMM was killed by signal {sig}{why}");
+            return 128 + sig;
+        }
+    }
+}
+
+/// In the child: namespaces, root, limits, then the unprivileged uid.
+fn jail_child(plan: &ChildPlan, joined: libc::c_int) -> Result<(), JailError> {
+    // SAFETY: prctl with constant arguments. The VMM dies with its supervisor.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(JailError::last_os("watch the supervisor"));
+    }
+    // SAFETY: unshare has no memory effects.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET) } != 0 {
+        return Err(JailError::last_os("create mount and network namespaces"));
+    }
+    mounts::enter_root(&plan.root, &plan.exposed, plan.uid)?;
+    set_rlimit(libc::RLIMIT_NOFILE, RLIMIT_NOFILE)?;
+    set_rlimit(libc::RLIMIT_FSIZE, plan.rlimit_fsize)?;
+    let mut byte = [0u8; 1];
+    // SAFETY: a one-byte read into a local buffer.
+    if unsafe { libc::read(joined, byte.as_mut_ptr().cast(), 1) } != 1 {
+        return Err(JailError::last_os("join the VM's cgroup"));
+    }
+    close_other_fds()?;
+    let keys: Vec<_> = std::env::vars_os().map(|(k, _)| k).collect();
+    for k in keys {
+        std::env::remove_var(k);
+    }
+    let id = plan.uid;
+    // SAFETY: plain credential calls; from root to an unprivileged uid,
+    // which also clears every capability.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            return Err(JailError::last_os("drop supplementary groups"));
+        }
+        if libc::setresgid(id, id, id) != 0 {
+            return Err(JailError::last_os("set the jail gid"));
+        }
+        if libc::setresuid(id, id, id) != 0 {
+            return Err(JailError::last_os("set the jail uid"));
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(JailError::last_os("set no_new_privs"));
+        }
+    }
+    Ok(())
+}
+
+fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> Result<(), JailError> {
+    let lim = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: value,
+    };
+    // SAFETY: a valid rlimit struct.
+    if unsafe { libc::setrlimit(resource, &lim) } != 0 {
+        return Err(JailError::last_os("set a resource limit"));
+    }
+    Ok(())
+}
+
+/// Closes every descriptor above stderr: the VMM opens what it needs itself.
+fn close_other_fds() -> Result<(), JailError> {
+    // SAFETY: close_range on descriptors this process no longer uses.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if rc != 0 {
+        return Err(JailError::last_os("close inherited descriptors"));
+    }
+    Ok(())
+}
+
+fn sigset(signals: &[i32]) -> libc::sigset_t {
+    // SAFETY: plain sigset manipulation on a local value.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in signals {
+            libc::sigaddset(&mut set, *s);
+        }
+        set
+    }
+}
