@@ -26,6 +26,11 @@ pub enum ConfigError {
     InFile(PathBuf, #[source] Box<ConfigError>),
 }
 
+/// 1 TiB: more than any disk should give one grant's output.
+const MAX_OUTPUT_CAP_KIB: u64 = 1 << 30;
+/// Room for the truncation marker and some output.
+const MIN_OUTPUT_CAP_KIB: u64 = 4;
+
 /// A century: longer than anyone keeps an ended grant's directory.
 const MAX_KEEP_ENDED_DAYS: u32 = 36_500;
 
@@ -197,6 +202,15 @@ impl Config {
                 return Err(ConfigError::invalid(
                     format!("backend[{i}].vcpus"),
                     "must be greater than zero",
+                ));
+            }
+            if local
+                .output_cap_kib
+                .is_some_and(|k| !(MIN_OUTPUT_CAP_KIB..=MAX_OUTPUT_CAP_KIB).contains(&k))
+            {
+                return Err(ConfigError::invalid(
+                    format!("backend[{i}].output_cap_kib"),
+                    format!("must be {MIN_OUTPUT_CAP_KIB} to {MAX_OUTPUT_CAP_KIB}"),
                 ));
             }
             if local.ram_mib == Some(0) {
@@ -411,6 +425,10 @@ region = "home"
             (
                 format!("{BASE}[[backend]]\nkind = \"local\"\nrootfs = \"squashfs\"\n"),
                 "backend[0].rootfs",
+            ),
+            (
+                format!("{BASE}[[backend]]\nkind = \"local\"\noutput_cap_kib = 0\n"),
+                "backend[0].output_cap_kib",
             ),
             (
                 BASE.replace("auth_token_file = \"/tmp/kiln/token\"", ""),
