@@ -44,6 +44,10 @@ if ! command -v cargo >/dev/null; then
   echo "setup: cargo not found: install a stable Rust toolchain (rustup) first" >&2
   exit 1
 fi
+# scripts/fuzz.sh (run by test.sh) needs nightly; it is optional, and
+# fuzzing is skipped without it.
+rustup toolchain list 2>/dev/null | grep -q '^nightly' \
+  || echo "setup: note: no nightly toolchain; scripts/fuzz.sh will skip fuzzing (rustup toolchain install nightly)" >&2
 [ -e /dev/kvm ] || echo "setup: warning: /dev/kvm missing; micro-VMs cannot run on this host" >&2
 
 "$repo/scripts/build-kernel.sh"

@@ -9,3 +9,8 @@ cd "$repo"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace
+# A short coverage-guided fuzzing run of each target (tests/fuzz), where the
+# nightly toolchain is installed (scripts/fuzz.sh says so and skips it
+# otherwise); the committed corpus already ran above on stable
+# (kiln-tests' fuzz_corpus).
+./scripts/fuzz.sh 20

@@ -26,6 +26,10 @@ pub enum ClientError {
     Foreign { status: u16, text: String },
     #[error("Cannot encode the request")]
     Encode(#[source] serde_json::Error),
+    /// The CA given for kilnd's certificate is not a PEM certificate, or
+    /// the TLS library refused it.
+    #[error("Unusable CA certificate")]
+    Ca(#[source] native_tls::Error),
 }
 
 impl ClientError {
@@ -54,17 +58,34 @@ pub struct Client {
 }
 
 impl Client {
-    /// `base_url` like `http://127.0.0.1:7878`.
+    /// `base_url` like `http://127.0.0.1:7878`; an `https://` one is
+    /// checked against the system's CAs.
     pub fn new(base_url: &str, token: &str) -> Self {
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(5))
-            // Terminating waits for the instance to stop.
-            .timeout_read(Duration::from_secs(120))
-            .build();
+        Client::with_agent(base_url, token, agent_builder())
+    }
+
+    /// As [`Client::new`], trusting only `ca_pem` (a PEM certificate) for
+    /// an `https://` kilnd: a private CA, or kilnd's self-signed
+    /// certificate.
+    pub fn with_ca(base_url: &str, token: &str, ca_pem: &[u8]) -> Result<Self, ClientError> {
+        let ca = native_tls::Certificate::from_pem(ca_pem).map_err(ClientError::Ca)?;
+        let tls = native_tls::TlsConnector::builder()
+            .add_root_certificate(ca)
+            .disable_built_in_roots(true)
+            .build()
+            .map_err(ClientError::Ca)?;
+        Ok(Client::with_agent(
+            base_url,
+            token,
+            agent_builder().tls_connector(std::sync::Arc::new(tls)),
+        ))
+    }
+
+    fn with_agent(base_url: &str, token: &str, agent: ureq::AgentBuilder) -> Self {
         Client {
             base: base_url.trim_end_matches('/').to_string(),
             token: token.to_string(),
-            agent,
+            agent: agent.build(),
         }
     }
 
@@ -119,6 +140,13 @@ impl Client {
     }
 }
 
+fn agent_builder() -> ureq::AgentBuilder {
+    ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(5))
+        // Terminating waits for the instance to stop.
+        .timeout_read(Duration::from_secs(120))
+}
+
 fn decode<T: DeserializeOwned>(
     result: Result<ureq::Response, ureq::Error>,
 ) -> Result<T, ClientError> {
@@ -166,6 +194,14 @@ fn encode_segment(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::encode_segment;
+
+    #[test]
+    fn a_ca_that_is_not_pem_is_refused() {
+        let e = super::Client::with_ca("https://127.0.0.1:1", "t", b"not a certificate")
+            .err()
+            .unwrap();
+        assert!(matches!(e, super::ClientError::Ca(_)), "{e:?}");
+    }
 
     #[test]
     fn path_segments_are_escaped() {

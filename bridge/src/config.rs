@@ -26,6 +26,11 @@ pub enum ConfigError {
     InFile(PathBuf, #[source] Box<ConfigError>),
 }
 
+/// 1 TiB: more than any disk should give one grant's output.
+const MAX_OUTPUT_CAP_KIB: u64 = 1 << 30;
+/// Room for the truncation marker and some output.
+const MIN_OUTPUT_CAP_KIB: u64 = 4;
+
 /// A century: longer than anyone keeps an ended grant's directory.
 const MAX_KEEP_ENDED_DAYS: u32 = 36_500;
 
@@ -47,8 +52,20 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Holds the state database.
     pub state_dir: PathBuf,
-    /// A file whose content (trimmed) is the API's bearer token.
-    pub auth_token_file: PathBuf,
+    /// A file whose content (trimmed) is the API's bearer token, named
+    /// `default` in events (the first form; `[[token]]` tables name theirs).
+    #[serde(default)]
+    pub auth_token_file: Option<PathBuf>,
+    /// Named bearer tokens (`[[token]]` tables); events record which acted.
+    #[serde(default, rename = "token")]
+    pub tokens: Vec<TokenConfig>,
+    /// The API's TLS certificate and key; required on a non-loopback
+    /// `listen` unless `insecure_http` is set.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Serve plain HTTP on a non-loopback address (tokens travel in clear).
+    #[serde(default)]
+    pub insecure_http: bool,
     /// The region label of this host.
     pub region: String,
     /// How long a tag's digest, resolved when a grant is submitted, is
@@ -75,6 +92,35 @@ pub struct CapacityConfig {
     pub overcommit: Option<f64>,
 }
 
+/// One named bearer token, read from its own file so that the secret
+/// stays out of the configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub name: String,
+    pub token_file: PathBuf,
+}
+
+/// PEM files for the API's TLS.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// A bearer token and the name events record for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedToken {
+    pub name: String,
+    pub secret: String,
+}
+
+/// The name of the token in `auth_token_file`.
+pub const DEFAULT_TOKEN_NAME: &str = "default";
+
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7878))
 }
@@ -95,6 +141,39 @@ impl Config {
     fn check(&self) -> Result<(), ConfigError> {
         if self.region.trim().is_empty() {
             return Err(ConfigError::invalid("region", "must not be empty"));
+        }
+        if !self.listen.ip().is_loopback() && self.tls.is_none() && !self.insecure_http {
+            return Err(ConfigError::invalid(
+                "listen",
+                format!(
+                    "{} is not a loopback address: set [tls] cert and key, or insecure_http = true",
+                    self.listen.ip()
+                ),
+            ));
+        }
+        if self.auth_token_file.is_none() && self.tokens.is_empty() {
+            return Err(ConfigError::invalid(
+                "auth_token_file",
+                "missing: set it or add a [[token]] table",
+            ));
+        }
+        let mut token_names = std::collections::BTreeSet::new();
+        if self.auth_token_file.is_some() {
+            token_names.insert(DEFAULT_TOKEN_NAME);
+        }
+        for (i, t) in self.tokens.iter().enumerate() {
+            if !valid_token_name(&t.name) {
+                return Err(ConfigError::invalid(
+                    format!("token[{i}].name"),
+                    "must be 1 to 64 letters, digits, '-', '_' or '.'",
+                ));
+            }
+            if !token_names.insert(&t.name) {
+                return Err(ConfigError::invalid(
+                    format!("token[{i}].name"),
+                    format!("{} is used by an earlier token", t.name),
+                ));
+            }
         }
         if let Some(r) = self.capacity.overcommit {
             if !r.is_finite() || r < 1.0 {
@@ -123,6 +202,15 @@ impl Config {
                 return Err(ConfigError::invalid(
                     format!("backend[{i}].vcpus"),
                     "must be greater than zero",
+                ));
+            }
+            if local
+                .output_cap_kib
+                .is_some_and(|k| !(MIN_OUTPUT_CAP_KIB..=MAX_OUTPUT_CAP_KIB).contains(&k))
+            {
+                return Err(ConfigError::invalid(
+                    format!("backend[{i}].output_cap_kib"),
+                    format!("must be {MIN_OUTPUT_CAP_KIB} to {MAX_OUTPUT_CAP_KIB}"),
                 ));
             }
             if local.ram_mib == Some(0) {
@@ -156,20 +244,52 @@ impl Config {
         Ok(())
     }
 
-    /// The bearer token, read from `auth_token_file`.
-    pub fn read_token(&self) -> Result<String, ConfigError> {
-        let raw = std::fs::read_to_string(&self.auth_token_file).map_err(|e| {
-            ConfigError::invalid(
-                "auth_token_file",
-                format!("cannot read {}: {e}", self.auth_token_file.display()),
-            )
-        })?;
-        let token = raw.trim();
-        if token.is_empty() {
-            return Err(ConfigError::invalid("auth_token_file", "the file is empty"));
+    /// Every bearer token with its name: `auth_token_file`'s first, then
+    /// the `[[token]]` tables'. Two names sharing one secret are refused,
+    /// since events could not tell them apart.
+    pub fn read_tokens(&self) -> Result<Vec<NamedToken>, ConfigError> {
+        let mut tokens = Vec::new();
+        if let Some(path) = &self.auth_token_file {
+            tokens.push(NamedToken {
+                name: DEFAULT_TOKEN_NAME.to_string(),
+                secret: read_secret("auth_token_file", path)?,
+            });
         }
-        Ok(token.to_string())
+        for (i, t) in self.tokens.iter().enumerate() {
+            let key = format!("token[{i}].token_file");
+            let secret = read_secret(&key, &t.token_file)?;
+            if tokens.iter().any(|o: &NamedToken| o.secret == secret) {
+                return Err(ConfigError::invalid(
+                    key,
+                    "holds the same token as an earlier one",
+                ));
+            }
+            tokens.push(NamedToken {
+                name: t.name.clone(),
+                secret,
+            });
+        }
+        Ok(tokens)
     }
+}
+
+/// A token file's content, trimmed; `key` names the setting in errors.
+fn read_secret(key: &str, path: &Path) -> Result<String, ConfigError> {
+    let raw = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    let token = raw.trim();
+    if token.is_empty() {
+        return Err(ConfigError::invalid(key, "the file is empty"));
+    }
+    Ok(token.to_string())
+}
+
+/// Token names go into events and logs: short, and nothing to escape.
+fn valid_token_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// A TOML error as one line: where, the line itself, and TOML's message
@@ -306,6 +426,24 @@ region = "home"
                 format!("{BASE}[[backend]]\nkind = \"local\"\nrootfs = \"squashfs\"\n"),
                 "backend[0].rootfs",
             ),
+            (
+                format!("{BASE}[[backend]]\nkind = \"local\"\noutput_cap_kib = 0\n"),
+                "backend[0].output_cap_kib",
+            ),
+            (
+                BASE.replace("auth_token_file = \"/tmp/kiln/token\"", ""),
+                "auth_token_file",
+            ),
+            (
+                format!("{BASE}[[token]]\nname = \"a b\"\ntoken_file = \"/t\"\n"),
+                "token[0].name",
+            ),
+            (
+                format!("{BASE}[[token]]\nname = \"default\"\ntoken_file = \"/t\"\n"),
+                "token[0].name",
+            ),
+            (format!("{BASE}[[token]]\nname = \"x\"\n"), "token_file"),
+            (format!("{BASE}[tls]\ncert = \"/c\"\n"), "key"),
         ];
         for (text, key) in cases {
             let e = error_of(&text);
@@ -345,10 +483,85 @@ region = "home"
         let path = dir.path().join("token");
         let text = BASE.replace("/tmp/kiln/token", path.to_str().unwrap());
         let c = Config::parse(&text).unwrap();
-        assert!(crate::error_chain(&c.read_token().unwrap_err()).contains("auth_token_file"));
+        assert!(crate::error_chain(&c.read_tokens().unwrap_err()).contains("auth_token_file"));
         std::fs::write(&path, "  \n").unwrap();
-        assert!(crate::error_chain(&c.read_token().unwrap_err()).contains("auth_token_file"));
+        assert!(crate::error_chain(&c.read_tokens().unwrap_err()).contains("auth_token_file"));
         std::fs::write(&path, "s3cret\n").unwrap();
-        assert_eq!(c.read_token().unwrap(), "s3cret");
+        assert_eq!(
+            c.read_tokens().unwrap(),
+            [NamedToken {
+                name: DEFAULT_TOKEN_NAME.into(),
+                secret: "s3cret".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn named_tokens_join_the_old_single_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, secret: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, secret).unwrap();
+            p.display().to_string()
+        };
+        let text = format!(
+            "{}[[token]]\nname = \"ci\"\ntoken_file = \"{}\"\n\
+             [[token]]\nname = \"alice\"\ntoken_file = \"{}\"\n",
+            BASE.replace("/tmp/kiln/token", &file("default", "d\n")),
+            file("ci", "c1\n"),
+            file("alice", "a1")
+        );
+        let names: Vec<(String, String)> = Config::parse(&text)
+            .unwrap()
+            .read_tokens()
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.name, t.secret))
+            .collect();
+        assert_eq!(
+            names,
+            [("default", "d"), ("ci", "c1"), ("alice", "a1")].map(|(n, s)| (n.into(), s.into()))
+        );
+        // Only [[token]] tables, no auth_token_file: the new form alone.
+        let only = format!(
+            "state_dir = \"/tmp/k\"\nregion = \"r\"\n[[token]]\nname = \"ci\"\ntoken_file = \"{}\"\n",
+            file("ci2", "c2")
+        );
+        assert_eq!(
+            Config::parse(&only).unwrap().read_tokens().unwrap().len(),
+            1
+        );
+        // The same secret under two names cannot be told apart in events.
+        let twice = format!(
+            "{}[[token]]\nname = \"ci\"\ntoken_file = \"{}\"\n",
+            BASE.replace("/tmp/kiln/token", &file("d2", "same")),
+            file("c3", "same\n")
+        );
+        let e = crate::error_chain(&Config::parse(&twice).unwrap().read_tokens().unwrap_err());
+        assert!(e.contains("token[0].token_file"), "{e}");
+    }
+
+    #[test]
+    fn a_non_loopback_listen_needs_tls_or_an_explicit_insecure_http() {
+        for addr in ["0.0.0.0:7878", "10.1.2.3:7878", "[::]:7878"] {
+            let e = error_of(&format!("{BASE}listen = \"{addr}\"\n"));
+            assert!(
+                e.contains("listen") && e.contains("not a loopback address"),
+                "{e}"
+            );
+            assert_eq!(e.lines().count(), 1, "{e}");
+            Config::parse(&format!(
+                "{BASE}listen = \"{addr}\"\ninsecure_http = true\n"
+            ))
+            .unwrap();
+            let c = Config::parse(&format!(
+                "{BASE}listen = \"{addr}\"\n[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n"
+            ))
+            .unwrap();
+            assert!(c.tls.is_some());
+        }
+        for addr in ["127.0.0.2:7878", "[::1]:7878"] {
+            Config::parse(&format!("{BASE}listen = \"{addr}\"\n")).unwrap();
+        }
     }
 }

@@ -130,6 +130,16 @@ impl GrantManager {
     /// provisions it in the background. Resubmitting the same request id
     /// returns the stored grant (its image as pinned the first time).
     pub async fn submit(self: &Arc<Self>, body: &[u8]) -> Result<Submitted, SubmitError> {
+        self.submit_by(body, None).await
+    }
+
+    /// As [`GrantManager::submit`], recording the name of the API token
+    /// that submitted the grant.
+    pub async fn submit_by(
+        self: &Arc<Self>,
+        body: &[u8],
+        by: Option<&str>,
+    ) -> Result<Submitted, SubmitError> {
         let ctx = ValidationContext {
             regions: self.fleet.regions(),
             now: Utc::now(),
@@ -140,7 +150,7 @@ impl GrantManager {
             Some(record) => Inserted::Existing(record),
             None => {
                 let digest = self.pin(&grant).await?;
-                self.store.insert_pinned(&grant, digest.as_deref())?
+                self.store.insert_pinned(&grant, digest.as_deref(), by)?
             }
         };
         match stored {
@@ -214,9 +224,19 @@ impl GrantManager {
     /// Stops a grant (idempotent) and waits, up to the configured time, for
     /// it to end. Returns the grant as it then stands.
     pub async fn terminate(self: &Arc<Self>, id: &str) -> Result<GrantRecord, ManagerError> {
+        self.terminate_by(id, None).await
+    }
+
+    /// As [`GrantManager::terminate`], recording the name of the API token
+    /// that asked.
+    pub async fn terminate_by(
+        self: &Arc<Self>,
+        id: &str,
+        by: Option<&str>,
+    ) -> Result<GrantRecord, ManagerError> {
         let record = self
             .store
-            .request_stop(id, StopCause::Requested)?
+            .request_stop_by(id, StopCause::Requested, by)?
             .ok_or_else(|| ManagerError::NotFound(id.to_string()))?;
         if record.state.is_final() {
             return Ok(record);

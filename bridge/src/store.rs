@@ -133,15 +133,16 @@ impl Store {
     /// Stores a new pending grant, or returns the one already stored under
     /// its id (the caller decides whether that is a resubmission).
     pub fn insert_grant(&self, grant: &Grant) -> Result<Inserted, StoreError> {
-        self.insert_pinned(grant, None)
+        self.insert_pinned(grant, None, None)
     }
 
     /// As [`Store::insert_grant`], with the digest its image tag was
-    /// pinned to.
+    /// pinned to and the name of the API token that submitted it.
     pub fn insert_pinned(
         &self,
         grant: &Grant,
         image_digest: Option<&str>,
+        by: Option<&str>,
     ) -> Result<Inserted, StoreError> {
         let spec = serde_json::to_string(grant).map_err(|e| StoreError::Encode("grant", e))?;
         let now = Utc::now();
@@ -161,6 +162,7 @@ impl Store {
         )?;
         if added == 1 {
             log_event(&tx, &grant.id, "submitted", None)?;
+            log_actor(&tx, &grant.id, by)?;
         }
         let record = read_record(&tx, &grant.id)?;
         tx.commit()?;
@@ -277,6 +279,17 @@ impl Store {
         id: &str,
         cause: StopCause,
     ) -> Result<Option<GrantRecord>, StoreError> {
+        self.request_stop_by(id, cause, None)
+    }
+
+    /// As [`Store::request_stop`], recording the name of the API token
+    /// that asked.
+    pub fn request_stop_by(
+        &self,
+        id: &str,
+        cause: StopCause,
+        by: Option<&str>,
+    ) -> Result<Option<GrantRecord>, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let Some(before) = read_record(&tx, id)? else {
@@ -288,6 +301,7 @@ impl Store {
                 params![id, cause.as_str(), Utc::now().to_rfc3339()],
             )?;
             log_event(&tx, id, "stop", Some(cause.as_str()))?;
+            log_actor(&tx, id, by)?;
             set_state(
                 &tx,
                 id,
@@ -524,6 +538,16 @@ fn log_event(
     Ok(())
 }
 
+/// The event naming the API token behind the event just logged.
+pub const BY_TOKEN_EVENT: &str = "by_token";
+
+fn log_actor(tx: &Connection, id: &str, by: Option<&str>) -> Result<(), StoreError> {
+    match by {
+        Some(name) => log_event(tx, id, BY_TOKEN_EVENT, Some(name)),
+        None => Ok(()),
+    }
+}
+
 fn query_ids<P: rusqlite::Params>(
     conn: &Connection,
     sql: &str,
@@ -740,6 +764,37 @@ mod tests {
     }
 
     #[test]
+    fn the_token_behind_a_submit_or_a_stop_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.insert_pinned(&grant("a"), None, Some("ci")).unwrap();
+        // A resubmission changes nothing, its token included.
+        store.insert_pinned(&grant("a"), None, Some("bob")).unwrap();
+        store
+            .transition("a", &[GrantState::Pending], GrantState::Running, None)
+            .unwrap();
+        store
+            .request_stop_by("a", StopCause::Requested, Some("alice"))
+            .unwrap();
+        let events: Vec<(String, Option<String>)> = store
+            .events("a")
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.kind, e.detail))
+            .collect();
+        let want = [
+            ("submitted", None),
+            (BY_TOKEN_EVENT, Some("ci")),
+            ("running", None),
+            ("stop", Some("requested")),
+            (BY_TOKEN_EVENT, Some("alice")),
+            ("terminating", Some(StopCause::Requested.reason())),
+        ]
+        .map(|(k, d)| (k.to_string(), d.map(str::to_string)));
+        assert_eq!(events, want);
+    }
+
+    #[test]
     fn lists_keep_submission_order_and_filter_by_state() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -791,7 +846,9 @@ mod tests {
         let old = store.get("old").unwrap().unwrap();
         assert_eq!((old.state, old.image_digest), (GrantState::Running, None));
         let digest = format!("sha256:{}", "c".repeat(64));
-        store.insert_pinned(&grant("new"), Some(&digest)).unwrap();
+        store
+            .insert_pinned(&grant("new"), Some(&digest), None)
+            .unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(

@@ -227,6 +227,7 @@ async fn two_local_backends_around_a_flaky_one() {
             kiln_home: Some(dir.path().join(name)),
             keep_ended_days: None,
             rootfs: None,
+            output_cap_kib: None,
         })
     };
     let built = backends::build(

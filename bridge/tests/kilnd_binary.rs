@@ -86,6 +86,24 @@ fn config_errors_name_the_key_and_exit_non_zero() {
 }
 
 #[test]
+fn a_non_loopback_address_without_tls_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kilnd.toml");
+    // 0.0.0.0 is every address, not loopback; the port is never bound.
+    std::fs::write(&path, base_config(dir.path(), "0.0.0.0:7878")).unwrap();
+    let (ok, stderr) = run_kilnd(&path);
+    assert!(!ok, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "not one line:\n{stderr}");
+    assert!(
+        stderr.contains("listen") && stderr.contains("not a loopback address"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("insecure_http"), "{stderr}");
+    // Refused before the state directory was touched.
+    assert!(!dir.path().join("state").exists());
+}
+
+#[test]
 fn a_valid_config_serves_until_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     // Pick a free port, then let kilnd bind it.
@@ -234,6 +252,7 @@ fn a_second_shim_of_a_grant_exits_naming_the_first_and_changes_nothing() {
         ssh_host_key: String::new(),
         boot_timeout_ms: 1000,
         stop_grace_ms: 1000,
+        output_cap: 1 << 20,
     };
     let launch_path = dir.path().join(shim::LAUNCH_FILE);
     std::fs::write(&launch_path, serde_json::to_vec(&launch).unwrap()).unwrap();

@@ -29,12 +29,27 @@ pub struct KilndArgs {
     /// token itself), else /etc/kiln/kilnd.token].
     #[arg(long, global = true, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
+    /// PEM certificate of the CA that signed kilnd's TLS certificate (or
+    /// that certificate itself), trusted instead of the system's CAs for
+    /// an https:// URL.
+    #[arg(long, global = true, value_name = "FILE", env = "KILN_BRIDGE_CA")]
+    pub ca: Option<PathBuf>,
 }
 
 impl KilndArgs {
     pub fn client(&self) -> Result<Kilnd> {
+        let token = self.token()?;
+        let client = match &self.ca {
+            None => Client::new(&self.bridge, &token),
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("cannot read the CA file {}", path.display()))?;
+                Client::with_ca(&self.bridge, &token, &pem)
+                    .with_context(|| format!("the CA file {}", path.display()))?
+            }
+        };
         Ok(Kilnd {
-            client: Client::new(&self.bridge, &self.token()?),
+            client,
             url: self.bridge.clone(),
         })
     }

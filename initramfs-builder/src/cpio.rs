@@ -325,7 +325,13 @@ pub fn parse(mut b: &[u8]) -> Result<Vec<Entry>, CpioError> {
 
 fn checked_name(path: &str) -> Result<&str, CpioError> {
     let name = path.trim_start_matches("./");
-    if name.is_empty() || name.starts_with('/') || name.split('/').any(|c| c == "..") {
+    // The kernel reads the name up to its first NUL: one inside would
+    // unpack the entry under a shorter name than the one checked here.
+    if name.is_empty()
+        || name.starts_with('/')
+        || name.contains('\0')
+        || name.split('/').any(|c| c == "..")
+    {
         return Err(CpioError::BadPath(path.to_string()));
     }
     Ok(name)
@@ -463,6 +469,23 @@ mod tests {
             w.dir("a/../../b", Meta::root(0o755)),
             Err(CpioError::BadPath(_))
         ));
+    }
+
+    #[test]
+    fn rejects_a_nul_inside_a_name() {
+        // Found by the cpio_names fuzz target: "etc\0/x" was written whole,
+        // and the kernel would have unpacked it as "etc".
+        let mut w = Writer::new(Vec::new());
+        for path in ["etc\0/x", "a\0", "\0"] {
+            assert!(
+                matches!(
+                    w.symlink(path, "t", Meta::root(0o777)),
+                    Err(CpioError::BadPath(_))
+                ),
+                "{path:?}"
+            );
+        }
+        assert_eq!(w.written(), 0);
     }
 
     #[test]

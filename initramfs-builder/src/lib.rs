@@ -13,6 +13,7 @@ pub mod compress;
 pub mod cpio;
 pub mod digest;
 pub mod erofs;
+pub mod fuzz;
 pub mod image;
 pub mod initramfs;
 pub mod layers;

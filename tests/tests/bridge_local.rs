@@ -390,3 +390,50 @@ fn terminate_interrupts_a_build_or_a_boot_in_progress() {
     );
     assert_eq!(c.capabilities().unwrap().capacity.used.vcpus, 0);
 }
+
+/// A guest writing five times its grant's output cap to stdout: the grant
+/// ends normally, `output.log` holds exactly the cap (ending with the
+/// marker), `state.json` records the truncation, and kilnd still serves.
+/// The cap is small because guest output is slow where KVM emulates the
+/// guest kernel (a few KB/s here).
+#[test]
+fn a_flood_of_output_stops_at_the_output_cap() {
+    const CAP: u64 = 16 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path();
+    let requester = Requester::new(work);
+    let kilnd = Kilnd::with_backend(work, 1, 600, "output_cap_kib = 16");
+    kilnd
+        .client()
+        .submit(&request(
+            "flood",
+            &requester.image,
+            &requester.public_key,
+            Duration::from_secs(3600),
+            "yes kiln-output-flood | head -c 81920; echo after-the-flood",
+        ))
+        .unwrap();
+    let g = kilnd.wait_grant("flood", BOOT, |g| g.state.is_final());
+    assert_eq!(g.state, GrantState::Exited, "{g:?}\n{}", kilnd.log());
+    let grant_dir = kilnd.home().join("grants/flood");
+    let log = std::fs::read(grant_dir.join("output.log")).unwrap();
+    assert_eq!(log.len() as u64, CAP);
+    let text = String::from_utf8_lossy(&log);
+    assert!(text.starts_with("kiln-output-flood\n"), "{}", &text[..64]);
+    assert!(
+        text.ends_with(&format!(
+            "[kiln: output.log reached its cap of {CAP} bytes; later output dropped]\n"
+        )),
+        "{}",
+        &text[text.len() - 200..]
+    );
+    assert!(!text.contains("after-the-flood"));
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(grant_dir.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["output_truncated"], true, "{state}");
+    let shim_log = std::fs::read_to_string(grant_dir.join("shim.log")).unwrap_or_default();
+    assert!(shim_log.contains("reached its cap"), "{shim_log}");
+    // kilnd is unaffected.
+    assert!(kilnd.client().capabilities().is_ok());
+    assert_eq!(kilnd.client().list().unwrap().len(), 1);
+}

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod console;
 pub mod forward;
+pub mod fuzz;
 pub mod vmm;
 
 /// Protocol version carried in every control message.

@@ -1,30 +1,84 @@
-//! Bearer-token check for the `/v1` routes.
+//! Bearer-token check for the `/v1` routes. Each configured token has a
+//! name; a request let through carries it as an [`Actor`] extension, so
+//! what it changes is recorded under that name.
+
+use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
 use super::AppState;
+use crate::config::NamedToken;
+
+/// The name of the token a request presented.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Actor(pub Arc<str>);
+
+/// The tokens kilnd accepts, kept as digests: comparing fixed-size digests
+/// in constant time reveals neither a token's content nor its length.
+#[derive(Clone)]
+pub struct Tokens(Arc<[(Arc<str>, [u8; 32])]>);
+
+impl Tokens {
+    pub fn new(tokens: &[NamedToken]) -> Tokens {
+        Tokens(
+            tokens
+                .iter()
+                .map(|t| (Arc::from(t.name.as_str()), digest(&t.secret)))
+                .collect(),
+        )
+    }
+
+    /// One token named `default` (the single-token form).
+    pub fn single(secret: &str) -> Tokens {
+        Tokens::new(&[NamedToken {
+            name: crate::config::DEFAULT_TOKEN_NAME.to_string(),
+            secret: secret.to_string(),
+        }])
+    }
+
+    /// The name of the token equal to `presented`. Every token is compared
+    /// in full, whichever matches, so timing tells nothing about which one
+    /// (or how much of one) a guess got right.
+    fn find(&self, presented: &str) -> Option<Actor> {
+        let d = digest(presented);
+        let mut found = None;
+        for (name, want) in self.0.iter() {
+            if same_secret(&d, want) {
+                found = Some(name);
+            }
+        }
+        found.map(|n| Actor(Arc::clone(n)))
+    }
+}
+
+fn digest(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
 
 /// Lets the request through only with `Authorization: Bearer <token>`.
 /// A refused request never reaches a handler, so it changes nothing.
 pub async fn require_token(
     State(state): State<AppState>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
-    let presented = request
+    let actor = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(bearer_token);
-    match presented {
-        Some(token) if same_secret(token.as_bytes(), state.token.as_bytes()) => {
+        .and_then(bearer_token)
+        .and_then(|t| state.tokens.find(t));
+    match actor {
+        Some(actor) => {
+            request.extensions_mut().insert(actor);
             next.run(request).await
         }
-        _ => ApiError::unauthorized().into_response(),
+        None => ApiError::unauthorized().into_response(),
     }
 }
 
@@ -35,18 +89,15 @@ fn bearer_token(value: &str) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Compares without stopping at the first difference, so timing does not
-/// reveal how much of a guess was right.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares without stopping at the first difference.
+fn same_secret(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    // black_box keeps the optimiser from turning the fold into an early exit.
+    std::hint::black_box(a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y))) == 0
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{bearer_token, same_secret};
+    use super::*;
 
     #[test]
     fn the_scheme_is_case_insensitive() {
@@ -59,10 +110,20 @@ mod tests {
     }
 
     #[test]
-    fn secrets_match_only_when_equal() {
-        assert!(same_secret(b"abc", b"abc"));
-        assert!(!same_secret(b"abc", b"abd"));
-        assert!(!same_secret(b"abc", b"abcd"));
-        assert!(!same_secret(b"", b"a"));
+    fn a_token_is_known_by_its_name_only_when_equal() {
+        let named = |name: &str, secret: &str| NamedToken {
+            name: name.into(),
+            secret: secret.into(),
+        };
+        let tokens = Tokens::new(&[named("ci", "abc"), named("alice", "xyz")]);
+        assert_eq!(tokens.find("abc"), Some(Actor("ci".into())));
+        assert_eq!(tokens.find("xyz"), Some(Actor("alice".into())));
+        for wrong in ["abd", "abcd", "ab", "", "XYZ"] {
+            assert_eq!(tokens.find(wrong), None, "{wrong}");
+        }
+        assert_eq!(
+            Tokens::single("s").find("s"),
+            Some(Actor(crate::config::DEFAULT_TOKEN_NAME.into()))
+        );
     }
 }

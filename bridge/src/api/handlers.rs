@@ -2,12 +2,13 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
+use super::auth::Actor;
 use super::error::ApiError;
 use super::AppState;
 use crate::fleet::ProviderCard;
@@ -21,10 +22,11 @@ pub struct GrantList {
 
 pub async fn submit(
     State(state): State<AppState>,
+    Extension(Actor(by)): Extension<Actor>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let submitted = state.manager.submit(&body).await?;
+    let submitted = state.manager.submit_by(&body, Some(&by)).await?;
     // 202: the grant is stored; provisioning goes on in the background.
     let status = if submitted.created {
         StatusCode::ACCEPTED
@@ -67,9 +69,10 @@ pub async fn usage(
 /// 200 once the grant has ended, 202 if it is still stopping.
 pub async fn terminate(
     State(state): State<AppState>,
+    Extension(Actor(by)): Extension<Actor>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let record = state.manager.terminate(&id).await?;
+    let record = state.manager.terminate_by(&id, Some(&by)).await?;
     let status = if record.state.is_final() {
         StatusCode::OK
     } else {

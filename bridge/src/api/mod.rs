@@ -5,6 +5,7 @@ mod auth;
 pub mod error;
 mod handlers;
 mod limits;
+pub mod tls;
 
 pub use handlers::GrantList;
 mod metrics;
@@ -19,6 +20,7 @@ use axum::{middleware, Router};
 
 use crate::manager::GrantManager;
 
+pub use auth::{Actor, Tokens};
 pub use error::{ApiError, ErrorBody};
 
 /// Largest request body accepted.
@@ -28,8 +30,8 @@ const MAX_BODY: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub manager: Arc<GrantManager>,
-    /// The bearer token `/v1` routes require.
-    pub token: Arc<str>,
+    /// The bearer tokens `/v1` routes accept.
+    pub tokens: Tokens,
 }
 
 /// Whether a route needs the bearer token.
@@ -101,14 +103,24 @@ pub fn router(state: AppState) -> Router {
 
 /// Serves the API on `listener` until `shutdown` completes, then lets the
 /// requests in flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_tls(listener, state, None, shutdown).await
+}
+
+/// As [`serve`], over TLS when `tls` is given.
 ///
 /// HTTP/1 is served with hyper directly rather than `axum::serve`, so that
 /// hyper's own header limits sit far above kiln's: a request over kiln's
 /// limits gets a 431 with the JSON error body from [`limits`]; only one
 /// beyond hyper's (ten times as large) gets hyper's bare 431.
-pub async fn serve(
+pub async fn serve_tls(
     listener: tokio::net::TcpListener,
     state: AppState,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(state);
@@ -128,19 +140,41 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let conn = hyper::server::conn::http1::Builder::new()
-            .max_headers(limits::HYPER_MAX_HEADERS)
-            .max_buf_size(limits::HYPER_MAX_HEADER_BYTES)
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        // Taken before the handshake, so shutdown waits for it too.
+        let watcher = graceful.watcher();
+        let app = app.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            let Some(tls) = tls else {
+                return serve_connection(stream, app, watcher).await;
+            };
+            // A client that never finishes its handshake holds nothing long.
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(stream, app, watcher).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
             }
         });
     }
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// How long a client has to complete its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One HTTP/1 connection, plain or TLS, until it ends or shutdown closes it.
+async fn serve_connection<I>(io: I, app: Router, watcher: hyper_util::server::graceful::Watcher)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .max_headers(limits::HYPER_MAX_HEADERS)
+        .max_buf_size(limits::HYPER_MAX_HEADER_BYTES)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
 }

@@ -76,6 +76,11 @@ pub struct LocalSection {
     /// the `[[backend]]` table but not the key.
     #[serde(default)]
     pub rootfs: Option<String>,
+    /// The most bytes of a grant's `output.log`, in KiB (default 65536,
+    /// 64 MiB; at least 4); the log then ends with a marker and later
+    /// output is dropped.
+    #[serde(default)]
+    pub output_cap_kib: Option<u64>,
 }
 
 /// What every backend may need from the rest of the configuration.
@@ -138,6 +143,7 @@ mod tests {
             kiln_home: Some("/nonexistent".into()),
             keep_ended_days: None,
             rootfs: None,
+            output_cap_kib: None,
         });
         let built = build(&[section], &ctx).unwrap();
         assert_eq!(built.len(), 1);

@@ -66,7 +66,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         LockError::Held { .. } => anyhow::Error::new(e).context("Another kilnd uses this state"),
         _ => anyhow::Error::new(e),
     })?;
-    let token = config.read_token()?;
+    let tokens = config.read_tokens()?;
+    // Before anything starts: a bad certificate ends kilnd, not a request.
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|t| api::tls::acceptor(&t.cert, &t.key))
+        .transpose()
+        .context("Invalid configuration key tls")?;
     let ctx = BuildContext {
         region: config.region.clone(),
         capacity: config.capacity.clone(),
@@ -91,12 +98,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("Cannot listen on {}", config.listen))?;
-    tracing::info!(listen = %config.listen, state_dir = %config.state_dir.display(), "kilnd serving");
+    if tls.is_none() && !config.listen.ip().is_loopback() {
+        tracing::warn!(listen = %config.listen, "insecure_http: bearer tokens cross the network in clear");
+    }
+    tracing::info!(listen = %config.listen, tls = tls.is_some(), tokens = tokens.len(), state_dir = %config.state_dir.display(), "kilnd serving");
     let state = AppState {
         manager: Arc::clone(&manager),
-        token: token.into(),
+        tokens: api::Tokens::new(&tokens),
     };
-    api::serve(listener, state, stop_signal()).await?;
+    api::serve_tls(listener, state, tls, stop_signal()).await?;
     // Instances keep running; the next kilnd re-adopts them.
     manager.shutdown();
     tracing::info!("kilnd stopped");

@@ -1,6 +1,7 @@
 //! A grant: the right to run one image with given resources, reachable over
 //! SSH by the requester's keys, until a deadline.
 
+pub mod fuzz;
 mod validate;
 
 use std::collections::BTreeMap;

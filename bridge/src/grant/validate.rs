@@ -121,7 +121,7 @@ impl Grant {
         };
         if let Some(unknown) = map.keys().find(|k| !FIELDS.contains(&k.as_str())) {
             return Err(GrantError::field_problem(
-                unknown.clone(),
+                shown_key(unknown),
                 FieldProblem::Unknown,
             ));
         }
@@ -273,7 +273,11 @@ fn ssh_keys(keys: Vec<String>) -> Result<Vec<String>, GrantError> {
         .map(|(i, key)| {
             let field = format!("ssh_keys[{i}]");
             let bad = |e: ssh_key::Error| {
-                GrantError::field_problem(&field, FieldProblem::BadSshKey(crate::error_chain(&e)))
+                GrantError::field_problem(
+                    &field,
+                    // The parser quotes what it read, newlines included.
+                    FieldProblem::BadSshKey(crate::error_chain(&e).escape_debug().to_string()),
+                )
             };
             ssh_key::PublicKey::from_openssh(key.trim())
                 .map_err(bad)?
@@ -316,10 +320,56 @@ fn check_env(env: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, 
     }
 }
 
+/// A key the client made up, fit for a one-line error: control characters
+/// and quotes escaped, at most 64 characters kept.
+fn shown_key(key: &str) -> String {
+    const SHOWN: usize = 64;
+    let mut shown: String = key
+        .chars()
+        .take(SHOWN)
+        .flat_map(char::escape_debug)
+        .collect();
+    if key.chars().count() > SHOWN {
+        shown.push('…');
+    }
+    shown
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn refusals_stay_one_line_whatever_the_keys_hold() {
+        // Found by the grant_json fuzz target: a key holding a newline made
+        // the refusal span two lines.
+        for key in ["comm\nd", "a\r\u{1b}[2Jb", &"k".repeat(10_000)] {
+            let body = with(key, json!(1));
+            let e = Grant::from_json(&body, &ctx()).unwrap_err();
+            let text = crate::error_chain(&e);
+            assert!(!text.contains(['\n', '\r', '\u{1b}']), "{text:?}");
+            assert!(text.len() < 200, "{text}");
+            assert!(matches!(
+                e,
+                GrantError::Field {
+                    problem: FieldProblem::Unknown,
+                    ..
+                }
+            ));
+        }
+        let e = Grant::from_json(&with("colour", json!(1)), &ctx()).unwrap_err();
+        assert_eq!(e.field(), Some("colour"));
+        // Also found by it: the SSH key parser quotes a label with its newline.
+        let body = with("ssh_keys", json!([
+            "ssh-ed25519 AAAAC3NzClZaD1I1NTE5AAAAICYZWTaQeBZlanOWStbbTRqPk9TgC0LC/UyC2dMm+FFc t@kiln"
+        ]));
+        let text = crate::error_chain(&Grant::from_json(&body, &ctx()).unwrap_err());
+        assert!(
+            text.contains("ssh_keys[0]") && !text.contains('\n'),
+            "{text:?}"
+        );
+    }
 
     const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICYZWTaQeBZlanOWStbbTRqPk9TgC0LC/UyC2dMm+FFc test@kiln";
 

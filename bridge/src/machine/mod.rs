@@ -155,6 +155,9 @@ pub struct Machine {
 const VSOCK_SOCKET: &str = "vsock.sock";
 /// Where the VMM's jail has its root, inside the VM's directory.
 const JAIL_ROOT: &str = "root";
+/// Frames from the agent held for a slow reader: with frames of at most
+/// [`kiln_protocol::MAX_FRAME`] bytes, 16 MiB at worst.
+pub const EVENT_QUEUE: usize = 16;
 
 impl Machine {
     /// Boots `spec` and waits for the agent's `ready`. On any failure the
@@ -321,10 +324,12 @@ impl Machine {
     }
 
     /// Frames from the agent, read on their own thread until the channel
-    /// closes.
+    /// closes. At most [`EVENT_QUEUE`] frames wait to be taken: past that
+    /// the thread stops reading, and the guest waits on its vsock, rather
+    /// than a flooding guest filling the host's memory.
     pub fn events(&self) -> Result<Receiver<Event>, MachineError> {
         let mut s = self.control.try_clone().map_err(MachineError::Control)?;
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(EVENT_QUEUE);
         std::thread::Builder::new()
             .name("kiln-agent-events".into())
             .spawn(move || loop {

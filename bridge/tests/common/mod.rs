@@ -57,7 +57,7 @@ impl TestServer {
             let addr = listener.local_addr().expect("addr");
             let state = AppState {
                 manager: Arc::clone(&manager),
-                token: TOKEN.into(),
+                tokens: api::Tokens::single(TOKEN),
             };
             tokio::spawn(api::serve(listener, state, std::future::pending()));
             (manager, addr)

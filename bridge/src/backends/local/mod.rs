@@ -4,6 +4,7 @@
 //! directory, `$KILN_HOME/grants/<id>/`.
 
 pub mod build;
+pub mod output;
 pub mod process;
 mod prune;
 pub mod shim;
@@ -94,6 +95,7 @@ pub struct LocalBackend {
     shim: PathBuf,
     keep_ended: chrono::Duration,
     rootfs: build::Rootfs,
+    output_cap: u64,
 }
 
 impl LocalBackend {
@@ -123,6 +125,9 @@ impl LocalBackend {
             region: section.region.clone().unwrap_or_else(|| ctx.region.clone()),
             home,
             ledger,
+            output_cap: section
+                .output_cap_kib
+                .map_or(output::DEFAULT_OUTPUT_CAP, |k| k << 10),
             tdx,
             vmm,
             shim: binary_beside_me("KILN_SHIM", "kiln-shim"),
@@ -193,6 +198,7 @@ impl LocalBackend {
             ssh_host_key: host_key.private_openssh()?,
             boot_timeout_ms: BOOT_TIMEOUT.as_millis() as u64,
             stop_grace_ms: STOP_GRACE.as_millis() as u64,
+            output_cap: self.output_cap,
         };
         let launch_path = dir.join(shim::LAUNCH_FILE);
         let json = serde_json::to_vec_pretty(&launch)

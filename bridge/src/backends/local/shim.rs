@@ -6,7 +6,6 @@
 //! to date: phase, SSH port, usage, exit status, host-side figures. SIGTERM
 //! asks the workload to stop (grace period), then stops the VM.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
@@ -17,6 +16,7 @@ use kiln_protocol::vmm::exit as vmm_exit;
 use kiln_protocol::{ExitStatus, Frame, Message, Usage, Workload, SSH_PORT};
 use serde::{Deserialize, Serialize};
 
+use super::output::{Appended, OutputLog, DEFAULT_OUTPUT_CAP};
 use crate::backend::HostUsage;
 use crate::dir_lock::{DirLock, LockError};
 use crate::error_chain;
@@ -46,6 +46,13 @@ pub struct Launch {
     pub boot_timeout_ms: u64,
     /// How long the workload gets between SIGTERM and SIGKILL.
     pub stop_grace_ms: u64,
+    /// The most bytes `output.log` may hold.
+    #[serde(default = "default_output_cap")]
+    pub output_cap: u64,
+}
+
+fn default_output_cap() -> u64 {
+    DEFAULT_OUTPUT_CAP
 }
 
 /// Where a grant's VM is in its life.
@@ -78,6 +85,9 @@ pub struct State {
     pub host: HostUsage,
     /// Why the VM could not boot or ended abnormally.
     pub error: Option<String>,
+    /// `output.log` reached its cap and later output was dropped.
+    #[serde(default)]
+    pub output_truncated: bool,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -95,6 +105,7 @@ impl State {
             exit_status: None,
             host: HostUsage::default(),
             error: None,
+            output_truncated: false,
             updated_at: Utc::now(),
         }
     }
@@ -107,8 +118,9 @@ pub const LOCK_FILE: &str = "shim.lock";
 /// The workload's output, for the operator.
 pub const OUTPUT_FILE: &str = "output.log";
 const METRICS_FILE: &str = "vmm-metrics.json";
-/// The output log stops growing here.
-const OUTPUT_LIMIT: u64 = 16 << 20;
+/// `state.json` is rewritten for a usage report at most this often: a
+/// guest sending reports in a loop costs the host one write a second.
+const USAGE_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
@@ -220,20 +232,38 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
     state.boot_ms = Some(machine.ready().boot.as_millis() as u64);
     write_state(dir, &mut state)?;
 
-    let mut output = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(OUTPUT_FILE))
-        .ok();
+    let mut output = match OutputLog::open(&dir.join(OUTPUT_FILE), launch.output_cap) {
+        Ok(log) => Some(log),
+        Err(e) => {
+            tracing::warn!("cannot open {OUTPUT_FILE}: {e}; the workload's output is dropped");
+            None
+        }
+    };
+    // The newest usage report not yet in state.json, and when it was last
+    // written there.
+    let mut usage_pending = false;
+    let mut usage_written = Instant::now();
     let grace = Duration::from_millis(launch.stop_grace_ms);
     let mut stop_deadline: Option<Instant> = None;
     loop {
         match events.recv_timeout(Duration::from_millis(100)) {
             Ok(Event::Frame(Frame::Stdout(d) | Frame::Stderr(d))) => {
-                if let Some(f) = output.as_mut() {
-                    let full = f.metadata().map_or(true, |m| m.len() > OUTPUT_LIMIT);
-                    if !full {
-                        let _ = f.write_all(&d);
+                match output.as_mut().map(|log| log.append(&d)) {
+                    Some(Ok(Appended::Kept)) | None => {}
+                    Some(Ok(Appended::Truncated { dropped })) => {
+                        tracing::warn!(
+                            cap = launch.output_cap,
+                            dropped,
+                            "{OUTPUT_FILE} reached its cap: later output is dropped"
+                        );
+                        state.output_truncated = true;
+                        write_state(dir, &mut state)?;
+                    }
+                    Some(Err(e)) => {
+                        // A full disk must not end the grant; the output is
+                        // what gives way.
+                        tracing::warn!("cannot write {OUTPUT_FILE}: {e}; later output is dropped");
+                        output = None;
                     }
                 }
             }
@@ -246,11 +276,12 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
             }
             Ok(Event::Frame(Frame::Control(Message::Usage(u)))) => {
                 state.usage = Some(u);
-                write_state(dir, &mut state)?;
+                usage_pending = true;
             }
             Ok(Event::Frame(Frame::Control(Message::Exited { status, usage }))) => {
                 state.exit_status = Some(status);
                 state.usage = Some(usage);
+                usage_pending = false;
                 write_state(dir, &mut state)?;
             }
             Ok(Event::Frame(Frame::Control(Message::NotStarted { message }))) => {
@@ -259,6 +290,11 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
             Ok(Event::Frame(_)) | Ok(Event::Garbled(_)) => {}
             Ok(Event::Closed) | Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {}
+        }
+        if usage_pending && usage_written.elapsed() >= USAGE_WRITE_INTERVAL {
+            write_state(dir, &mut state)?;
+            usage_pending = false;
+            usage_written = Instant::now();
         }
         if stop_signals::count() > 0 && stop_deadline.is_none() {
             tracing::info!("stop requested: the workload has {grace:?}");
@@ -337,6 +373,7 @@ mod tests {
             exit_status: Some(ExitStatus::Code(3)),
             host: HostUsage::default(),
             error: None,
+            output_truncated: false,
             updated_at: Utc::now(),
         };
         write_state(dir.path(), &mut s).unwrap();
