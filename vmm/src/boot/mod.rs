@@ -125,7 +125,7 @@ fn kernel_format(path: &Path, file: &mut File) -> Result<KernelFormat, BootError
 
 /// Loads an ELF vmlinux (PVH entry preferred) or a bzImage into guest memory.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<KernelEntry, BootError> {
-    let mut file = File::open(path).map_err(|source| {
+    let mut file = crate::jail::held::open_read(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             BootError::KernelNotFound(path.to_path_buf())
         } else {
@@ -200,7 +200,7 @@ pub fn load_initrd(
     path: &Path,
     kernel_end: u64,
 ) -> Result<InitrdPlacement, BootError> {
-    let file = File::open(path).map_err(|source| {
+    let file = crate::jail::held::open_read(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             BootError::InitrdNotFound(path.to_path_buf())
         } else {

@@ -15,6 +15,7 @@
 //! listeners beside it, while root on the host still reaches everything.
 
 pub mod cgroup;
+pub mod held;
 mod mounts;
 mod supervisor;
 mod uid;

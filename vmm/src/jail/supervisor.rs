@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use super::cgroup::Cgroup;
-use super::{mounts, Exposed, JailError, UidLease, RLIMIT_NOFILE};
+use super::{held, mounts, Access, Exposed, JailError, UidLease, RLIMIT_NOFILE};
 
 /// Which side of the fork this process is.
 #[derive(Debug)]
@@ -149,6 +149,15 @@ fn jail_child(plan: &ChildPlan, joined: libc::c_int) -> Result<(), JailError> {
         return Err(JailError::last_os("join the VM's cgroup"));
     }
     close_other_fds()?;
+    // Opened as root, inside the new root, so the VMM's uid needs no read
+    // right on the operator's files.
+    for e in plan.exposed.iter().filter(|e| e.access == Access::ReadOnly) {
+        held::hold(&e.inside).map_err(|source| JailError::Prepare {
+            what: "a file the VM reads",
+            path: e.inside.clone(),
+            source,
+        })?;
+    }
     let keys: Vec<_> = std::env::vars_os().map(|(k, _)| k).collect();
     for k in keys {
         std::env::remove_var(k);

@@ -41,16 +41,21 @@ pub struct Disk {
 impl Disk {
     /// Opens `path` (read-only or read-write) and checks its kind and size.
     pub fn open(path: &Path, read_only: bool) -> Result<Disk, DiskError> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            // A FIFO given by mistake must fail the kind check, not block the open.
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|source| DiskError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        // A read-only disk may have been opened by the jail (see `jail::held`).
+        let held = read_only.then(|| crate::jail::held::take(path)).flatten();
+        let mut file = match held {
+            Some(f) => f,
+            None => OpenOptions::new()
+                .read(true)
+                .write(!read_only)
+                // A FIFO given by mistake must fail the kind check, not block the open.
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path)
+                .map_err(|source| DiskError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+        };
         let size_err = |source| DiskError::Size {
             path: path.to_path_buf(),
             source,
