@@ -1,6 +1,6 @@
 //! `kiln-vmm`: boots one micro-VM and exits with the guest's fate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -13,7 +13,7 @@ use kiln_vmm::exit::code;
 use kiln_vmm::jail::cgroup::Limits;
 use kiln_vmm::jail::{self, JailConfig, Role};
 use kiln_vmm::seccomp::SeccompMode;
-use kiln_vmm::snapshot::RestoreOptions;
+use kiln_vmm::snapshot::{PreparedRestore, RestoreOptions};
 use kiln_vmm::{capabilities, Payload, SerialOutput, Vm};
 
 const EXIT_STATUS_HELP: &str = "\
@@ -200,11 +200,18 @@ fn run(args: Args, started: Instant, cleanup: &mut Cleanup) -> anyhow::Result<i3
         die_with_parent()?;
     }
     let mut metrics = args.metrics.clone();
-    let mut vm = match (&args.restore, &args.mem_file) {
+    // Absolute: a jailed VMM binds it from the jail's root.
+    let api_sock = args
+        .api_sock
+        .as_ref()
+        .map(|p| match std::env::current_dir() {
+            Ok(cwd) => cwd.join(p),
+            Err(_) => p.clone(),
+        });
+    // A restore reads its state file here, before any jail: the clone's
+    // configuration comes from it.
+    let mut restore = match (&args.restore, &args.mem_file) {
         (Some(state), Some(mem)) => {
-            // Not jailed yet: the jail is built from a boot's config, and a
-            // restore's files (state, memory, control socket) are not in it.
-            eprintln!("kiln-vmm: note: a restored VM runs without the jail for now");
             let serial = if args.serial_stdio {
                 SerialOutput::Stdio
             } else {
@@ -212,7 +219,7 @@ fn run(args: Args, started: Instant, cleanup: &mut Cleanup) -> anyhow::Result<i3
                     .clone()
                     .map_or(SerialOutput::None, SerialOutput::File)
             };
-            let opts = RestoreOptions {
+            let mut opts = RestoreOptions {
                 state: state.clone(),
                 mem: mem.clone(),
                 vsock_uds: args.vsock_uds.clone(),
@@ -220,49 +227,67 @@ fn run(args: Args, started: Instant, cleanup: &mut Cleanup) -> anyhow::Result<i3
                 serial,
                 watchdog_secs: args.watchdog_secs,
             };
-            Vm::restore(&opts, started)?
-        }
-        _ => {
-            let mut config = merge_config(&args)?;
-            if args.no_jail {
-                eprintln!(
-                    "kiln-vmm: WARNING: --no-jail: this VMM runs as root with the host's \
-                     filesystem and network; a VMM bug gives the guest the host"
-                );
-            } else if args.api_sock.is_some() {
-                // The control socket and the snapshots it writes live on
-                // the host's paths, which the jail does not hold.
-                eprintln!("kiln-vmm: note: a VM with --api-sock runs without the jail for now");
-            } else {
-                // Bad input is reported before the fork, as without the jail.
-                config.validate()?;
-                jail::absolute_paths(&mut config, &mut metrics);
-                let jail = JailConfig {
-                    root: args.jail_root.clone().unwrap_or_else(|| {
-                        std::env::temp_dir().join(format!("kiln-jail-{}", std::process::id()))
-                    }),
-                    uids: args.jail_uids.parse()?,
-                    lock_dir: PathBuf::from(jail::UID_LOCK_DIR),
-                    limits: Limits::for_vm(
-                        config.vcpus,
-                        config.mem_mib,
-                        args.cpu_millicores
-                            .unwrap_or(u32::from(config.vcpus) * 1000),
-                    ),
-                };
-                match jail::enter(&jail, &mut config, metrics.as_deref())? {
-                    Role::Supervisor(code) => return Ok(code),
-                    // The supervisor outside cleans up; here those paths are the jail's.
-                    Role::Vmm => {
-                        cleanup.0.clear();
-                        tracing::debug!("jailed {:?} after start", started.elapsed());
-                    }
-                }
+            // Absolute, as the jail needs them (and harmless without it).
+            if let Ok(cwd) = std::env::current_dir() {
+                opts.mem = cwd.join(&opts.mem);
             }
-            Vm::build(config, Payload::Kernel, started)?
+            Some(PreparedRestore::load(&opts)?)
         }
+        _ => None,
     };
-    if let Some(path) = &args.api_sock {
+    let mut config = match &restore {
+        Some(r) => r.config.clone(),
+        None => merge_config(&args)?,
+    };
+    if args.no_jail {
+        eprintln!(
+            "kiln-vmm: WARNING: --no-jail: this VMM runs as root with the host's \
+             filesystem and network; a VMM bug gives the guest the host"
+        );
+    } else if let Some(why) = unjailed_api_sock(api_sock.as_deref(), &config) {
+        eprintln!("kiln-vmm: note: this VM runs without the jail: {why}");
+    } else {
+        // Bad input is reported before the fork, as without the jail.
+        config.validate()?;
+        jail::absolute_paths(&mut config, &mut metrics);
+        let jail = JailConfig {
+            root: args.jail_root.clone().unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("kiln-jail-{}", std::process::id()))
+            }),
+            uids: args.jail_uids.parse()?,
+            lock_dir: PathBuf::from(jail::UID_LOCK_DIR),
+            limits: Limits::for_vm(
+                config.vcpus,
+                config.mem_mib,
+                args.cpu_millicores
+                    .unwrap_or(u32::from(config.vcpus) * 1000),
+            ),
+        };
+        let also_read: Vec<PathBuf> = restore.iter().map(|r| r.mem.clone()).collect();
+        match jail::enter(
+            &jail,
+            &mut config,
+            metrics.as_deref(),
+            &also_read,
+            api_sock.is_some(),
+        )? {
+            Role::Supervisor(code) => return Ok(code),
+            // The supervisor outside cleans up; here those paths are the jail's.
+            Role::Vmm => {
+                cleanup.0.clear();
+                tracing::debug!("jailed {:?} after start", started.elapsed());
+            }
+        }
+    }
+    let mut vm = match restore.take() {
+        Some(mut r) => {
+            // The jail may have moved drives (see `jail::enter`).
+            r.config = config;
+            Vm::restore_prepared(r, started)?
+        }
+        None => Vm::build(config, Payload::Kernel, started)?,
+    };
+    if let Some(path) = &api_sock {
         vm.serve_api(path)?;
     }
     let outcome = vm.run();
@@ -279,6 +304,23 @@ fn run(args: Args, started: Instant, cleanup: &mut Cleanup) -> anyhow::Result<i3
         eprintln!("kiln-vmm: {}", outcome.reason);
     }
     Ok(code)
+}
+
+/// Why a VM with a control socket at `api_sock` cannot be jailed, if it
+/// cannot: the socket, and the snapshots its clients ask for, must be in
+/// the VM's sockets directory (the vsock socket's), the one directory of
+/// the host's the jail lets the VMM write in.
+fn unjailed_api_sock(api_sock: Option<&Path>, config: &VmConfig) -> Option<&'static str> {
+    let api_dir = api_sock?.parent()?.canonicalize().ok();
+    let vsock_dir = config
+        .vsock
+        .as_ref()
+        .and_then(|v| v.uds_path.parent()?.canonicalize().ok());
+    match (api_dir, vsock_dir) {
+        (Some(a), Some(v)) if a == v => None,
+        (_, None) => Some("--api-sock needs a vsock device, whose directory the jail keeps"),
+        _ => Some("--api-sock is outside the vsock socket's directory, the one the jail keeps"),
+    }
 }
 
 fn merge_config(args: &Args) -> anyhow::Result<VmConfig> {

@@ -145,7 +145,7 @@ pub fn save(mem: &GuestMemoryMmap, path: &Path) -> Result<(), MemoryError> {
 /// file [`save`] wrote: the guest's writes stay in this process, and every
 /// VM restored from one file shares its pages in the page cache.
 pub fn from_file(path: &Path, mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    let file = std::fs::File::open(path).map_err(|source| MemoryError::OpenFile {
+    let file = crate::jail::held::open_read(path).map_err(|source| MemoryError::OpenFile {
         path: path.to_path_buf(),
         source,
     })?;

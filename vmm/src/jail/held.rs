@@ -6,27 +6,41 @@
 //! Firecracker's jailer hands files over, the jail opens each one inside
 //! its new root just before it drops root, and the VMM takes the open
 //! file instead of opening the path itself. Files it writes are chowned to
-//! the jail uid instead (see `mounts::prepare_host_side`).
+//! the jail uid instead (see `mounts::prepare_host_side`), but for a file
+//! reached through another process's `/proc/PID/fd` (an unlinked scratch
+//! disk): its mount is the host's, which a bind mount made in the jail's
+//! new mount namespace refuses, so the jail holds it open too, from before
+//! it leaves the host's namespace.
 
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 static HELD: Mutex<Vec<(PathBuf, File)>> = Mutex::new(Vec::new());
 
-/// Opens `path` read-only and keeps it for [`take`].
-pub(super) fn hold(path: &Path) -> std::io::Result<()> {
+/// Opens `open_at` (read-write when `writable`) and keeps it for
+/// [`take`] and [`duplicate`] under `key`, the path the VMM asks for.
+pub(super) fn hold(open_at: &Path, key: &Path, writable: bool) -> std::io::Result<()> {
     let file = std::fs::OpenOptions::new()
         .read(true)
+        .write(writable)
         // A FIFO given by mistake must not block the jail; the VMM's own
         // checks refuse it later.
         .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
+        .open(open_at)?;
     if let Ok(mut held) = HELD.lock() {
-        held.push((path.to_path_buf(), file));
+        held.push((key.to_path_buf(), file));
     }
     Ok(())
+}
+
+/// The descriptors held, which the jail keeps when it closes the rest.
+pub(super) fn fds() -> Vec<i32> {
+    HELD.lock()
+        .map(|h| h.iter().map(|(_, f)| f.as_raw_fd()).collect())
+        .unwrap_or_default()
 }
 
 /// The file the jail opened at `path`, once; `None` when it holds none
@@ -35,6 +49,15 @@ pub fn take(path: &Path) -> Option<File> {
     let mut held = HELD.lock().ok()?;
     let i = held.iter().position(|(p, _)| p == path)?;
     Some(held.swap_remove(i).1)
+}
+
+/// A second descriptor of the file the jail opened at `path`, which stays
+/// held: for a disk, opened once to check it and once to serve it, with
+/// positional I/O only (the two share a file offset).
+pub fn duplicate(path: &Path) -> Option<File> {
+    let held = HELD.lock().ok()?;
+    let (_, file) = held.iter().find(|(p, _)| p == path)?;
+    file.try_clone().ok()
 }
 
 /// [`take`], or else a plain read-only open of `path`.
@@ -54,7 +77,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kernel");
         std::fs::write(&path, b"held").unwrap();
-        hold(&path).unwrap();
+        hold(&path, &path, false).unwrap();
         // Replaced after the hold: the held file is still the old inode.
         std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, b"new").unwrap();
@@ -65,5 +88,17 @@ mod tests {
         let mut text = String::new();
         std::io::Read::read_to_string(&mut open_read(&path).unwrap(), &mut text).unwrap();
         assert_eq!(text, "new");
+    }
+
+    #[test]
+    fn a_duplicated_file_stays_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("root.img");
+        std::fs::write(&path, b"disk").unwrap();
+        hold(&path, &path, false).unwrap();
+        assert!(duplicate(&path).is_some());
+        assert!(duplicate(&path).is_some());
+        assert!(take(&path).is_some());
+        assert!(duplicate(&path).is_none());
     }
 }

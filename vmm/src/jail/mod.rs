@@ -92,6 +92,14 @@ pub(crate) struct Exposed {
     pub access: Access,
 }
 
+impl Exposed {
+    /// A file reached through another process's `/proc/PID/fd`: the jail
+    /// holds it open (see [`held`]) instead of mounting it.
+    pub(crate) fn held_from_host(&self) -> bool {
+        self.path.starts_with("/proc") && !matches!(self.access, Access::Sockets { .. })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Access {
     /// A file the VMM only reads.
@@ -234,10 +242,16 @@ pub fn absolute_paths(config: &mut VmConfig, metrics: &mut Option<PathBuf>) {
 /// goes on to build the VM, and [`Role::Supervisor`] with the exit status
 /// in the parent once the child has ended. Call it while the process has a
 /// single thread, with the stop signals blocked.
+///
+/// `also_read` are further files the VM only reads (a restore's memory
+/// file); with `writes_snapshots` the VMM may write a file as large as
+/// guest memory (a snapshot, into its sockets directory).
 pub fn enter(
     jail: &JailConfig,
     config: &mut VmConfig,
     metrics: Option<&Path>,
+    also_read: &[PathBuf],
+    writes_snapshots: bool,
 ) -> Result<Role, JailError> {
     // SAFETY: geteuid has no side effects.
     if unsafe { libc::geteuid() } != 0 {
@@ -246,8 +260,23 @@ pub fn enter(
     let lease = UidLease::acquire(&jail.uids, &jail.lock_dir)?;
     // Named by the uid: unique while the lease is held.
     let cgroup = cgroup::Cgroup::create(&format!("vm-{}", lease.uid()), &jail.limits)?;
-    let exposed = exposed_paths(config, metrics);
-    let rlimit_fsize = file_size_limit(config);
+    let mut exposed = exposed_paths(config, metrics);
+    for path in also_read {
+        let real = path.canonicalize().map_err(|source| JailError::Prepare {
+            what: "a file the VM reads",
+            path: path.clone(),
+            source,
+        })?;
+        exposed.push(Exposed {
+            path: real,
+            inside: path.clone(),
+            access: Access::ReadOnly,
+        });
+    }
+    let mut rlimit_fsize = file_size_limit(config);
+    if writes_snapshots {
+        rlimit_fsize = rlimit_fsize.max(config.mem_mib << 20);
+    }
     mounts::prepare_host_side(&exposed, lease.uid())?;
     std::fs::create_dir_all(&jail.root).map_err(|source| JailError::Prepare {
         what: "the jail root",

@@ -68,7 +68,7 @@ pub(super) fn enter_root(root: &Path, exposed: &[Exposed], uid: u32) -> Result<(
     };
 
     // Directories first, so files inside one mount over the same file.
-    let mut ordered: Vec<&Exposed> = exposed.iter().collect();
+    let mut ordered: Vec<&Exposed> = exposed.iter().filter(|e| !e.held_from_host()).collect();
     ordered.sort_by_key(|e| !matches!(e.access, Access::Sockets { .. }));
     for e in ordered {
         let target = inside(&e.inside);

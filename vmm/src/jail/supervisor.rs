@@ -136,6 +136,15 @@ fn jail_child(plan: &ChildPlan, joined: libc::c_int) -> Result<(), JailError> {
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
         return Err(JailError::last_os("watch the supervisor"));
     }
+    // Not reachable by a bind mount from the new mount namespace: held.
+    for e in plan.exposed.iter().filter(|e| e.held_from_host()) {
+        let writable = e.access != Access::ReadOnly;
+        held::hold(&e.path, &e.inside, writable).map_err(|source| JailError::Prepare {
+            what: "a file reached through /proc",
+            path: e.path.clone(),
+            source,
+        })?;
+    }
     // SAFETY: unshare has no memory effects.
     if unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET) } != 0 {
         return Err(JailError::last_os("create mount and network namespaces"));
@@ -148,11 +157,15 @@ fn jail_child(plan: &ChildPlan, joined: libc::c_int) -> Result<(), JailError> {
     if unsafe { libc::read(joined, byte.as_mut_ptr().cast(), 1) } != 1 {
         return Err(JailError::last_os("join the VM's cgroup"));
     }
-    close_other_fds()?;
+    close_other_fds(&held::fds())?;
     // Opened as root, inside the new root, so the VMM's uid needs no read
     // right on the operator's files.
-    for e in plan.exposed.iter().filter(|e| e.access == Access::ReadOnly) {
-        held::hold(&e.inside).map_err(|source| JailError::Prepare {
+    let read_only = plan
+        .exposed
+        .iter()
+        .filter(|e| e.access == Access::ReadOnly && !e.held_from_host());
+    for e in read_only {
+        held::hold(&e.inside, &e.inside, false).map_err(|source| JailError::Prepare {
             what: "a file the VM reads",
             path: e.inside.clone(),
             source,
@@ -194,10 +207,27 @@ fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> Result<(), Jai
     Ok(())
 }
 
-/// Closes every descriptor above stderr: the VMM opens what it needs itself.
-fn close_other_fds() -> Result<(), JailError> {
+/// Closes every descriptor above stderr but `keep` (the files the jail
+/// holds for the VMM): the VMM opens what else it needs itself.
+fn close_other_fds(keep: &[i32]) -> Result<(), JailError> {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter_map(|&fd| u32::try_from(fd).ok())
+        .collect();
+    keep.sort_unstable();
+    let mut first = 3u32;
+    for fd in keep.into_iter().filter(|&fd| fd >= 3) {
+        if fd > first {
+            close_range(first, fd - 1)?;
+        }
+        first = fd + 1;
+    }
+    close_range(first, u32::MAX)
+}
+
+fn close_range(first: u32, last: u32) -> Result<(), JailError> {
     // SAFETY: close_range on descriptors this process no longer uses.
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
     if rc != 0 {
         return Err(JailError::last_os("close inherited descriptors"));
     }

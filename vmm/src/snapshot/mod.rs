@@ -23,7 +23,7 @@ use crate::devices::serial::SavedSerial;
 use crate::devices::virtio::mmio::TransportState;
 pub use file::FileError;
 pub use machine::{MachineState, MachineStateError};
-pub use restore::RestoreOptions;
+pub use restore::{PreparedRestore, RestoreOptions};
 pub use vcpu_state::{Parts, VcpuState, VcpuStateError};
 
 /// Everything but guest memory.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::builder;
-use crate::config::{DriveConfig, SerialOutput, VsockConfig};
+use crate::config::{DriveConfig, SerialOutput, VmConfig, VsockConfig};
 use crate::devices::bus::lock;
 use crate::devices::virtio::mmio::TransportRestoreError;
 use crate::memory;
@@ -61,11 +61,20 @@ impl From<RestoreError> for VmError {
     }
 }
 
-impl Vm {
-    /// Restores a VM from a snapshot, paused at the point it was taken;
-    /// [`Vm::run`] resumes it. A failure leaves nothing behind (sockets
-    /// and logs this created are removed).
-    pub fn restore(opts: &RestoreOptions, started: Instant) -> Result<Vm, VmError> {
+/// A snapshot read and checked against the clone's options, before any
+/// KVM object exists: what the jail needs to know (the clone's
+/// configuration) and what the restore then puts back.
+pub struct PreparedRestore {
+    saved: VmState,
+    /// The clone's configuration: the snapshot's, with the clone's own
+    /// socket, drives, console and watchdog.
+    pub config: VmConfig,
+    /// The memory file.
+    pub mem: PathBuf,
+}
+
+impl PreparedRestore {
+    pub fn load(opts: &RestoreOptions) -> Result<PreparedRestore, VmError> {
         let payload = file::read(&opts.state)?;
         let saved: VmState = serde_json::from_slice(&payload).map_err(|e| FileError::Payload {
             path: opts.state.clone(),
@@ -99,7 +108,6 @@ impl Vm {
                 mine.read_only = given.read_only;
             }
         }
-        config.validate()?;
         if saved.vcpus.len() != usize::from(config.vcpus) {
             return Err(RestoreError::VcpuCount {
                 saved: saved.vcpus.len(),
@@ -107,6 +115,31 @@ impl Vm {
             }
             .into());
         }
+        Ok(PreparedRestore {
+            saved,
+            config,
+            mem: opts.mem.clone(),
+        })
+    }
+}
+
+impl Vm {
+    /// Restores a VM from a snapshot, paused at the point it was taken;
+    /// [`Vm::run`] resumes it. A failure leaves nothing behind (sockets
+    /// and logs this created are removed).
+    pub fn restore(opts: &RestoreOptions, started: Instant) -> Result<Vm, VmError> {
+        Vm::restore_prepared(PreparedRestore::load(opts)?, started)
+    }
+
+    /// [`Vm::restore`] from a snapshot already loaded (in a jail: the
+    /// state file was read before it, the memory file is held open).
+    pub fn restore_prepared(prepared: PreparedRestore, started: Instant) -> Result<Vm, VmError> {
+        let PreparedRestore {
+            saved,
+            config,
+            mem: mem_path,
+        } = prepared;
+        config.validate()?;
 
         let kvm = builder::open_kvm(&config)?;
         let profile = builder::detect_profile();
@@ -117,7 +150,7 @@ impl Vm {
             }
             .into());
         }
-        let mem = memory::from_file(&opts.mem, config.mem_mib << 20)?;
+        let mem = memory::from_file(&mem_path, config.mem_mib << 20)?;
         let vm_fd = builder::create_vm(&kvm, &mem)?;
         let mut core = builder::create_core(started)?;
         let mut legacy =

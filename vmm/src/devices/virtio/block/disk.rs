@@ -41,9 +41,8 @@ pub struct Disk {
 impl Disk {
     /// Opens `path` (read-only or read-write) and checks its kind and size.
     pub fn open(path: &Path, read_only: bool) -> Result<Disk, DiskError> {
-        // A read-only disk may have been opened by the jail (see `jail::held`).
-        let held = read_only.then(|| crate::jail::held::take(path)).flatten();
-        let mut file = match held {
+        // The jail may have opened it (see `jail::held`).
+        let mut file = match crate::jail::held::duplicate(path) {
             Some(f) => f,
             None => OpenOptions::new()
                 .read(true)
