@@ -129,6 +129,8 @@ fn main() {
     }
 
     let conn: Conn = Arc::new(Mutex::new(connect_host()));
+    // A clone says what its template's boot took, not the time since.
+    let init_to_ready_ms = system::boot_clock_ms().saturating_sub(started);
     let ready = |resumed: bool| {
         let uptime_ms = std::fs::read_to_string("/proc/uptime")
             .ok()
@@ -137,7 +139,7 @@ fn main() {
         Frame::Control(Message::Ready {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_ms,
-            init_to_ready_ms: system::boot_clock_ms().saturating_sub(started),
+            init_to_ready_ms,
             resumed,
         })
     };
@@ -265,6 +267,8 @@ fn wait_for_start(conn: &Conn, resumed_ready: &dyn Fn() -> Frame) -> StartReques
                 };
                 *conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(again);
                 reader = next;
+                // A clone's usage is its own: the template's boot is not.
+                usage::count_from_now();
                 send(conn, &resumed_ready());
             }
         }

@@ -1,5 +1,7 @@
 //! Usage as the guest kernel reports it in /proc.
 
+use std::sync::Mutex;
+
 use kiln_protocol::Usage;
 
 /// USER_HZ: /proc/stat counts in 1/100 s on x86 Linux.
@@ -88,14 +90,65 @@ pub fn process_count() -> u64 {
         .unwrap_or(0)
 }
 
+/// The cumulative counters as they were when counting started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Counters {
+    cpu_user_ms: u64,
+    cpu_system_ms: u64,
+    net_rx_bytes: u64,
+    net_tx_bytes: u64,
+    disk_read_bytes: u64,
+    disk_write_bytes: u64,
+}
+
+/// Set by [`count_from_now`]; none: count from boot.
+static BASELINE: Mutex<Option<Counters>> = Mutex::new(None);
+
+/// Makes every later sample count CPU time, network and disk bytes from
+/// now: a VM restored from a snapshot reports its own use, not the boot
+/// its template made.
+pub fn count_from_now() {
+    let now = counters();
+    if let Ok(mut base) = BASELINE.lock() {
+        *base = Some(now);
+    }
+}
+
+fn counters() -> Counters {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let (cpu_user_ms, cpu_system_ms) = cpu_ms(&read("/proc/stat"));
+    let (net_rx_bytes, net_tx_bytes) = net_bytes(&read("/proc/net/dev"));
+    let (disk_read_bytes, disk_write_bytes) = disk_bytes(&read("/proc/diskstats"));
+    Counters {
+        cpu_user_ms,
+        cpu_system_ms,
+        net_rx_bytes,
+        net_tx_bytes,
+        disk_read_bytes,
+        disk_write_bytes,
+    }
+}
+
+impl Counters {
+    fn since(self, base: Counters) -> Counters {
+        Counters {
+            cpu_user_ms: self.cpu_user_ms.saturating_sub(base.cpu_user_ms),
+            cpu_system_ms: self.cpu_system_ms.saturating_sub(base.cpu_system_ms),
+            net_rx_bytes: self.net_rx_bytes.saturating_sub(base.net_rx_bytes),
+            net_tx_bytes: self.net_tx_bytes.saturating_sub(base.net_tx_bytes),
+            disk_read_bytes: self.disk_read_bytes.saturating_sub(base.disk_read_bytes),
+            disk_write_bytes: self.disk_write_bytes.saturating_sub(base.disk_write_bytes),
+        }
+    }
+}
+
 /// Samples the guest; `peak` carries the highest memory seen so far.
 pub fn sample(peak: &mut u64, workload: &str) -> Usage {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    let (cpu_user_ms, cpu_system_ms) = cpu_ms(&read("/proc/stat"));
+    let base = BASELINE.lock().ok().and_then(|b| *b).unwrap_or_default();
+    let c = counters().since(base);
     let mem_used_kib = mem_used_kib(&read("/proc/meminfo"));
     *peak = (*peak).max(mem_used_kib);
-    let (net_rx_bytes, net_tx_bytes) = net_bytes(&read("/proc/net/dev"));
-    let (disk_read_bytes, disk_write_bytes) = disk_bytes(&read("/proc/diskstats"));
     let uptime_ms = read("/proc/uptime")
         .split_whitespace()
         .next()
@@ -103,14 +156,14 @@ pub fn sample(peak: &mut u64, workload: &str) -> Usage {
         .map_or(0, |s| (s * 1000.0) as u64);
     Usage {
         uptime_ms,
-        cpu_user_ms,
-        cpu_system_ms,
+        cpu_user_ms: c.cpu_user_ms,
+        cpu_system_ms: c.cpu_system_ms,
         mem_used_kib,
         mem_peak_kib: *peak,
-        net_rx_bytes,
-        net_tx_bytes,
-        disk_read_bytes,
-        disk_write_bytes,
+        net_rx_bytes: c.net_rx_bytes,
+        net_tx_bytes: c.net_tx_bytes,
+        disk_read_bytes: c.disk_read_bytes,
+        disk_write_bytes: c.disk_write_bytes,
         processes: process_count(),
         workload: workload.to_string(),
     }
@@ -119,6 +172,26 @@ pub fn sample(peak: &mut u64, workload: &str) -> Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_since_a_baseline_never_go_below_zero() {
+        let base = Counters {
+            cpu_user_ms: 100,
+            cpu_system_ms: 50,
+            disk_read_bytes: 10,
+            ..Counters::default()
+        };
+        let now = Counters {
+            cpu_user_ms: 130,
+            cpu_system_ms: 40,
+            disk_read_bytes: 15,
+            net_tx_bytes: 7,
+            ..Counters::default()
+        };
+        let d = now.since(base);
+        assert_eq!((d.cpu_user_ms, d.cpu_system_ms), (30, 0));
+        assert_eq!((d.disk_read_bytes, d.net_tx_bytes), (5, 7));
+    }
 
     #[test]
     fn parses_proc_formats() {
