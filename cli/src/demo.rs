@@ -53,6 +53,8 @@ pub fn demo(cache: &Cache, home: &Path, a: DemoArgs) -> Result<i32> {
         kernel: None,
         vmm_metrics: None,
         no_jail: false,
+        // The demo shows a boot; `kiln run` restores a saved VM instead.
+        cold: true,
         rootfs: crate::image::Rootfs::Auto,
         disk: None,
         cmd: Vec::new(),

@@ -1,6 +1,6 @@
 //! `kiln image build|ls|rm|prune`.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use kiln_image::build::{self, Built, Event, Input, Options};
 use kiln_image::cache::Cache;
@@ -25,7 +25,8 @@ pub enum ImageCommand {
         #[arg(required = true)]
         what: Vec<String>,
     },
-    /// Delete blobs no build needs and leftover temporary files.
+    /// Delete blobs no build needs, leftover temporary files and the saved
+    /// VM snapshots (`kiln run` makes them again).
     Prune,
 }
 
@@ -84,7 +85,10 @@ pub fn run(cache: &Cache, home: &Path, cmd: ImageCommand) -> Result<()> {
             Ok(())
         }
         ImageCommand::Prune => {
-            let freed = cache.prune()?;
+            // Saved VM snapshots are a cache too: the next run makes its own.
+            let snapshots = crate::warm::remove_all(home)
+                .with_context(|| format!("cannot remove the snapshots in {}", home.display()))?;
+            let freed = cache.prune()? + snapshots;
             println!("freed {}", human(freed));
             Ok(())
         }

@@ -11,6 +11,7 @@ mod output;
 mod run;
 mod scratch;
 mod ssh;
+mod warm;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};

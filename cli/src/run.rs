@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use kiln_bridge::machine::stop_signals as signals;
 use kiln_bridge::machine::{
-    binary_beside_me, BootFiles, Drive, Event, Machine, MachineError, Sender, Spec,
+    binary_beside_me, BootFiles, Drive, Event, Machine, MachineError, Sender, SnapshotFiles, Spec,
 };
 use kiln_image::build::Options;
 use kiln_image::cache::Cache;
@@ -19,7 +19,7 @@ use kiln_protocol::{console, valid_env_name, Frame, Message, Usage, Workload};
 use serde::Serialize;
 
 use crate::image::Rootfs;
-use crate::{exit_code, image, scratch};
+use crate::{exit_code, image, scratch, warm};
 
 #[derive(Args, Clone)]
 pub struct RunArgs {
@@ -79,6 +79,13 @@ pub struct RunArgs {
     /// of its own): for debugging only, a VMM bug then gives the guest the host.
     #[arg(long)]
     pub no_jail: bool,
+    /// Boot the VM, even where a snapshot of this image's ready VM is
+    /// saved, and save none. Without it, the first run of an image (with
+    /// the same kernel, vCPUs and memory) saves its VM as the agent becomes
+    /// ready, and later runs restore that instead of booting; runs with
+    /// --disk always boot.
+    #[arg(long)]
+    pub cold: bool,
     /// Have kiln-vmm write its metrics (JSON) to FILE (for benchmarks).
     #[arg(long, value_name = "FILE", hide = true)]
     pub vmm_metrics: Option<PathBuf>,
@@ -102,6 +109,8 @@ pub struct Stats {
     pub exit_code: i32,
     /// `exited`, `timeout`, `interrupted` or `not_started`.
     pub outcome: &'static str,
+    /// `cold` (booted) or `warm` (restored from a saved snapshot).
+    pub start: &'static str,
 }
 
 /// Grace period the workload gets after the first Ctrl-C.
@@ -171,17 +180,24 @@ pub fn run(cache: &Cache, home: &Path, a: RunArgs) -> Result<i32> {
         kernel_args,
         jail: !a.no_jail,
         cpu_millicores: None,
+        restore: None,
+        control_socket: false,
     };
+    // A scratch disk is formatted and mounted before the agent is ready:
+    // a snapshot would hold another VM's disk.
+    let snapshot_dir =
+        (!a.cold && a.disk.is_none()).then(|| warm::snapshot_dir(home, &built, &spec));
     signals::catch_stop_signals();
-    let mut machine = match Machine::launch_cancellable(&spec, &|| signals::count() > 0) {
+    let (mut machine, start) = match launch(&spec, snapshot_dir.as_deref()) {
         Ok(m) => m,
         Err(MachineError::Cancelled) => return Ok(exit_code::INTERRUPTED),
         Err(e) => return Err(e).context("cannot start the micro-VM"),
     };
-    tracing::info!(vm = machine.id(), boot = ?machine.ready().boot, "agent ready");
+    tracing::info!(vm = machine.id(), boot = ?machine.ready().boot, start, "agent ready");
     let session = Session::start(&machine, workload, a.interactive, a.timeout)?;
     let ended = session.follow(&mut machine)?;
-    let stats = stats(&machine, &ended);
+    let mut stats = stats(&machine, &ended);
+    stats.start = start;
     if a.json {
         eprintln!("{}", serde_json::to_string(&stats)?);
     } else if a.stats {
@@ -192,6 +208,52 @@ pub fn run(cache: &Cache, home: &Path, a: RunArgs) -> Result<i32> {
     }
     drop(scratch);
     Ok(ended.code)
+}
+
+/// Restores the snapshot saved in `snapshot_dir` if there is one, else
+/// boots `spec` and saves one there; with no directory, just boots.
+/// Returns the machine and `warm` or `cold`.
+fn launch(
+    spec: &Spec,
+    snapshot_dir: Option<&Path>,
+) -> Result<(Machine, &'static str), MachineError> {
+    let cancelled = || signals::count() > 0;
+    let Some(dir) = snapshot_dir else {
+        return Ok((Machine::launch_cancellable(spec, &cancelled)?, "cold"));
+    };
+    let files = SnapshotFiles::in_dir(dir);
+    if files.exist() {
+        let warm = Spec {
+            restore: Some(files),
+            ..spec.clone()
+        };
+        match Machine::launch_cancellable(&warm, &cancelled) {
+            Ok(m) => return Ok((m, "warm")),
+            Err(MachineError::Cancelled) => return Err(MachineError::Cancelled),
+            Err(e) => {
+                let why = e.to_string();
+                eprintln!(
+                    "kiln: the saved snapshot did not restore, booting instead: {}",
+                    why.lines().next().unwrap_or_default()
+                );
+                tracing::debug!("restore failure: {why}");
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+    let cold = Spec {
+        control_socket: true,
+        ..spec.clone()
+    };
+    let machine = Machine::launch_cancellable(&cold, &cancelled)?;
+    let saving = Instant::now();
+    match machine.snapshot(dir) {
+        Ok(_) => {
+            tracing::info!(took = ?saving.elapsed(), "saved a snapshot of the ready VM for later runs")
+        }
+        Err(e) => eprintln!("kiln: warning: cannot save a snapshot for later runs: {e}"),
+    }
+    Ok((machine, "cold"))
 }
 
 /// The agent's `Workload` from the flags.
@@ -433,6 +495,7 @@ fn stats(machine: &Machine, ended: &Ended) -> Stats {
         peak_memory_kib: u.mem_peak_kib,
         exit_code: ended.code,
         outcome: ended.outcome,
+        start: "cold",
     }
 }
 
@@ -440,8 +503,9 @@ impl Stats {
     /// One line for humans, in the spirit of `time`.
     pub fn line(&self) -> String {
         format!(
-            "boot {:.3}s  run {:.3}s  cpu {:.2}s (user {:.2}s, sys {:.2}s)  peak memory {:.1} MiB  exit {}",
+            "boot {:.3}s ({})  run {:.3}s  cpu {:.2}s (user {:.2}s, sys {:.2}s)  peak memory {:.1} MiB  exit {}",
             self.boot_ms as f64 / 1000.0,
+            self.start,
             self.run_ms as f64 / 1000.0,
             self.cpu_user_seconds + self.cpu_system_seconds,
             self.cpu_user_seconds,
@@ -505,6 +569,7 @@ mod tests {
             kernel: None,
             vmm_metrics: None,
             no_jail: false,
+            cold: false,
             rootfs: Rootfs::Auto,
             disk: None,
             cmd: vec!["true".into()],

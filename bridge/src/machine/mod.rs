@@ -5,11 +5,13 @@
 mod boot;
 mod cause;
 mod preflight;
+mod snapshot;
 pub mod stop_signals;
 mod tail;
 
 pub use boot::BootFiles;
 pub use preflight::{check_memory, kib_field, meminfo_kib, preflight, PreflightError};
+pub use snapshot::{SnapshotError, SnapshotFiles};
 pub use tail::Tail;
 
 use std::io::{Read, Write};
@@ -51,6 +53,11 @@ pub struct Spec {
     /// The VM's CPU share in thousandths of a CPU (its cgroup's cpu.max);
     /// None: one CPU per vCPU.
     pub cpu_millicores: Option<u32>,
+    /// Restore this snapshot instead of booting: `kernel` and `initrd` are
+    /// then only what it was made from, and `drives` must be its drives.
+    pub restore: Option<SnapshotFiles>,
+    /// Serve kiln-vmm's control socket, so that [`Machine::snapshot`] works.
+    pub control_socket: bool,
 }
 
 /// A file the guest sees as a virtio-blk disk.
@@ -96,6 +103,8 @@ pub struct Ready {
     pub guest_uptime_ms: u64,
     /// The kernel's exec of `/init` (the agent) to its `ready`.
     pub init_to_ready_ms: u64,
+    /// The agent said it was restored from a snapshot, not booted.
+    pub resumed: bool,
 }
 
 /// How the VMM process ended.
@@ -153,6 +162,9 @@ pub struct Machine {
 
 /// Name of the VM's vsock socket inside its directory.
 const VSOCK_SOCKET: &str = "vsock.sock";
+/// Name of kiln-vmm's control socket inside the VM's directory (beside
+/// the vsock socket: the one host directory a jailed VMM writes in).
+const CONTROL_SOCKET: &str = "control.sock";
 /// Where the VMM's jail has its root, inside the VM's directory.
 const JAIL_ROOT: &str = "root";
 /// Frames from the agent held for a slow reader: with frames of at most
@@ -190,13 +202,31 @@ impl Machine {
         listener.set_nonblocking(true).map_err(dir_err)?;
 
         let mut cmd = Command::new(&spec.vmm);
-        cmd.arg("--kernel")
-            .arg(&spec.kernel)
-            .arg("--initrd")
-            .arg(&spec.initrd)
-            .args(["--vcpus", &spec.vcpus.to_string()])
-            .args(["--mem-mib", &spec.mem_mib.to_string()])
-            .arg("--vsock-uds")
+        match &spec.restore {
+            // The shape (vCPUs, memory, kernel, command line) is the snapshot's.
+            Some(snap) => {
+                cmd.arg("--restore")
+                    .arg(&snap.state)
+                    .arg("--mem-file")
+                    .arg(&snap.mem);
+            }
+            None => {
+                cmd.arg("--kernel")
+                    .arg(&spec.kernel)
+                    .arg("--initrd")
+                    .arg(&spec.initrd)
+                    .args(["--vcpus", &spec.vcpus.to_string()])
+                    .args(["--mem-mib", &spec.mem_mib.to_string()]);
+                // Appended, so kiln-vmm's own base command line stays its own.
+                for a in &spec.kernel_args {
+                    cmd.arg("--append").arg(a);
+                }
+            }
+        }
+        if spec.control_socket {
+            cmd.arg("--api-sock").arg(dir.join(CONTROL_SOCKET));
+        }
+        cmd.arg("--vsock-uds")
             .arg(&uds)
             .arg("--serial-stdio")
             .arg("--cleanup")
@@ -227,10 +257,6 @@ impl Machine {
         for d in &spec.drives {
             cmd.arg(if d.read_only { "--drive-ro" } else { "--drive" })
                 .arg(&d.path);
-        }
-        // Appended, so kiln-vmm's own base command line stays its own.
-        for a in &spec.kernel_args {
-            cmd.arg("--append").arg(a);
         }
         // SAFETY: setpgid is async-signal-safe. Its own process group keeps
         // the VMM out of the terminal's Ctrl-C, which the launcher handles.
@@ -315,6 +341,28 @@ impl Machine {
     /// The guest console captured so far (its last 64 KiB).
     pub fn console(&self) -> String {
         self.console.text()
+    }
+
+    /// Snapshots the VM (paused for the while) into `dest`, a directory
+    /// that must not exist yet; when another process stored one there
+    /// first, that one stays. Take it while the agent waits for `start`.
+    pub fn snapshot(&self, dest: &Path) -> Result<SnapshotFiles, SnapshotError> {
+        let control = self.dir.join(CONTROL_SOCKET);
+        if !control.exists() {
+            return Err(SnapshotError::NoControlSocket);
+        }
+        // Written where the jailed VMM may write, then moved.
+        let written = SnapshotFiles {
+            state: self.dir.join("snapshot.state"),
+            mem: self.dir.join("snapshot.mem"),
+        };
+        let taken = snapshot::take(&control, &written);
+        let stored = taken.and_then(|()| snapshot::store(&written, dest));
+        if stored.is_err() {
+            let _ = std::fs::remove_file(&written.state);
+            let _ = std::fs::remove_file(&written.mem);
+        }
+        stored
     }
 
     /// A handle for sending frames to the agent.
@@ -474,12 +522,14 @@ impl Booting {
                 agent_version,
                 uptime_ms,
                 init_to_ready_ms,
+                resumed,
                 ..
             })))) => Ready {
                 boot: launched.elapsed(),
                 agent_version,
                 guest_uptime_ms: uptime_ms,
                 init_to_ready_ms,
+                resumed,
             },
             Ok(Some(Ok(other))) => return Err(MachineError::NotReady(format!("{other:?}"))),
             Ok(Some(Err(e))) => return Err(MachineError::NotReady(e.to_string())),
@@ -597,6 +647,8 @@ mod tests {
             kernel_args: Vec::new(),
             jail: true,
             cpu_millicores: None,
+            restore: None,
+            control_socket: false,
         };
         match Machine::launch(&spec) {
             Err(MachineError::VmmExited { status, detail }) => {

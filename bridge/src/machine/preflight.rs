@@ -155,6 +155,8 @@ mod tests {
             kernel_args: Vec::new(),
             jail: true,
             cpu_millicores: None,
+            restore: None,
+            control_socket: false,
         }
     }
 

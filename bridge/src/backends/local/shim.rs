@@ -187,6 +187,8 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
         kernel_args: launch.boot.kernel_args.clone(),
         jail: true,
         cpu_millicores: launch.cpu_millicores,
+        restore: None,
+        control_socket: false,
     };
     let mut machine = match Machine::launch_cancellable(&spec, &|| stop_signals::count() > 0) {
         Ok(m) => m,
