@@ -219,8 +219,8 @@ impl AgentVm {
     }
 
     /// Restores a snapshot as a VM named `name` (vsock at
-    /// `dir/<name>.sock`, console at `dir/<name>.log`) and waits for its
-    /// agent to connect again.
+    /// `dir/<name>/<name>.sock`, console at `dir/<name>/<name>.log`) and
+    /// waits for its agent to connect again.
     pub fn restore(dir: &Path, name: &str, state: &Path, mem: &Path) -> Self {
         let args = [
             "--restore",
@@ -228,8 +228,11 @@ impl AgentVm {
             "--mem-file",
             mem.to_str().unwrap_or_default(),
         ];
+        // Each jailed VMM owns its sockets directory: one per clone.
+        let own = dir.join(name);
+        std::fs::create_dir_all(&own).expect("a clone's directory");
         let (uds, serial) = (format!("{name}.sock"), format!("{name}.log"));
-        Self::launch(dir, &uds, &serial, &args)
+        Self::launch(&own, &uds, &serial, &args)
     }
 
     fn launch(dir: &Path, uds: &str, serial: &str, args: &[&str]) -> Self {

@@ -66,6 +66,9 @@ struct Clone {
 }
 
 fn restore(dir: &Path, name: &'static str, state: &Path, mem: &Path) -> Clone {
+    // Each jailed VMM owns its sockets directory.
+    let dir = dir.join(name);
+    std::fs::create_dir(&dir).unwrap();
     let uds = dir.join(format!("{name}.sock"));
     serve_vsock(&uds, name);
     let serial = dir.join(format!("{name}.log"));

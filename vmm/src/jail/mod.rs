@@ -47,6 +47,8 @@ pub enum JailError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{0} is the sockets directory of another jailed VM: give each VM a directory of its own for its vsock socket")]
+    SocketsDirInUse(PathBuf),
     #[error("no cgroup hierarchy with the {0} controller")]
     NoCgroupController(&'static str),
     #[error("cannot {what}")]
@@ -277,7 +279,9 @@ pub fn enter(
     if writes_snapshots {
         rlimit_fsize = rlimit_fsize.max(config.mem_mib << 20);
     }
-    mounts::prepare_host_side(&exposed, lease.uid())?;
+    mounts::prepare_host_side(&exposed, lease.uid(), &|owner| {
+        uid::in_use(&jail.uids, &jail.lock_dir, owner)
+    })?;
     std::fs::create_dir_all(&jail.root).map_err(|source| JailError::Prepare {
         what: "the jail root",
         path: jail.root.clone(),

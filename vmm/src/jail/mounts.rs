@@ -15,7 +15,13 @@ const KVM_DEVICE: &str = "/dev/kvm";
 const KVM_MODULES: [&str; 3] = ["kvm_pvm", "kvm_intel", "kvm_amd"];
 
 /// On the host, before the fork: hands what the VMM writes to its uid.
-pub(super) fn prepare_host_side(exposed: &[Exposed], uid: u32) -> Result<(), JailError> {
+/// `in_use` says whether another jailed VM runs as a uid: a sockets
+/// directory it owns is that VM's, and taking it over would lock it out.
+pub(super) fn prepare_host_side(
+    exposed: &[Exposed],
+    uid: u32,
+    in_use: &dyn Fn(u32) -> bool,
+) -> Result<(), JailError> {
     for e in exposed {
         let prep = |what| {
             let path = e.path.clone();
@@ -33,6 +39,12 @@ pub(super) fn prepare_host_side(exposed: &[Exposed], uid: u32) -> Result<(), Jai
                 chown(&e.path, uid).map_err(prep("an output file"))?;
             }
             Access::Sockets { socket } => {
+                let owner = std::fs::metadata(&e.path)
+                    .map_err(prep("the sockets directory"))?
+                    .uid();
+                if owner != uid && in_use(owner) {
+                    return Err(JailError::SocketsDirInUse(e.path.clone()));
+                }
                 chown(&e.path, uid).map_err(prep("the sockets directory"))?;
                 // The host's listeners for guest-initiated connections.
                 let prefix = format!("{socket}_");

@@ -45,6 +45,14 @@ pub(super) fn fork_jailed(plan: &ChildPlan, lease: UidLease) -> Result<Role, Jai
     if unsafe { libc::pipe2(joined.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(JailError::last_os("create a pipe"));
     }
+    // The supervisor holds the write end for its whole life: the child
+    // sees it hang up if the supervisor died before the child could arm
+    // its parent-death signal for good (see `jail_child`).
+    let mut life = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors.
+    if unsafe { libc::pipe2(life.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(JailError::last_os("create a pipe"));
+    }
     // SAFETY: unshare has no memory effects; the new PID namespace applies
     // to the children of this process only.
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
@@ -64,9 +72,12 @@ pub(super) fn fork_jailed(plan: &ChildPlan, lease: UidLease) -> Result<Role, Jai
             libc::sigaddset(&mut only_chld, libc::SIGCHLD);
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &only_chld, std::ptr::null_mut());
         }
-        // SAFETY: closing the parent's end in the child.
-        unsafe { libc::close(joined[1]) };
-        if let Err(e) = jail_child(plan, joined[0]) {
+        // SAFETY: closing the parent's ends in the child.
+        unsafe {
+            libc::close(joined[1]);
+            libc::close(life[1]);
+        }
+        if let Err(e) = jail_child(plan, joined[0], life[0]) {
             eprintln!("kiln-vmm: error: cannot enter the jail: {e}");
             if let Some(source) = std::error::Error::source(&e) {
                 eprintln!("kiln-vmm: caused by: {source}");
@@ -76,8 +87,11 @@ pub(super) fn fork_jailed(plan: &ChildPlan, lease: UidLease) -> Result<Role, Jai
         }
         return Ok(Role::Vmm);
     }
-    // SAFETY: the child's end is the child's.
-    unsafe { libc::close(joined[0]) };
+    // SAFETY: the child's ends are the child's.
+    unsafe {
+        libc::close(joined[0]);
+        libc::close(life[0]);
+    }
     let added = plan.cgroup.add(pid);
     // One byte: the child may go on; none (the pipe closes): it stops.
     if added.is_ok() {
@@ -87,6 +101,8 @@ pub(super) fn fork_jailed(plan: &ChildPlan, lease: UidLease) -> Result<Role, Jai
     // SAFETY: our own descriptor, closed once.
     unsafe { libc::close(joined[1]) };
     let status = supervise(pid, &set);
+    // SAFETY: our own descriptor, closed once, after the child has ended.
+    unsafe { libc::close(life[1]) };
     drop(lease);
     added?;
     Ok(Role::Supervisor(status))
@@ -131,7 +147,7 @@ fn supervise(child: libc::pid_t, set: &libc::sigset_t) -> i32 {
 }
 
 /// In the child: namespaces, root, limits, then the unprivileged uid.
-fn jail_child(plan: &ChildPlan, joined: libc::c_int) -> Result<(), JailError> {
+fn jail_child(plan: &ChildPlan, joined: libc::c_int, life: libc::c_int) -> Result<(), JailError> {
     // SAFETY: prctl with constant arguments. The VMM dies with its supervisor.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
         return Err(JailError::last_os("watch the supervisor"));
@@ -157,7 +173,9 @@ fn jail_child(plan: &ChildPlan, joined: libc::c_int) -> Result<(), JailError> {
     if unsafe { libc::read(joined, byte.as_mut_ptr().cast(), 1) } != 1 {
         return Err(JailError::last_os("join the VM's cgroup"));
     }
-    close_other_fds(&held::fds())?;
+    let mut keep = held::fds();
+    keep.push(life);
+    close_other_fds(&keep)?;
     // Opened as root, inside the new root, so the VMM's uid needs no read
     // right on the operator's files.
     let read_only = plan
@@ -192,7 +210,42 @@ fn jail_child(plan: &ChildPlan, joined: libc::c_int) -> Result<(), JailError> {
             return Err(JailError::last_os("set no_new_privs"));
         }
     }
+    watch_supervisor(life)?;
     Ok(())
+}
+
+/// Ends the VMM as soon as its supervisor is gone: a VMM that outlived a
+/// killed supervisor would run on as a uid (and in a cgroup) leased again
+/// to the next VM. The parent-death signal set at the fork does not do
+/// it here: it was seen not to reach the jailed VMM (a PID namespace's
+/// init, since moved to another uid) once the supervisor was killed. A
+/// thread without filters (it starts before any are installed) waits for
+/// the supervisor's end of `life` to close.
+fn watch_supervisor(life: libc::c_int) -> Result<(), JailError> {
+    let watch = move || {
+        let mut poll = libc::pollfd {
+            fd: life,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one pollfd on a descriptor this thread owns.
+            let rc = unsafe { libc::poll(&mut poll, 1, -1) };
+            if rc > 0 && poll.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                break;
+            }
+            if rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break;
+            }
+        }
+        // SAFETY: ends every thread of the VMM at once, no destructors run.
+        unsafe { libc::_exit(crate::exit::code::VMM_ERROR) };
+    };
+    std::thread::Builder::new()
+        .name("kiln-supervised".into())
+        .spawn(watch)
+        .map(drop)
+        .map_err(JailError::sys("watch the supervisor"))
 }
 
 fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> Result<(), JailError> {

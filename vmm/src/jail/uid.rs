@@ -81,6 +81,20 @@ impl UidLease {
     }
 }
 
+/// Whether `uid` of `range` is leased, now, by a process (this one
+/// included, through another lease).
+pub fn in_use(range: &UidRange, lock_dir: &Path, uid: u32) -> bool {
+    if !(range.first..=range.last).contains(&uid) {
+        return false;
+    }
+    let Ok(file) = std::fs::File::open(lock_dir.join(uid.to_string())) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor this function owns; released on drop.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +106,19 @@ mod tests {
         for bad in ["", "5", "0-10", "10-5", "a-b", "1-2147483648"] {
             assert!(bad.parse::<UidRange>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_leased_uid_is_in_use_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let range: UidRange = "910000-910001".parse().unwrap();
+        let lease = UidLease::acquire(&range, dir.path()).unwrap();
+        assert!(in_use(&range, dir.path(), lease.uid()));
+        assert!(!in_use(&range, dir.path(), 910001));
+        assert!(!in_use(&range, dir.path(), 5));
+        let uid = lease.uid();
+        drop(lease);
+        assert!(!in_use(&range, dir.path(), uid));
     }
 
     #[test]
