@@ -228,6 +228,7 @@ async fn two_local_backends_around_a_flaky_one() {
             keep_ended_days: None,
             rootfs: None,
             output_cap_kib: None,
+            warm_start: None,
         })
     };
     let built = backends::build(

@@ -242,6 +242,7 @@ fn a_second_shim_of_a_grant_exits_naming_the_first_and_changes_nothing() {
             initrd: dir.path().join("initrd"),
             root_image: None,
             kernel_args: Vec::new(),
+            measurement: None,
         },
         vcpus: 1,
         cpu_millicores: None,
@@ -253,6 +254,7 @@ fn a_second_shim_of_a_grant_exits_naming_the_first_and_changes_nothing() {
         boot_timeout_ms: 1000,
         stop_grace_ms: 1000,
         output_cap: 1 << 20,
+        snapshots: None,
     };
     let launch_path = dir.path().join(shim::LAUNCH_FILE);
     std::fs::write(&launch_path, serde_json::to_vec(&launch).unwrap()).unwrap();

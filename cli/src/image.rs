@@ -86,8 +86,10 @@ pub fn run(cache: &Cache, home: &Path, cmd: ImageCommand) -> Result<()> {
         }
         ImageCommand::Prune => {
             // Saved VM snapshots are a cache too: the next run makes its own.
-            let snapshots = crate::warm::remove_all(home)
-                .with_context(|| format!("cannot remove the snapshots in {}", home.display()))?;
+            let snapshots = kiln_bridge::machine::warm::remove_all(
+                &home.join(kiln_bridge::machine::warm::SNAPSHOTS_DIR),
+            )
+            .with_context(|| format!("cannot remove the snapshots in {}", home.display()))?;
             let freed = cache.prune()? + snapshots;
             println!("freed {}", human(freed));
             Ok(())

@@ -11,7 +11,6 @@ mod output;
 mod run;
 mod scratch;
 mod ssh;
-mod warm;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};

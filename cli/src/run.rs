@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use kiln_bridge::machine::stop_signals as signals;
 use kiln_bridge::machine::{
-    binary_beside_me, BootFiles, Drive, Event, Machine, MachineError, Sender, SnapshotFiles, Spec,
+    binary_beside_me, warm, BootFiles, Drive, Event, Machine, MachineError, Sender, Spec,
 };
 use kiln_image::build::Options;
 use kiln_image::cache::Cache;
@@ -19,7 +19,7 @@ use kiln_protocol::{console, valid_env_name, Frame, Message, Usage, Workload};
 use serde::Serialize;
 
 use crate::image::Rootfs;
-use crate::{exit_code, image, scratch, warm};
+use crate::{exit_code, image, scratch};
 
 #[derive(Args, Clone)]
 pub struct RunArgs {
@@ -185,14 +185,25 @@ pub fn run(cache: &Cache, home: &Path, a: RunArgs) -> Result<i32> {
     };
     // A scratch disk is formatted and mounted before the agent is ready:
     // a snapshot would hold another VM's disk.
-    let snapshot_dir =
-        (!a.cold && a.disk.is_none()).then(|| warm::snapshot_dir(home, &built, &spec));
+    let snapshot_dir = (!a.cold && a.disk.is_none())
+        .then(|| warm::snapshot_dir(&home.join(warm::SNAPSHOTS_DIR), &built.measurement, &spec));
     signals::catch_stop_signals();
-    let (mut machine, start) = match launch(&spec, snapshot_dir.as_deref()) {
-        Ok(m) => m,
+    let launched = warm::launch(&spec, snapshot_dir.as_deref(), &|| signals::count() > 0);
+    let launched = match launched {
+        Ok(l) => l,
         Err(MachineError::Cancelled) => return Ok(exit_code::INTERRUPTED),
         Err(e) => return Err(e).context("cannot start the micro-VM"),
     };
+    if let Some(why) = &launched.restore_failed {
+        eprintln!(
+            "kiln: the saved snapshot did not restore, booting instead: {}",
+            why.lines().next().unwrap_or_default()
+        );
+    }
+    if let Some(why) = &launched.save_failed {
+        eprintln!("kiln: warning: cannot save a snapshot for later runs: {why}");
+    }
+    let (mut machine, start) = (launched.machine, launched.start.as_str());
     tracing::info!(vm = machine.id(), boot = ?machine.ready().boot, start, "agent ready");
     let session = Session::start(&machine, workload, a.interactive, a.timeout)?;
     let ended = session.follow(&mut machine)?;
@@ -208,52 +219,6 @@ pub fn run(cache: &Cache, home: &Path, a: RunArgs) -> Result<i32> {
     }
     drop(scratch);
     Ok(ended.code)
-}
-
-/// Restores the snapshot saved in `snapshot_dir` if there is one, else
-/// boots `spec` and saves one there; with no directory, just boots.
-/// Returns the machine and `warm` or `cold`.
-fn launch(
-    spec: &Spec,
-    snapshot_dir: Option<&Path>,
-) -> Result<(Machine, &'static str), MachineError> {
-    let cancelled = || signals::count() > 0;
-    let Some(dir) = snapshot_dir else {
-        return Ok((Machine::launch_cancellable(spec, &cancelled)?, "cold"));
-    };
-    let files = SnapshotFiles::in_dir(dir);
-    if files.exist() {
-        let warm = Spec {
-            restore: Some(files),
-            ..spec.clone()
-        };
-        match Machine::launch_cancellable(&warm, &cancelled) {
-            Ok(m) => return Ok((m, "warm")),
-            Err(MachineError::Cancelled) => return Err(MachineError::Cancelled),
-            Err(e) => {
-                let why = e.to_string();
-                eprintln!(
-                    "kiln: the saved snapshot did not restore, booting instead: {}",
-                    why.lines().next().unwrap_or_default()
-                );
-                tracing::debug!("restore failure: {why}");
-                let _ = std::fs::remove_dir_all(dir);
-            }
-        }
-    }
-    let cold = Spec {
-        control_socket: true,
-        ..spec.clone()
-    };
-    let machine = Machine::launch_cancellable(&cold, &cancelled)?;
-    let saving = Instant::now();
-    match machine.snapshot(dir) {
-        Ok(_) => {
-            tracing::info!(took = ?saving.elapsed(), "saved a snapshot of the ready VM for later runs")
-        }
-        Err(e) => eprintln!("kiln: warning: cannot save a snapshot for later runs: {e}"),
-    }
-    Ok((machine, "cold"))
 }
 
 /// The agent's `Workload` from the flags.

@@ -239,6 +239,79 @@ fn grants_on_this_host_from_submit_to_restart_and_deadline() {
         assert!(u.r#final && u.usage.is_some(), "{u:?}");
     }
 
+    // The first grants booted and saved a snapshot of their ready VM;
+    // later ones restored it. A restored grant answers SSH with its own
+    // host key and keys (they came with `start`, after the snapshot).
+    let start_of = |id: &str| -> serde_json::Value {
+        let dir = kilnd.home().join("grants").join(id);
+        let state = std::fs::read(dir.join("state.json")).unwrap_or_default();
+        let state: serde_json::Value = serde_json::from_slice(&state).unwrap_or_default();
+        state["start"].clone()
+    };
+    assert_eq!(start_of(&ids[0]), serde_json::json!("cold"));
+    assert_eq!(start_of("quick"), serde_json::json!("warm"));
+    kilnd
+        .client()
+        .submit(&request(
+            "warm",
+            image,
+            public,
+            Duration::from_secs(3600),
+            "sleep 100000",
+        ))
+        .unwrap();
+    let w = kilnd.wait_grant("warm", BOOT, |g| {
+        g.state == GrantState::Running || g.state.is_final()
+    });
+    assert_eq!(w.state, GrantState::Running, "{w:?}\n{}", kilnd.log());
+    assert_eq!(start_of("warm"), serde_json::json!("warm"));
+    let out = ssh_to(&w, key, work).ssh(
+        &[],
+        "hostname; pidof sleep >/dev/null && echo sleeping",
+        b"",
+    );
+    assert_eq!(text(&out.stdout), "kiln\nsleeping\n", "{out:?}");
+    kilnd.client().terminate("warm").unwrap();
+    kilnd.wait_grant("warm", Duration::from_secs(120), |g| g.state.is_final());
+
+    // A damaged snapshot (its checksum fails) is dropped: the grant boots
+    // instead, says why in its shim's log, and saves a good one.
+    let snapshots: Vec<_> = std::fs::read_dir(kilnd.home().join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(snapshots.len(), 1, "{snapshots:?}");
+    let state_file = snapshots[0].join("state");
+    let mut damaged = std::fs::read(&state_file).unwrap();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x55;
+    std::fs::write(&state_file, &damaged).unwrap();
+    kilnd
+        .client()
+        .submit(&request(
+            "after-damage",
+            image,
+            public,
+            Duration::from_secs(3600),
+            "echo fine",
+        ))
+        .unwrap();
+    let g = kilnd.wait_grant("after-damage", BOOT, |g| g.state.is_final());
+    assert_eq!(g.state, GrantState::Exited, "{g:?}\n{}", kilnd.log());
+    assert_eq!(start_of("after-damage"), serde_json::json!("cold"));
+    let shim_log = std::fs::read_to_string(kilnd.home().join("grants/after-damage/shim.log"))
+        .unwrap_or_default();
+    assert!(
+        shim_log.contains("the saved snapshot did not restore"),
+        "{shim_log}"
+    );
+    assert_ne!(
+        std::fs::read(&state_file).unwrap(),
+        damaged,
+        "not saved again"
+    );
+
     // Nothing left: no shim or VMM, no VM directory.
     let home = kilnd.home();
     let gone = wait_for(Duration::from_secs(30), || {

@@ -81,6 +81,11 @@ pub struct LocalSection {
     /// output is dropped.
     #[serde(default)]
     pub output_cap_kib: Option<u64>,
+    /// Restore grants' VMs from a snapshot of their image's ready VM,
+    /// saved by the first grant of that image (and VM shape) that boots;
+    /// default true. Off: every grant boots.
+    #[serde(default)]
+    pub warm_start: Option<bool>,
 }
 
 /// What every backend may need from the rest of the configuration.
@@ -144,6 +149,7 @@ mod tests {
             keep_ended_days: None,
             rootfs: None,
             output_cap_kib: None,
+            warm_start: None,
         });
         let built = build(&[section], &ctx).unwrap();
         assert_eq!(built.len(), 1);

@@ -20,6 +20,9 @@ pub struct BootFiles {
     /// What the guest kernel's command line must carry for this root.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kernel_args: Vec<String>,
+    /// The build's measurement: what a saved snapshot of its VM is keyed by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measurement: Option<String>,
 }
 
 impl BootFiles {
@@ -30,6 +33,7 @@ impl BootFiles {
             initrd: built.path.clone(),
             root_image: built.root_image.clone(),
             kernel_args: built.kernel_arg().map(str::to_string).into_iter().collect(),
+            measurement: Some(built.measurement.clone()),
         }
     }
 
@@ -57,6 +61,7 @@ mod tests {
             initrd: "/i".into(),
             root_image: Some("/r.erofs".into()),
             kernel_args: vec![RootKind::Block.kernel_arg().unwrap().to_string()],
+            measurement: Some("sha384:00".into()),
         };
         assert_eq!(
             boot.drives(),

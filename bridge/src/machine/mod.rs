@@ -8,6 +8,7 @@ mod preflight;
 mod snapshot;
 pub mod stop_signals;
 mod tail;
+pub mod warm;
 
 pub use boot::BootFiles;
 pub use preflight::{check_memory, kib_field, meminfo_kib, preflight, PreflightError};

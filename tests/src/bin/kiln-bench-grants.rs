@@ -11,7 +11,9 @@
 //!
 //! Also grants per minute sustained (each grant is terminated once its SSH
 //! works; CONCURRENCY grants in flight at a time).
-//! Usage: kiln-bench-grants [GRANTS] [CONCURRENCY] (default 10 1).
+//! Usage: kiln-bench-grants [GRANTS] [CONCURRENCY] [warm|cold] (default
+//! 10 1 warm: grants restore the snapshot the warm-up grant saved; cold:
+//! every grant boots).
 //! Needs scripts/setup.sh and `cargo build --release --workspace`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -137,7 +139,11 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let work = dir.path();
     let requester = Requester::new(work);
-    let kilnd = Kilnd::new(work, concurrency as u32, 320 * concurrency as u64);
+    // `cold`: every grant boots; else (the default) grants restore the
+    // snapshot that the warm-up grant saved.
+    let cold = std::env::args().nth(3).as_deref() == Some("cold");
+    let extra = if cold { "warm_start = false" } else { "" };
+    let kilnd = Kilnd::with_backend(work, concurrency as u32, 320 * concurrency as u64, extra);
     let bench = Bench {
         kilnd: &kilnd,
         image: &requester.image,
@@ -146,7 +152,8 @@ fn main() {
         dir: work,
     };
     println!(
-        "{grants} grants, {concurrency} at a time, 1 vCPU / 256 MiB each, busybox image from a local registry; host: {}",
+        "{grants} grants, {concurrency} at a time, 1 vCPU / 256 MiB each, busybox image from a local registry, {}; host: {}",
+        if cold { "every grant booted (warm_start = false)" } else { "restored from the warm-up grant's snapshot" },
         if kiln_tests::peer::pvm_host() {
             "nested PVM (guest kernels emulated)"
         } else {

@@ -96,6 +96,7 @@ pub struct LocalBackend {
     keep_ended: chrono::Duration,
     rootfs: build::Rootfs,
     output_cap: u64,
+    warm_start: bool,
 }
 
 impl LocalBackend {
@@ -133,6 +134,7 @@ impl LocalBackend {
             shim: binary_beside_me("KILN_SHIM", "kiln-shim"),
             keep_ended,
             rootfs,
+            warm_start: section.warm_start.unwrap_or(true),
         };
         backend.prune();
         Ok(backend)
@@ -199,6 +201,9 @@ impl LocalBackend {
             boot_timeout_ms: BOOT_TIMEOUT.as_millis() as u64,
             stop_grace_ms: STOP_GRACE.as_millis() as u64,
             output_cap: self.output_cap,
+            snapshots: self
+                .warm_start
+                .then(|| self.home.join(crate::machine::warm::SNAPSHOTS_DIR)),
         };
         let launch_path = dir.join(shim::LAUNCH_FILE);
         let json = serde_json::to_vec_pretty(&launch)
@@ -521,6 +526,7 @@ mod tests {
             initrd: initrd.clone(),
             root_image: None,
             kernel_args: Vec::new(),
+            measurement: None,
         };
         let e = grant_memory_holds(60, &boot).unwrap_err();
         assert!(matches!(

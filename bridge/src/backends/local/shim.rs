@@ -20,7 +20,8 @@ use super::output::{Appended, OutputLog, DEFAULT_OUTPUT_CAP};
 use crate::backend::HostUsage;
 use crate::dir_lock::{DirLock, LockError};
 use crate::error_chain;
-use crate::machine::{stop_signals, BootFiles, Event, Machine, Spec};
+use crate::machine::warm::{self, Start};
+use crate::machine::{stop_signals, BootFiles, Event, Spec};
 
 /// What the local backend asks the shim to run (`launch.json`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -49,6 +50,11 @@ pub struct Launch {
     /// The most bytes `output.log` may hold.
     #[serde(default = "default_output_cap")]
     pub output_cap: u64,
+    /// Where snapshots of ready VMs are kept (`$KILN_HOME/snapshots`):
+    /// the VM is restored from the one of its image if there is one, and
+    /// else booted and saved there. None: always boot.
+    #[serde(default)]
+    pub snapshots: Option<PathBuf>,
 }
 
 fn default_output_cap() -> u64 {
@@ -88,6 +94,9 @@ pub struct State {
     /// `output.log` reached its cap and later output was dropped.
     #[serde(default)]
     pub output_truncated: bool,
+    /// Booted, or restored from a saved snapshot.
+    #[serde(default)]
+    pub start: Option<Start>,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -106,6 +115,7 @@ impl State {
             host: HostUsage::default(),
             error: None,
             output_truncated: false,
+            start: None,
             updated_at: Utc::now(),
         }
     }
@@ -190,10 +200,27 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
         restore: None,
         control_socket: false,
     };
-    let mut machine = match Machine::launch_cancellable(&spec, &|| stop_signals::count() > 0) {
-        Ok(m) => m,
+    // Grant-specific state (keys, host key, workload) only goes in with
+    // `start`, after the snapshot point: clones share nothing of a grant.
+    let snapshot_dir = launch.snapshots.as_deref().and_then(|root| {
+        let measurement = launch.boot.measurement.as_deref()?;
+        Some(warm::snapshot_dir(root, measurement, &spec))
+    });
+    let launched = warm::launch(&spec, snapshot_dir.as_deref(), &|| {
+        stop_signals::count() > 0
+    });
+    let launched = match launched {
+        Ok(l) => l,
         Err(e) => return ended(dir, &mut state, Some(error_chain(&e))),
     };
+    if let Some(why) = &launched.restore_failed {
+        tracing::warn!("the saved snapshot did not restore, booted instead: {why}");
+    }
+    if let Some(why) = &launched.save_failed {
+        tracing::warn!("cannot save a snapshot of the ready VM: {why}");
+    }
+    state.start = Some(launched.start);
+    let mut machine = launched.machine;
     // `launch` returns at the agent's `ready`; later steps count from here.
     let ready_at = Instant::now();
     let forwarder = Forwarder::start("127.0.0.1:0", machine.vsock_uds(), SSH_PORT, |e| {
@@ -376,6 +403,7 @@ mod tests {
             host: HostUsage::default(),
             error: None,
             output_truncated: false,
+            start: Some(Start::Warm),
             updated_at: Utc::now(),
         };
         write_state(dir.path(), &mut s).unwrap();
