@@ -248,7 +248,8 @@ fn grants_on_this_host_from_submit_to_restart_and_deadline() {
         let state: serde_json::Value = serde_json::from_slice(&state).unwrap_or_default();
         state["start"].clone()
     };
-    assert_eq!(start_of(&ids[0]), serde_json::json!("cold"));
+    // Which two of the first five ran is the scheduler's choice.
+    assert_eq!(start_of(&a.grant.id), serde_json::json!("cold"));
     assert_eq!(start_of("quick"), serde_json::json!("warm"));
     kilnd
         .client()
