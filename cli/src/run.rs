@@ -110,7 +110,7 @@ pub struct Stats {
     /// `exited`, `timeout`, `interrupted` or `not_started`.
     pub outcome: &'static str,
     /// `cold` (booted) or `warm` (restored from a saved snapshot).
-    pub start: &'static str,
+    pub start: warm::Start,
 }
 
 /// Grace period the workload gets after the first Ctrl-C.
@@ -203,12 +203,11 @@ pub fn run(cache: &Cache, home: &Path, a: RunArgs) -> Result<i32> {
     if let Some(why) = &launched.save_failed {
         eprintln!("kiln: warning: cannot save a snapshot for later runs: {why}");
     }
-    let (mut machine, start) = (launched.machine, launched.start.as_str());
-    tracing::info!(vm = machine.id(), boot = ?machine.ready().boot, start, "agent ready");
+    let (mut machine, start) = (launched.machine, launched.start);
+    tracing::info!(vm = machine.id(), boot = ?machine.ready().boot, start = start.as_str(), "agent ready");
     let session = Session::start(&machine, workload, a.interactive, a.timeout)?;
     let ended = session.follow(&mut machine)?;
-    let mut stats = stats(&machine, &ended);
-    stats.start = start;
+    let stats = stats(&machine, &ended, start);
     if a.json {
         eprintln!("{}", serde_json::to_string(&stats)?);
     } else if a.stats {
@@ -449,7 +448,7 @@ fn forward_stdin(sender: Sender) {
     }
 }
 
-fn stats(machine: &Machine, ended: &Ended) -> Stats {
+fn stats(machine: &Machine, ended: &Ended, start: warm::Start) -> Stats {
     let u = ended.usage.clone().unwrap_or_default();
     Stats {
         boot_ms: machine.ready().boot.as_millis() as u64,
@@ -460,7 +459,7 @@ fn stats(machine: &Machine, ended: &Ended) -> Stats {
         peak_memory_kib: u.mem_peak_kib,
         exit_code: ended.code,
         outcome: ended.outcome,
-        start: "cold",
+        start,
     }
 }
 
@@ -470,7 +469,7 @@ impl Stats {
         format!(
             "boot {:.3}s ({})  run {:.3}s  cpu {:.2}s (user {:.2}s, sys {:.2}s)  peak memory {:.1} MiB  exit {}",
             self.boot_ms as f64 / 1000.0,
-            self.start,
+            self.start.as_str(),
             self.run_ms as f64 / 1000.0,
             self.cpu_user_seconds + self.cpu_system_seconds,
             self.cpu_user_seconds,

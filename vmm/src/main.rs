@@ -201,13 +201,7 @@ fn run(args: Args, started: Instant, cleanup: &mut Cleanup) -> anyhow::Result<i3
     }
     let mut metrics = args.metrics.clone();
     // Absolute: a jailed VMM binds it from the jail's root.
-    let api_sock = args
-        .api_sock
-        .as_ref()
-        .map(|p| match std::env::current_dir() {
-            Ok(cwd) => cwd.join(p),
-            Err(_) => p.clone(),
-        });
+    let api_sock = args.api_sock.as_deref().map(jail::absolute);
     // A restore reads its state file here, before any jail: the clone's
     // configuration comes from it.
     let mut restore = match (&args.restore, &args.mem_file) {
@@ -219,18 +213,15 @@ fn run(args: Args, started: Instant, cleanup: &mut Cleanup) -> anyhow::Result<i3
                     .clone()
                     .map_or(SerialOutput::None, SerialOutput::File)
             };
-            let mut opts = RestoreOptions {
+            let opts = RestoreOptions {
                 state: state.clone(),
-                mem: mem.clone(),
+                // Absolute, as the jail needs it (and harmless without it).
+                mem: jail::absolute(mem),
                 vsock_uds: args.vsock_uds.clone(),
                 drives: args.drives_in_order.clone(),
                 serial,
                 watchdog_secs: args.watchdog_secs,
             };
-            // Absolute, as the jail needs them (and harmless without it).
-            if let Ok(cwd) = std::env::current_dir() {
-                opts.mem = cwd.join(&opts.mem);
-            }
             Some(PreparedRestore::load(&opts)?)
         }
         _ => None,

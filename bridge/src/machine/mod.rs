@@ -104,8 +104,6 @@ pub struct Ready {
     pub guest_uptime_ms: u64,
     /// The kernel's exec of `/init` (the agent) to its `ready`.
     pub init_to_ready_ms: u64,
-    /// The agent said it was restored from a snapshot, not booted.
-    pub resumed: bool,
 }
 
 /// How the VMM process ended.
@@ -523,14 +521,12 @@ impl Booting {
                 agent_version,
                 uptime_ms,
                 init_to_ready_ms,
-                resumed,
                 ..
             })))) => Ready {
                 boot: launched.elapsed(),
                 agent_version,
                 guest_uptime_ms: uptime_ms,
                 init_to_ready_ms,
-                resumed,
             },
             Ok(Some(Ok(other))) => return Err(MachineError::NotReady(format!("{other:?}"))),
             Ok(Some(Err(e))) => return Err(MachineError::NotReady(e.to_string())),

@@ -212,16 +212,19 @@ fn rewrite_drives(config: &mut VmConfig, exposed: &[Exposed]) {
     }
 }
 
+/// `path` against the working directory, when relative (and the working
+/// directory is known).
+pub fn absolute(path: &Path) -> PathBuf {
+    match std::env::current_dir() {
+        Ok(cwd) if path.is_relative() => cwd.join(path),
+        _ => path.to_path_buf(),
+    }
+}
+
 /// Makes every path the jailed VMM uses absolute, so that the same
 /// configuration works inside the jail, where the working directory is `/`.
 pub fn absolute_paths(config: &mut VmConfig, metrics: &mut Option<PathBuf>) {
-    let abs = |p: &mut PathBuf| {
-        if p.is_relative() {
-            if let Ok(cwd) = std::env::current_dir() {
-                *p = cwd.join(&*p);
-            }
-        }
-    };
+    let abs = |p: &mut PathBuf| *p = absolute(p);
     abs(&mut config.kernel);
     if let Some(i) = config.initrd.as_mut() {
         abs(i);

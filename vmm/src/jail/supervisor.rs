@@ -45,9 +45,8 @@ pub(super) fn fork_jailed(plan: &ChildPlan, lease: UidLease) -> Result<Role, Jai
     if unsafe { libc::pipe2(joined.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(JailError::last_os("create a pipe"));
     }
-    // The supervisor holds the write end for its whole life: the child
-    // sees it hang up if the supervisor died before the child could arm
-    // its parent-death signal for good (see `jail_child`).
+    // The supervisor holds the write end for its whole life: the jailed
+    // VMM ends when it hangs up (see `watch_supervisor`).
     let mut life = [0; 2];
     // SAFETY: pipe2 fills the two descriptors.
     if unsafe { libc::pipe2(life.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -148,7 +147,9 @@ fn supervise(child: libc::pid_t, set: &libc::sigset_t) -> i32 {
 
 /// In the child: namespaces, root, limits, then the unprivileged uid.
 fn jail_child(plan: &ChildPlan, joined: libc::c_int, life: libc::c_int) -> Result<(), JailError> {
-    // SAFETY: prctl with constant arguments. The VMM dies with its supervisor.
+    // SAFETY: prctl with constant arguments. The child dies with its
+    // supervisor while it builds the jail; the uid change below clears
+    // this, and `watch_supervisor` takes over.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
         return Err(JailError::last_os("watch the supervisor"));
     }
@@ -217,10 +218,9 @@ fn jail_child(plan: &ChildPlan, joined: libc::c_int, life: libc::c_int) -> Resul
 /// Ends the VMM as soon as its supervisor is gone: a VMM that outlived a
 /// killed supervisor would run on as a uid (and in a cgroup) leased again
 /// to the next VM. The parent-death signal set at the fork does not do
-/// it here: it was seen not to reach the jailed VMM (a PID namespace's
-/// init, since moved to another uid) once the supervisor was killed. A
-/// thread without filters (it starts before any are installed) waits for
-/// the supervisor's end of `life` to close.
+/// it: the uid change clears it (prctl(2)), and a killed supervisor left
+/// its VMM running. A thread without filters (it starts before any are
+/// installed) waits for the supervisor's end of `life` to close.
 fn watch_supervisor(life: libc::c_int) -> Result<(), JailError> {
     let watch = move || {
         let mut poll = libc::pollfd {
