@@ -41,3 +41,18 @@ fn layer_tars_and_whiteouts() {
 fn grant_json_validator() {
     replay("grant_json", kiln_bridge::grant::fuzz::grant_json);
 }
+
+#[test]
+fn virtio_rng_queue() {
+    replay("virtio_rng", kiln_vmm::fuzz::rng);
+}
+
+#[test]
+fn virtio_blk_queue() {
+    replay("virtio_blk", kiln_vmm::fuzz::block);
+}
+
+#[test]
+fn vsock_queues_and_muxer() {
+    replay("vsock", kiln_vmm::fuzz::vsock);
+}

@@ -13,6 +13,7 @@ pub mod config;
 pub mod cpuid;
 pub mod devices;
 pub mod exit;
+pub mod fuzz;
 pub mod host;
 pub mod jail;
 pub mod layout;

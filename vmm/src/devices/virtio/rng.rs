@@ -14,6 +14,9 @@ use super::{check_queues, ActivateError, Interrupt, Memory, VirtioDevice, TYPE_R
 const QUEUE_SIZE: u16 = 256;
 /// Most bytes handed out per request; the driver asks again for more.
 const MAX_REQUEST: usize = 64 * 1024;
+/// Requests served per notification before the event loop gets a turn
+/// (the rest wait: the queue event is re-armed).
+pub const BATCH_LIMIT: usize = 4 * QUEUE_SIZE as usize;
 
 struct Active {
     mem: Memory,
@@ -39,7 +42,8 @@ impl Rng {
         })
     }
 
-    /// Serves every pending request; returns how many were served.
+    /// Serves the pending requests, at most [`BATCH_LIMIT`]; returns how
+    /// many were served.
     pub fn process_queue(&mut self) -> usize {
         let Some(active) = self.active.as_mut() else {
             return 0;
@@ -66,6 +70,10 @@ impl Rng {
                 break;
             }
             served += 1;
+            if served >= BATCH_LIMIT {
+                let _ = self.queue_events[0].write(1);
+                break;
+            }
         }
         if served > 0 {
             active.interrupt.signal_used_queue();

@@ -21,7 +21,7 @@ use crate::devices::virtio::{
 
 /// Requests served before the event loop gets a turn; the rest wait for
 /// the next one (the queue event is re-armed).
-const BATCH_LIMIT: usize = 4 * QUEUE_SIZE as usize;
+pub const BATCH_LIMIT: usize = 4 * QUEUE_SIZE as usize;
 /// Most data buffers per request the driver may use: the queue less the
 /// header and status descriptors.
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
@@ -113,6 +113,7 @@ impl Block {
         'batch: loop {
             // The guest need not notify while we are draining the queue.
             let _ = active.queue.disable_notification(&active.mem);
+            let before = served;
             while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
                 let head = chain.head_index();
                 let used = serve(
@@ -133,9 +134,12 @@ impl Block {
                     break 'batch;
                 }
             }
-            // Requests that arrived while notifications were off are served now.
+            // Requests that arrived while notifications were off are served
+            // now. An avail index that claims entries no pop can take (more
+            // than the queue holds ahead) makes no progress: not served again
+            // until the guest notifies.
             match active.queue.enable_notification(&active.mem) {
-                Ok(true) => continue,
+                Ok(true) if served > before => continue,
                 _ => break,
             }
         }

@@ -12,7 +12,7 @@ pub mod disk;
 mod event_handler;
 pub mod request;
 
-pub use device::{Block, BlockCounters};
+pub use device::{Block, BlockCounters, BATCH_LIMIT};
 pub use disk::{Disk, DiskError};
 
 /// Bytes in a virtio-blk sector, whatever the host's block size.

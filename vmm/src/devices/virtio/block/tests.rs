@@ -431,3 +431,19 @@ fn chains_without_a_writable_status_byte_are_returned_unanswered() {
     assert_eq!(rig.dev.counters().errors, 5);
     assert_eq!(rig.dev.counters().requests, 6);
 }
+
+/// An avail index more than a queue's worth ahead of the device claims
+/// entries that no pop can take; the device must return (and serve the
+/// queue again once the guest repairs the index), not spin on it.
+#[test]
+fn an_avail_index_too_far_ahead_is_not_spun_on() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem, false, "kiln-vda");
+    rig.header(HDR, VIRTIO_BLK_T_IN, 0);
+    rig.offer(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]);
+    rig.vq.avail().idx().store(QUEUE_SIZE + 1);
+    assert_eq!(rig.dev.process_queue(), 0);
+    assert_eq!(rig.vq.used().idx().load(), 0);
+    rig.vq.avail().idx().store(1);
+    assert_eq!(rig.run(), (OK, 513));
+}

@@ -26,6 +26,9 @@ const EVENT: usize = 2;
 const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Largest payload accepted from or sent to the guest in one packet.
 const MAX_PAYLOAD: usize = 64 * 1024;
+/// Guest packets handled per tx notification before the event loop gets a
+/// turn (the rest wait: the tx event is re-armed).
+const TX_BATCH: usize = 4 * QUEUE_SIZE as usize;
 
 struct Active {
     mem: Memory,
@@ -40,6 +43,9 @@ pub struct Vsock {
     active: Option<Active>,
     muxer: Muxer,
     on_activity: Option<Box<dyn Fn() + Send>>,
+    /// Guest packets were left in the tx queue because the replies held
+    /// for the guest were at their bound; served again once rx drains.
+    tx_stalled: bool,
 }
 
 impl Vsock {
@@ -58,6 +64,7 @@ impl Vsock {
             active: None,
             muxer: Muxer::new(uds_path, guest_cid)?,
             on_activity: None,
+            tx_stalled: false,
         })
     }
 
@@ -108,7 +115,23 @@ impl Vsock {
         };
         let mut used = false;
         let mut packets = Vec::new();
-        while let Some(chain) = active.queues[TX].pop_descriptor_chain(&active.mem) {
+        // Every packet handled may add one reply for the guest.
+        let room = muxer::MAX_CONTROL.saturating_sub(self.muxer.control_len());
+        self.tx_stalled = false;
+        let mut taken = 0;
+        loop {
+            if packets.len() >= room {
+                self.tx_stalled = true;
+                break;
+            }
+            if taken >= TX_BATCH {
+                let _ = self.queue_events[TX].write(1);
+                break;
+            }
+            let Some(chain) = active.queues[TX].pop_descriptor_chain(&active.mem) else {
+                break;
+            };
+            taken += 1;
             let head = chain.head_index();
             if let Ok(mut reader) = chain.reader(&active.mem) {
                 let mut raw = [0u8; HDR_LEN];
@@ -261,6 +284,10 @@ impl MutEventSubscriber for Vsock {
             let _ = ops.remove(events);
         }
         self.process_rx(ops);
+        if self.tx_stalled && !self.muxer.control_full() {
+            self.process_tx(ops);
+            self.process_rx(ops);
+        }
     }
 }
 
@@ -459,5 +486,182 @@ mod tests {
         assert_eq!(Header::decode(&raw).op, OP_RST);
         drop(em);
         assert!(!uds.exists(), "socket removed with the device");
+    }
+
+    /// Writes chains of one descriptor each into the queue at `base` (laid
+    /// out as [`ring_queue`] says), from descriptor slot `first`, and
+    /// publishes them. The mock's helpers neither wrap the avail ring nor
+    /// keep a 256-entry used ring clear of it.
+    fn publish(mem: &Memory, base: u64, size: u16, first: u16, bufs: &[(u64, u32, u16)]) {
+        let avail = base + 0x1000;
+        let idx: u16 = mem.read_obj(GuestAddress(avail + 2)).unwrap();
+        for (i, &(addr, len, flags)) in bufs.iter().enumerate() {
+            let slot = (first + i as u16) % size;
+            let d = base + 16 * u64::from(slot);
+            mem.write_obj(addr, GuestAddress(d)).unwrap();
+            mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+            let at = idx.wrapping_add(i as u16) % size;
+            mem.write_obj(slot, GuestAddress(avail + 4 + 2 * u64::from(at)))
+                .unwrap();
+        }
+        mem.write_obj(idx.wrapping_add(bufs.len() as u16), GuestAddress(avail + 2))
+            .unwrap();
+    }
+
+    /// A ready queue of [`Q`] entries: descriptors at `base`, the avail
+    /// ring a page above, the used ring two pages above.
+    fn ring_queue(mem: &Memory, base: u64) -> Queue {
+        let mut q = Queue::new(Q).unwrap();
+        q.set_desc_table_address(Some(base as u32), Some(0));
+        q.set_avail_ring_address(Some(base as u32 + 0x1000), Some(0));
+        q.set_used_ring_address(Some(base as u32 + 0x2000), Some(0));
+        q.set_ready(true);
+        assert!(q.is_valid(mem));
+        q
+    }
+
+    /// A vsock device with rx, tx and event queues of 256 at 0, 0x1_0000
+    /// and 0x2_0000, in 16 MiB of guest memory, under an event loop.
+    struct Rig {
+        mem: Memory,
+        dev: Arc<Mutex<Vsock>>,
+        em: EventManager<Arc<Mutex<Vsock>>>,
+        tx_evt: EventFd,
+        rx_evt: EventFd,
+        uds: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    const Q: u16 = 256;
+
+    impl Rig {
+        fn new() -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let uds = dir.path().join("v.sock");
+            let mem = Memory::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+            let queues = [0u64, 0x1_0000, 0x2_0000]
+                .iter()
+                .map(|&b| ring_queue(&mem, b))
+                .collect();
+            let mut dev = Vsock::new(3, &uds).unwrap();
+            let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+            dev.activate(mem.clone(), queues, interrupt).unwrap();
+            let tx_evt = dev.queue_events()[TX].try_clone().unwrap();
+            let rx_evt = dev.queue_events()[RX].try_clone().unwrap();
+            let dev = Arc::new(Mutex::new(dev));
+            let mut em = EventManager::new().unwrap();
+            em.add_subscriber(dev.clone());
+            Rig {
+                mem,
+                dev,
+                em,
+                tx_evt,
+                rx_evt,
+                uds,
+                _dir: dir,
+            }
+        }
+
+        fn used(&self, base: u64) -> u16 {
+            self.mem.read_obj(GuestAddress(base + 0x2002)).unwrap()
+        }
+
+        fn run(&mut self) {
+            for _ in 0..3 {
+                self.em.run_with_timeout(50).unwrap();
+            }
+        }
+    }
+
+    /// A guest that sends more than the credit it was given on a stream
+    /// whose host end does not read has the stream reset, instead of the
+    /// VMM holding its bytes.
+    #[test]
+    fn a_guest_overrunning_its_credit_is_reset() {
+        let mut rig = Rig::new();
+        let _listener = UnixListener::bind(format!("{}_1234", rig.uds.display())).unwrap();
+        publish(
+            &rig.mem,
+            0,
+            Q,
+            0,
+            &[(0x10_0000, 4096, VRING_DESC_F_WRITE as u16); 64],
+        );
+        rig.mem
+            .write_slice(&hdr(OP_REQUEST, 0).encode(), GuestAddress(TX_BUF))
+            .unwrap();
+        publish(&rig.mem, 0x1_0000, Q, 0, &[(TX_BUF, HDR_LEN as u32, 0)]);
+        rig.tx_evt.write(1).unwrap();
+        rig.run();
+        assert_eq!(rig.dev.lock().unwrap().muxer().connection_count(), 1);
+
+        // 16 packets of 64 KiB: 1 MiB, four times the credit, and more than
+        // the socket's buffer holds.
+        let mut rw = hdr(OP_RW, 64 * 1024).encode().to_vec();
+        rw.resize(HDR_LEN + 64 * 1024, 0xab);
+        let at = 0x40_0000u64;
+        rig.mem.write_slice(&rw, GuestAddress(at)).unwrap();
+        publish(&rig.mem, 0x1_0000, Q, 1, &[(at, rw.len() as u32, 0); 16]);
+        rig.tx_evt.write(1).unwrap();
+        rig.run();
+        let dev = rig.dev.lock().unwrap();
+        assert_eq!(dev.muxer().connection_count(), 0, "the stream was reset");
+        assert_eq!(dev.muxer().bytes_held_for_host(), 0);
+        drop(dev);
+        let mut raw = [0u8; HDR_LEN];
+        // The rx buffers all start at the same address: the last reply is there.
+        rig.mem
+            .read_slice(&mut raw, GuestAddress(0x10_0000))
+            .unwrap();
+        assert_eq!(Header::decode(&raw).op, OP_RST);
+    }
+
+    /// A guest that sends packets but posts no rx buffers fills the replies
+    /// held for it up to their bound and then is not served; once it posts
+    /// buffers, its packets are served again.
+    #[test]
+    fn a_guest_taking_no_replies_stops_being_served() {
+        let mut rig = Rig::new();
+        // Requests to a port nobody listens on: each earns an RST.
+        rig.mem
+            .write_slice(&hdr(OP_REQUEST, 0).encode(), GuestAddress(TX_BUF))
+            .unwrap();
+        let mut sent = 0u16;
+        while usize::from(sent) < muxer::MAX_CONTROL + 2 * usize::from(Q) {
+            publish(
+                &rig.mem,
+                0x1_0000,
+                Q,
+                sent,
+                &[(TX_BUF, HDR_LEN as u32, 0); Q as usize],
+            );
+            sent += Q;
+            rig.tx_evt.write(1).unwrap();
+            rig.run();
+            if rig.used(0x1_0000) < sent {
+                break;
+            }
+        }
+        let taken = rig.used(0x1_0000);
+        assert_eq!(usize::from(taken), muxer::MAX_CONTROL);
+        assert!(rig.dev.lock().unwrap().muxer().control_full());
+
+        // 16 rx buffers: 16 replies out, 16 more packets in.
+        publish(
+            &rig.mem,
+            0,
+            Q,
+            0,
+            &[(0x10_0000, 4096, VRING_DESC_F_WRITE as u16); 16],
+        );
+        rig.rx_evt.write(1).unwrap();
+        rig.run();
+        assert_eq!(rig.used(0), 16);
+        assert_eq!(rig.used(0x1_0000), taken + 16);
+        assert_eq!(
+            rig.dev.lock().unwrap().muxer().control_len(),
+            muxer::MAX_CONTROL
+        );
     }
 }

@@ -28,6 +28,12 @@ const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
 const MAX_CONNECT_LINE: usize = 32;
 /// First port number handed to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Most packets without payload (replies, resets) held for the guest. A
+/// guest that sends packets but posts no rx buffers stops being served
+/// (see [`Muxer::control_full`]) instead of growing this queue.
+pub const MAX_CONTROL: usize = 1024;
+/// Most streams one guest may have open at once; more are reset.
+pub const MAX_CONNECTIONS: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MuxerError {
@@ -173,6 +179,24 @@ impl Muxer {
 
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Whether the replies held for the guest reached [`MAX_CONTROL`]: the
+    /// device then leaves the guest's packets in its tx queue until the
+    /// guest takes some (every packet handled may add one reply).
+    pub fn control_full(&self) -> bool {
+        self.control.len() >= MAX_CONTROL
+    }
+
+    /// Guest bytes held for host streams that cannot take them yet, at
+    /// most the credit the guest was given per stream (256 KiB).
+    pub fn bytes_held_for_host(&self) -> usize {
+        self.conns.values().map(|c| c.to_host.len()).sum()
+    }
+
+    /// Packets held for the guest without payload.
+    pub fn control_len(&self) -> usize {
+        self.control.len()
     }
 
     fn header(&self, key: Key, op: u16) -> Header {
@@ -392,6 +416,11 @@ impl Muxer {
                     self.remove(key, ops);
                 }
             }
+            // More than the credit we gave: the guest broke flow control.
+            OP_RW if c.to_host.len() + data.len() > CONN_BUF_ALLOC as usize => {
+                self.push_control(key, OP_RST, 0);
+                self.remove(key, ops);
+            }
             OP_RW if c.state != State::Connecting => {
                 c.to_host.extend_from_slice(data);
                 let ok = c.flush_to_host();
@@ -424,7 +453,7 @@ impl Muxer {
     }
 
     fn guest_connect(&mut self, key: Key, hdr: &Header, ops: &mut EventOps) {
-        if self.conns.contains_key(&key) {
+        if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNECTIONS {
             self.rst_for(hdr);
             return;
         }
