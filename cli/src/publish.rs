@@ -24,14 +24,14 @@ pub struct PortSpec {
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
-    #[error("{0:?}: expected [IP:]HOSTPORT:GUESTPORT[/tcp]")]
-    Shape(String),
-    #[error("{spec:?}: only TCP ports can be published, not {protocol:?}")]
-    Protocol { spec: String, protocol: String },
-    #[error("{spec:?}: {ip:?} is not an IP address")]
-    Ip { spec: String, ip: String },
-    #[error("{spec:?}: {port:?} is not a port (1-65535)")]
-    Port { spec: String, port: String },
+    #[error("expected [IP:]HOSTPORT:GUESTPORT[/tcp]")]
+    Shape,
+    #[error("only TCP ports can be published, not {0:?}")]
+    Protocol(String),
+    #[error("{0:?} is not an IP address")]
+    Ip(String),
+    #[error("{0:?} is not a port (1-65535)")]
+    Port(String),
     #[error("host port {0} is published twice")]
     Duplicate(SocketAddr),
 }
@@ -40,56 +40,44 @@ impl FromStr for PortSpec {
     type Err = SpecError;
 
     fn from_str(spec: &str) -> Result<PortSpec, SpecError> {
-        let shape = || SpecError::Shape(spec.to_string());
         let (addr, protocol) = match spec.rsplit_once('/') {
             Some((a, p)) => (a, Some(p)),
             None => (spec, None),
         };
         match protocol {
             None | Some("tcp") => {}
-            Some(p) => {
-                return Err(SpecError::Protocol {
-                    spec: spec.to_string(),
-                    protocol: p.to_string(),
-                })
-            }
+            Some(p) => return Err(SpecError::Protocol(p.to_string())),
         }
         // An IPv6 address is bracketed, as docker writes it: [::1]:8080:80.
         let (ip, ports) = if let Some(rest) = addr.strip_prefix('[') {
-            let (ip, ports) = rest.split_once(']').ok_or_else(shape)?;
-            (Some(ip), ports.strip_prefix(':').ok_or_else(shape)?)
+            let (ip, ports) = rest.split_once(']').ok_or(SpecError::Shape)?;
+            (Some(ip), ports.strip_prefix(':').ok_or(SpecError::Shape)?)
         } else {
             match addr.matches(':').count() {
                 1 => (None, addr),
                 2 => addr
                     .split_once(':')
                     .map(|(ip, ports)| (Some(ip), ports))
-                    .ok_or_else(shape)?,
-                _ => return Err(shape()),
+                    .ok_or(SpecError::Shape)?,
+                _ => return Err(SpecError::Shape),
             }
         };
-        let (host, guest) = ports.split_once(':').ok_or_else(shape)?;
+        let (host, guest) = ports.split_once(':').ok_or(SpecError::Shape)?;
         let ip = match ip {
             None => DEFAULT_IP,
-            Some(ip) => ip.parse().map_err(|_| SpecError::Ip {
-                spec: spec.to_string(),
-                ip: ip.to_string(),
-            })?,
+            Some(ip) => ip.parse().map_err(|_| SpecError::Ip(ip.to_string()))?,
         };
         Ok(PortSpec {
             ip,
-            host_port: port(spec, host)?,
-            guest_port: port(spec, guest)?,
+            host_port: port(host)?,
+            guest_port: port(guest)?,
         })
     }
 }
 
 /// A port number 1-65535, digits only.
-fn port(spec: &str, text: &str) -> Result<u16, SpecError> {
-    let bad = || SpecError::Port {
-        spec: spec.to_string(),
-        port: text.to_string(),
-    };
+fn port(text: &str) -> Result<u16, SpecError> {
+    let bad = || SpecError::Port(text.to_string());
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
@@ -213,68 +201,35 @@ mod tests {
         for (text, want) in [
             (
                 "8080:80/udp",
-                "\"8080:80/udp\": only TCP ports can be published, not \"udp\"",
+                "only TCP ports can be published, not \"udp\"",
             ),
             (
                 "8080:80/sctp",
-                "\"8080:80/sctp\": only TCP ports can be published, not \"sctp\"",
+                "only TCP ports can be published, not \"sctp\"",
             ),
-            (
-                "8080:80/",
-                "\"8080:80/\": only TCP ports can be published, not \"\"",
-            ),
-            ("0:80", "\"0:80\": \"0\" is not a port (1-65535)"),
-            ("8080:0", "\"8080:0\": \"0\" is not a port (1-65535)"),
-            (
-                "65536:80",
-                "\"65536:80\": \"65536\" is not a port (1-65535)",
-            ),
+            ("8080:80/", "only TCP ports can be published, not \"\""),
+            ("0:80", "\"0\" is not a port (1-65535)"),
+            ("8080:0", "\"0\" is not a port (1-65535)"),
+            ("65536:80", "\"65536\" is not a port (1-65535)"),
             (
                 "8080:99999999999",
-                "\"8080:99999999999\": \"99999999999\" is not a port (1-65535)",
+                "\"99999999999\" is not a port (1-65535)",
             ),
-            ("+80:80", "\"+80:80\": \"+80\" is not a port (1-65535)"),
-            ("8080:", "\"8080:\": \"\" is not a port (1-65535)"),
-            (":80", "\":80\": \"\" is not a port (1-65535)"),
-            ("80", "\"80\": expected [IP:]HOSTPORT:GUESTPORT[/tcp]"),
-            ("", "\"\": expected [IP:]HOSTPORT:GUESTPORT[/tcp]"),
-            (
-                "a:b:c:d",
-                "\"a:b:c:d\": expected [IP:]HOSTPORT:GUESTPORT[/tcp]",
-            ),
-            (
-                "8000-8010:80",
-                "\"8000-8010:80\": \"8000-8010\" is not a port (1-65535)",
-            ),
-            (
-                "300.0.0.1:8080:80",
-                "\"300.0.0.1:8080:80\": \"300.0.0.1\" is not an IP address",
-            ),
-            (
-                "localhost:8080:80",
-                "\"localhost:8080:80\": \"localhost\" is not an IP address",
-            ),
-            (":8080:80", "\":8080:80\": \"\" is not an IP address"),
-            (
-                "::1:8080:80",
-                "\"::1:8080:80\": expected [IP:]HOSTPORT:GUESTPORT[/tcp]",
-            ),
-            (
-                "[::1:8080:80",
-                "\"[::1:8080:80\": expected [IP:]HOSTPORT:GUESTPORT[/tcp]",
-            ),
-            (
-                "[::1]8080:80",
-                "\"[::1]8080:80\": expected [IP:]HOSTPORT:GUESTPORT[/tcp]",
-            ),
-            (
-                "[nope]:8080:80",
-                "\"[nope]:8080:80\": \"nope\" is not an IP address",
-            ),
-            (
-                "8080:80\n",
-                "\"8080:80\\n\": \"80\\n\" is not a port (1-65535)",
-            ),
+            ("+80:80", "\"+80\" is not a port (1-65535)"),
+            ("8080:", "\"\" is not a port (1-65535)"),
+            (":80", "\"\" is not a port (1-65535)"),
+            ("80", "expected [IP:]HOSTPORT:GUESTPORT[/tcp]"),
+            ("", "expected [IP:]HOSTPORT:GUESTPORT[/tcp]"),
+            ("a:b:c:d", "expected [IP:]HOSTPORT:GUESTPORT[/tcp]"),
+            ("8000-8010:80", "\"8000-8010\" is not a port (1-65535)"),
+            ("300.0.0.1:8080:80", "\"300.0.0.1\" is not an IP address"),
+            ("localhost:8080:80", "\"localhost\" is not an IP address"),
+            (":8080:80", "\"\" is not an IP address"),
+            ("::1:8080:80", "expected [IP:]HOSTPORT:GUESTPORT[/tcp]"),
+            ("[::1:8080:80", "expected [IP:]HOSTPORT:GUESTPORT[/tcp]"),
+            ("[::1]8080:80", "expected [IP:]HOSTPORT:GUESTPORT[/tcp]"),
+            ("[nope]:8080:80", "\"nope\" is not an IP address"),
+            ("8080:80\n", "\"80\\n\" is not a port (1-65535)"),
         ] {
             let got = text.parse::<PortSpec>().unwrap_err().to_string();
             assert_eq!(got, want, "{text:?}");
