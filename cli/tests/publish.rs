@@ -18,11 +18,12 @@ use kiln_tests::wait_for;
 const LIMIT: Duration = Duration::from_secs(900);
 const BODY: &str = "hello-from-the-guest";
 
-/// Serves BODY over HTTP on guest port 8000 and "bye" once on 8001, then
-/// exits: the test's connection to 8001 ends the run. Nothing listens on 8002.
+/// Serves BODY over HTTP on guest port 8000, "bye" once on 8001, then
+/// once on 8003 the byte count of what it reads to the end, and exits.
+/// Nothing listens on 8002.
 const SCRIPT: &str = "mkdir -p /www && echo hello-from-the-guest > /www/index.html \
                       && httpd -p 127.0.0.1:8000 -h /www \
-                      && echo bye | nc -l -p 8001 && echo served";
+                      && echo bye | nc -l -p 8001 && nc -l -p 8003 -e wc -c && echo served";
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -70,8 +71,9 @@ fn http_get(port: u16) -> Option<String> {
 /// Cold, then warm (restored from the snapshot the cold run saved): an HTTP
 /// GET through one published port reads the guest's page; a guest port
 /// nothing listens on closes the connection without a byte; the guest's
-/// half-close reaches the host client, which can still send; `--json`
-/// lists the ports; when the run ends nothing listens on them any more.
+/// half-close reaches the host client, which can still send, and the host
+/// client's half-close reaches the guest server, which can still answer;
+/// `--json` lists the ports; when the run ends nothing listens on them.
 #[test]
 fn published_ports_reach_guest_servers_cold_and_warm() {
     let home = Home::new();
@@ -79,11 +81,12 @@ fn published_ports_reach_guest_servers_cold_and_warm() {
     let layout = busybox_layout(work.path());
     let image = format!("{}:1", layout.display());
     for start in ["cold", "warm"] {
-        let (web, stop, silent) = (free_port(), free_port(), free_port());
+        let (web, bye, silent, count) = (free_port(), free_port(), free_port(), free_port());
         let specs = [
             format!("127.0.0.1:{web}:8000"),
-            format!("{stop}:8001/tcp"),
+            format!("{bye}:8001/tcp"),
             format!("127.0.0.1:{silent}:8002"),
+            format!("127.0.0.1:{count}:8003"),
         ];
         let mut args = vec!["run", "--json"];
         for s in &specs {
@@ -106,18 +109,31 @@ fn published_ports_reach_guest_servers_cold_and_warm() {
         assert_eq!(nothing.as_deref(), Some(&b""[..]), "{start}");
 
         // nc's stdin ends after "bye": its half-close reaches us as an EOF
-        // while our side stays open; our close then ends nc and the run.
-        let bye = wait_for(LIMIT, || {
-            let mut c = TcpStream::connect(("127.0.0.1", stop)).ok()?;
+        // while our side stays open; our close then ends that nc.
+        let said_bye = wait_for(LIMIT, || {
+            let mut c = TcpStream::connect(("127.0.0.1", bye)).ok()?;
             c.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
             let mut got = Vec::new();
             c.read_to_end(&mut got).ok()?;
             (got == b"bye\n").then_some(c)
         });
-        let mut c = bye.unwrap_or_else(|| panic!("no bye on port {stop} ({start})"));
+        let mut c = said_bye.unwrap_or_else(|| panic!("no bye on port {bye} ({start})"));
         c.write_all(b"still open\n").unwrap();
         c.shutdown(Shutdown::Write).unwrap();
         drop(c);
+
+        // wc answers only after our end-of-stream: a half-close, not a
+        // close, must reach it. Its answer ends the run.
+        let counted = wait_for(Duration::from_secs(120), || {
+            let mut c = TcpStream::connect(("127.0.0.1", count)).ok()?;
+            c.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+            c.write_all(b"12345").ok()?;
+            c.shutdown(Shutdown::Write).ok()?;
+            let mut got = String::new();
+            c.read_to_string(&mut got).ok()?;
+            Some(got).filter(|g| !g.is_empty())
+        });
+        assert_eq!(counted.as_deref(), Some("5\n"), "port {count} ({start})");
 
         let out = run.finish();
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -134,11 +150,12 @@ fn published_ports_reach_guest_servers_cold_and_warm() {
             stats["published"],
             serde_json::json!([
                 {"host": format!("127.0.0.1:{web}"), "guest_port": 8000, "protocol": "tcp"},
-                {"host": format!("127.0.0.1:{stop}"), "guest_port": 8001, "protocol": "tcp"},
+                {"host": format!("127.0.0.1:{bye}"), "guest_port": 8001, "protocol": "tcp"},
                 {"host": format!("127.0.0.1:{silent}"), "guest_port": 8002, "protocol": "tcp"},
+                {"host": format!("127.0.0.1:{count}"), "guest_port": 8003, "protocol": "tcp"},
             ])
         );
-        for port in [web, stop, silent] {
+        for port in [web, bye, silent, count] {
             assert!(
                 TcpStream::connect(("127.0.0.1", port)).is_err(),
                 "port {port} still open after the run"
