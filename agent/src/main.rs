@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kiln_agent::image_config::{self, ImageConfig};
 use kiln_agent::system::{self, console};
-use kiln_agent::{identity, reaper, rootfs, ssh, usage, user, vsock, workload};
+use kiln_agent::{identity, publish, reaper, rootfs, ssh, usage, user, vsock, workload};
 use kiln_protocol::console::{agent_fatal_line, READY_MARKER};
 use kiln_protocol::{
     read_frame, ExitStatus, Frame, Identity, Message, Workload, CONTROL_PORT,
@@ -95,11 +95,14 @@ fn main() {
     }
     std::panic::set_hook(Box::new(move |info| {
         let thread = std::thread::current();
-        if let Some(name) = thread.name().filter(|n| n.starts_with("ssh")) {
-            // An SSH connection's failure must not end the VM: that task or
-            // thread unwinds (tokio contains task panics) and only its
-            // session is lost.
-            console(&format!("ssh: internal error on thread {name}: {info}"));
+        if let Some(name) = thread
+            .name()
+            .filter(|n| n.starts_with("ssh") || n.starts_with("publish"))
+        {
+            // An SSH or forwarded connection's failure must not end the VM:
+            // that task or thread unwinds (tokio contains task panics) and
+            // only its session or connection is lost.
+            console(&format!("internal error on thread {name}: {info}"));
             return;
         }
         console(&agent_fatal_line(&info.to_string()));
@@ -163,6 +166,17 @@ fn main() {
             Err(e) => console(&format!("ssh: not serving: {e}")),
         }
     }
+    // Like SSH, after `Start`: a VM restored from a snapshot listens on its
+    // own vsock device, and the ports are the ones this run published.
+    if !start.published_ports.is_empty() {
+        match publish::start(&start.published_ports) {
+            Ok(()) => console(&format!(
+                "publish: serving guest TCP ports {:?}",
+                start.published_ports
+            )),
+            Err(e) => console(&format!("publish: not serving: {e}")),
+        }
+    }
     let one_shot = start.one_shot;
     let host = Arc::new(HostRequests::default());
     let status = run_workload(&conn, start, host.clone());
@@ -218,6 +232,7 @@ struct StartRequest {
     ssh_host_key: Option<String>,
     one_shot: bool,
     identity: Option<Box<Identity>>,
+    published_ports: Vec<u16>,
 }
 
 /// Reads frames until the host says what to run (or runs the image's
@@ -232,6 +247,7 @@ fn wait_for_start(conn: &Conn, resumed_ready: &dyn Fn() -> Frame) -> StartReques
         ssh_host_key: None,
         one_shot: true,
         identity: None,
+        published_ports: Vec::new(),
     };
     let Some(mut reader) = reader_of(conn) else {
         return default;
@@ -245,6 +261,7 @@ fn wait_for_start(conn: &Conn, resumed_ready: &dyn Fn() -> Frame) -> StartReques
                 ssh_host_key,
                 one_shot,
                 identity,
+                published_ports,
             })))) => {
                 return StartRequest {
                     workload,
@@ -253,6 +270,7 @@ fn wait_for_start(conn: &Conn, resumed_ready: &dyn Fn() -> Frame) -> StartReques
                     ssh_host_key,
                     one_shot,
                     identity,
+                    published_ports,
                 }
             }
             Ok(Some(Ok(_))) => send(conn, &error("expected a start message")),

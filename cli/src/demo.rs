@@ -47,6 +47,7 @@ pub fn demo(cache: &Cache, home: &Path, a: DemoArgs) -> Result<i32> {
         workdir: None,
         user: None,
         interactive: false,
+        publish: Vec::new(),
         stats: !a.json,
         json: a.json,
         insecure: Vec::new(),

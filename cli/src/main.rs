@@ -8,6 +8,7 @@ mod grant;
 mod image;
 mod kilnd;
 mod output;
+mod publish;
 mod run;
 mod scratch;
 mod ssh;

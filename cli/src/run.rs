@@ -14,11 +14,13 @@ use kiln_bridge::machine::{
 };
 use kiln_image::build::Options;
 use kiln_image::cache::Cache;
+use kiln_protocol::forward::Forwarder;
 use kiln_protocol::vmm::exit as vmm_exit;
 use kiln_protocol::{console, valid_env_name, Frame, Message, Usage, Workload};
 use serde::Serialize;
 
 use crate::image::Rootfs;
+use crate::publish::{self, PortSpec, Published};
 use crate::{exit_code, image, scratch};
 
 #[derive(Args, Clone)]
@@ -54,6 +56,13 @@ pub struct RunArgs {
     /// Forward standard input to the command.
     #[arg(short = 'i', long)]
     pub interactive: bool,
+    /// Publish a guest TCP port on the host (repeatable): connections to
+    /// IP:HOSTPORT (IP defaults to 127.0.0.1, unlike docker's 0.0.0.0; give
+    /// 0.0.0.0 to listen on every address) reach GUESTPORT on the guest's
+    /// loopback over vsock. Only TCP; the host port is bound before the VM
+    /// starts.
+    #[arg(short = 'p', long = "publish", value_name = "[IP:]HOSTPORT:GUESTPORT[/tcp]", value_parser = publish::parse_spec)]
+    pub publish: Vec<PortSpec>,
     /// Print boot time, run time, CPU seconds and peak memory at the end
     /// (on standard error, like `time`).
     #[arg(long)]
@@ -111,6 +120,9 @@ pub struct Stats {
     pub outcome: &'static str,
     /// `cold` (booted) or `warm` (restored from a saved snapshot).
     pub start: warm::Start,
+    /// The ports `-p` published (absent without any).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub published: Vec<Published>,
 }
 
 /// Grace period the workload gets after the first Ctrl-C.
@@ -123,6 +135,11 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Runs the image; returns the exit code for kiln.
 pub fn run(cache: &Cache, home: &Path, a: RunArgs) -> Result<i32> {
     let workload = workload(&a)?;
+    publish::check_unique(&a.publish)?;
+    // Before the image and the VM: a taken port fails the run at once.
+    let listeners = publish::Listeners::bind(&a.publish)?;
+    let published = listeners.published();
+    let published_ports = listeners.guest_ports();
     let opts = Options {
         input: image::input(
             a.image.clone(),
@@ -205,9 +222,17 @@ pub fn run(cache: &Cache, home: &Path, a: RunArgs) -> Result<i32> {
     }
     let (mut machine, start) = (launched.machine, launched.start);
     tracing::info!(vm = machine.id(), boot = ?machine.ready().boot, start = start.as_str(), "agent ready");
-    let session = Session::start(&machine, workload, a.interactive, a.timeout)?;
-    let ended = session.follow(&mut machine)?;
-    let stats = stats(&machine, &ended, start);
+    // Stop listening when the run ends, before the VM is waited for.
+    let forwarders = listeners.serve(&machine.vsock_uds())?;
+    let session = Session::start(
+        &machine,
+        workload,
+        published_ports,
+        a.interactive,
+        a.timeout,
+    )?;
+    let ended = session.follow(&mut machine, forwarders)?;
+    let stats = stats(&machine, &ended, start, published);
     if a.json {
         eprintln!("{}", serde_json::to_string(&stats)?);
     } else if a.stats {
@@ -289,6 +314,7 @@ impl Session {
     fn start(
         machine: &Machine,
         workload: Workload,
+        published_ports: Vec<u16>,
         interactive: bool,
         timeout: Option<Duration>,
     ) -> Result<Session> {
@@ -302,6 +328,7 @@ impl Session {
                 usage_interval_ms: 1000,
                 one_shot: true,
                 identity: kiln_protocol::Identity::from_host(None).ok(),
+                published_ports,
             }))
             .context("cannot send the command to the agent")?;
         if interactive {
@@ -315,8 +342,8 @@ impl Session {
     }
 
     /// Streams output until the workload ends, the timeout passes or the
-    /// user gives up; then sees the VM stopped.
-    fn follow(self, machine: &mut Machine) -> Result<Ended> {
+    /// user gives up; then closes the published ports and sees the VM stopped.
+    fn follow(self, machine: &mut Machine, forwarders: Vec<Forwarder>) -> Result<Ended> {
         let mut out = std::io::stdout();
         let mut err = std::io::stderr();
         let mut started: Option<Instant> = None;
@@ -379,6 +406,7 @@ impl Session {
                 }
             }
         };
+        drop(forwarders);
         let vmm = machine.wait(POWER_OFF_WAIT);
         tracing::debug!("kiln-vmm ended: {vmm}");
         Ok(ended)
@@ -448,7 +476,7 @@ fn forward_stdin(sender: Sender) {
     }
 }
 
-fn stats(machine: &Machine, ended: &Ended, start: warm::Start) -> Stats {
+fn stats(machine: &Machine, ended: &Ended, start: warm::Start, published: Vec<Published>) -> Stats {
     let u = ended.usage.clone().unwrap_or_default();
     Stats {
         boot_ms: machine.ready().boot.as_millis() as u64,
@@ -460,6 +488,7 @@ fn stats(machine: &Machine, ended: &Ended, start: warm::Start) -> Stats {
         exit_code: ended.code,
         outcome: ended.outcome,
         start,
+        published,
     }
 }
 
@@ -527,6 +556,7 @@ mod tests {
             workdir: None,
             user: None,
             interactive: false,
+            publish: vec![],
             stats: false,
             json: false,
             insecure: vec![],

@@ -56,6 +56,7 @@ fn agent_runs_the_workload_and_reports_over_vsock() {
             unix_time_ms: Some(1_950_000_000_000),
             hostname: Some("clone-7".into()),
         })),
+        published_ports: Vec::new(),
     });
     vm.send(&start);
 

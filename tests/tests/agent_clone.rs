@@ -40,6 +40,7 @@ fn run_clone(vm: &mut AgentVm, name: &str) -> Vec<String> {
         usage_interval_ms: 1000,
         one_shot: true,
         identity: Some(Identity::from_host(Some(name.into())).unwrap()),
+        published_ports: Vec::new(),
     }));
     let mut out = Vec::new();
     loop {

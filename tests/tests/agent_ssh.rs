@@ -36,6 +36,7 @@ fn openssh_client_reaches_the_agent_over_vsock() {
         usage_interval_ms: 1000,
         one_shot: false,
         identity: None,
+        published_ports: Vec::new(),
     });
     vm.send(&start);
     // The workload ends at once; the VM must stay up for SSH.

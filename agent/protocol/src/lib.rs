@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 pub mod console;
 pub mod forward;
 pub mod fuzz;
+pub mod publish;
 pub mod vmm;
 
 /// Protocol version carried in every control message.
@@ -22,6 +23,9 @@ pub const MAX_FRAME: usize = 1 << 20;
 pub const CONTROL_PORT: u32 = 1025;
 /// Guest vsock port the agent's SSH server listens on.
 pub const SSH_PORT: u32 = 22;
+/// Guest vsock port on which the agent joins host streams to the guest
+/// TCP ports the host published (see [`publish`]).
+pub const PUBLISH_PORT: u32 = 1026;
 
 const KIND_CONTROL: u8 = 1;
 const KIND_STDOUT: u8 = 2;
@@ -188,6 +192,11 @@ pub enum Message {
         /// may have been restored from.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         identity: Option<Box<Identity>>,
+        /// Guest TCP ports the host publishes (`kiln run -p`): the agent
+        /// serves [`PUBLISH_PORT`] for these ports only, and only when
+        /// there are some.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        published_ports: Vec<u16>,
     },
     /// Agent -> host: the workload started.
     Started { pid: u32 },
@@ -376,7 +385,11 @@ mod tests {
             body.extend_from_slice(json);
             match Frame::decode(&body).unwrap() {
                 Frame::Control(Message::Ready { resumed: r, .. }) => assert_eq!(Some(r), resumed),
-                Frame::Control(Message::Start { identity, .. }) => assert!(identity.is_none()),
+                Frame::Control(Message::Start {
+                    identity,
+                    published_ports,
+                    ..
+                }) => assert!(identity.is_none() && published_ports.is_empty()),
                 other => panic!("{other:?}"),
             }
         }
@@ -413,6 +426,7 @@ mod tests {
                     unix_time_ms: Some(1_800_000_000_000),
                     hostname: Some("clone-1".into()),
                 })),
+                published_ports: vec![8000, 65535],
             }),
             Frame::Control(Message::Exited {
                 status: ExitStatus::Signal(9),

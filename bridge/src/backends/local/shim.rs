@@ -242,6 +242,7 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
             usage_interval_ms: 1000,
             one_shot: true,
             identity: kiln_protocol::Identity::from_host(None).ok(),
+            published_ports: Vec::new(),
         }))
         .map_err(crate::machine::MachineError::Control)
     });

@@ -421,17 +421,57 @@ mod tests {
         assert_eq!(&got, b"ping");
         assert_eq!(dev.lock().unwrap().muxer().connection_count(), 1);
 
-        // The host closing its end turns into a SHUTDOWN for the guest.
-        drop(host);
+        // The host ending its stream turns into a SHUTDOWN(SEND) for the
+        // guest: a half-close, so the guest's answer still reaches the host.
+        host.shutdown(std::net::Shutdown::Write).unwrap();
         em.run_with_timeout(100).unwrap();
         assert_eq!(rx.used().idx().load(), 3);
         mem.read_slice(&mut raw, GuestAddress(RX_BUF + 2 * 4096))
             .unwrap();
         let shut = Header::decode(&raw);
-        assert_eq!(
-            (shut.op, shut.flags),
-            (OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)
-        );
+        assert_eq!((shut.op, shut.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
+        let mut answer = hdr(OP_RW, 4).encode().to_vec();
+        answer.extend_from_slice(b"pong");
+        mem.write_slice(&answer, GuestAddress(TX_BUF + 2 * 4096))
+            .unwrap();
+        let mut close = hdr(OP_SHUTDOWN, 0);
+        close.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        mem.write_slice(&close.encode(), GuestAddress(TX_BUF + 3 * 4096))
+            .unwrap();
+        tx.add_desc_chains(
+            &[RawDescriptor::from(SplitDescriptor::new(
+                TX_BUF + 2 * 4096,
+                answer.len() as u32,
+                0,
+                0,
+            ))],
+            2,
+        )
+        .unwrap();
+        tx_evt.write(1).unwrap();
+        em.run_with_timeout(100).unwrap();
+        host.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"pong");
+        assert_eq!(dev.lock().unwrap().muxer().connection_count(), 1);
+
+        // The guest closing its end removes the connection: the host reads
+        // the end of the stream.
+        tx.add_desc_chains(
+            &[RawDescriptor::from(SplitDescriptor::new(
+                TX_BUF + 3 * 4096,
+                HDR_LEN as u32,
+                0,
+                0,
+            ))],
+            3,
+        )
+        .unwrap();
+        tx_evt.write(1).unwrap();
+        em.run_with_timeout(100).unwrap();
+        assert_eq!(dev.lock().unwrap().muxer().connection_count(), 0);
+        let mut rest = Vec::new();
+        host.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
     }
 
     #[test]

@@ -54,7 +54,11 @@ enum State {
     /// Host-initiated; REQUEST sent, waiting for the guest's RESPONSE.
     Connecting,
     Established,
-    /// The host side closed; SHUTDOWN sent, waiting for the guest's RST.
+    /// The host's stream ended (a close or a half-close: they read the
+    /// same): SHUTDOWN(SEND) sent. The guest may still send until it
+    /// closes its end (its SHUTDOWN(RCV|SEND) or RST removes the
+    /// connection); a host that closed fully makes those writes fail,
+    /// which resets the connection.
     Closing,
 }
 
@@ -249,7 +253,7 @@ impl Muxer {
 
     fn set_interest(c: &mut Connection, ops: &mut EventOps) {
         let mut want = EventSet::empty();
-        if !c.readable && c.state != State::Connecting {
+        if !c.readable && c.state == State::Established {
             want |= EventSet::IN;
         }
         if !c.to_host.is_empty() {
@@ -532,8 +536,10 @@ impl Muxer {
                         c.state = State::Closing;
                         c.readable = false;
                         Self::set_interest(c, ops);
+                        // SEND only: the host's half-close is passed on, and
+                        // the guest's answer still reaches the host.
                         let mut h = self.header(key, OP_SHUTDOWN);
-                        h.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+                        h.flags = SHUTDOWN_SEND;
                         return Some(h);
                     }
                     Ok(n) => data.truncate(n),
