@@ -30,7 +30,9 @@ fn grants_on_this_host_from_submit_to_restart_and_deadline() {
             .iter()
             .map(|id| {
                 let client = kilnd.client();
-                let req = request(id, image, public, Duration::from_secs(3600), "sleep 100000");
+                // In millicores: the VM's cgroup must carry the grant's share.
+                let mut req = request(id, image, public, Duration::from_secs(3600), "sleep 100000");
+                (req.vcpus, req.cpu_millicores) = (None, Some(900));
                 s.spawn(move || client.submit(&req))
             })
             .collect();
@@ -94,6 +96,48 @@ fn grants_on_this_host_from_submit_to_restart_and_deadline() {
     let a_dir = kilnd.home().join("grants").join(&a.grant.id);
     assert!(a_dir.join("state.json").exists());
     assert!(!a_dir.join("launch.json").exists());
+    // A's kiln-vmm is jailed as kiln run's is: an unprivileged uid, its own
+    // namespaces, a root holding only its VM's files; its cgroup has the
+    // grant's 900 millicores and its RAM plus the VMM's allowance.
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a_dir.join("state.json")).unwrap()).unwrap();
+    let shim = state["shim_pid"].as_u64().expect("A's shim pid") as u32;
+    let supervisor = kiln_tests::jail::vmm_under(shim).expect("kiln-vmm under A's shim");
+    let vmm = kiln_tests::jail::jailed_child(supervisor).unwrap_or_else(|| {
+        panic!(
+            "no jailed VMM under {supervisor} ({state}): {}",
+            std::fs::read_to_string(format!("/proc/{supervisor}/cmdline"))
+                .unwrap_or_default()
+                .replace('\0', " ")
+        )
+    });
+    let home = kilnd.home();
+    let kernel = kiln_tests::kernel();
+    let files = [
+        home.join("kernel"),
+        home.join("images"),
+        home.join("grants").join(&a.grant.id),
+        home.join("vms"),
+        home.join("snapshots"),
+        kernel.canonicalize().unwrap_or(kernel),
+    ];
+    kiln_tests::jail::assert_jailed(vmm, &files);
+    let vm_dirs: std::collections::BTreeSet<_> = kiln_tests::jail::root_files(vmm)
+        .into_iter()
+        .filter_map(|f| {
+            Some(
+                f.strip_prefix(home.join("vms"))
+                    .ok()?
+                    .iter()
+                    .next()?
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(vm_dirs.len(), 1, "only its own VM directory: {vm_dirs:?}");
+    let (cpu, memory) = kiln_tests::jail::cgroup_limits(vmm);
+    assert_eq!(cpu, "90000 100000");
+    assert_eq!(memory, (256 + 64 + 16) << 20);
     let ssh_a = ssh_to(&a, key, work);
     let ssh_b = ssh_to(&b, key, work);
     assert!(ssh_b.ssh(&[], "true", b"").status.success());
