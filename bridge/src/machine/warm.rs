@@ -18,6 +18,10 @@ use super::{Machine, MachineError, SnapshotFiles, Spec};
 /// Where snapshots are kept under `$KILN_HOME`, by `kiln run` and the
 /// local backend alike (one image's snapshot serves both).
 pub const SNAPSHOTS_DIR: &str = "snapshots";
+/// Snapshots kept: the most recently used. Each save removes the rest,
+/// which are other images' and the keys a rebuilt kernel or kiln-vmm left
+/// behind (they never restore again); `kiln image prune` removes all.
+pub const KEEP_SNAPSHOTS: usize = 8;
 
 /// How a VM started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -87,12 +91,13 @@ pub fn launch(
         };
         match Machine::launch_cancellable(&warm, cancelled) {
             Ok(machine) => {
+                mark_used(dir);
                 return Ok(Launched {
                     machine,
                     start: Start::Warm,
                     restore_failed: None,
                     save_failed: None,
-                })
+                });
             }
             Err(MachineError::Cancelled) => return Err(MachineError::Cancelled),
             Err(e) => {
@@ -107,6 +112,13 @@ pub fn launch(
     };
     let machine = Machine::launch_cancellable(&cold, cancelled)?;
     let save_failed = machine.snapshot(dir).err().map(|e| e.to_string());
+    if save_failed.is_none() {
+        if let Some(snapshots) = dir.parent() {
+            if let Err(e) = keep_recent(snapshots, KEEP_SNAPSHOTS) {
+                tracing::warn!("cannot remove old snapshots: {e}");
+            }
+        }
+    }
     Ok(Launched {
         machine,
         start: Start::Cold,
@@ -139,6 +151,39 @@ pub fn remove_all(snapshots: &Path) -> std::io::Result<u64> {
     Ok(freed)
 }
 
+/// Marks a snapshot as just used (its directory's mtime), for
+/// [`keep_recent`].
+fn mark_used(dir: &Path) {
+    let now = std::time::SystemTime::now();
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.set_modified(now)) {
+        tracing::debug!("cannot mark snapshot {} used: {e}", dir.display());
+    }
+}
+
+/// Removes all but the `keep` most recently used snapshots under
+/// `snapshots`; returns how many were removed. A VM restored from one
+/// that is removed keeps running: its memory file stays mapped.
+pub fn keep_recent(snapshots: &Path, keep: usize) -> std::io::Result<usize> {
+    let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(snapshots)?
+        .flatten()
+        .filter_map(|e| {
+            let m = e.metadata().ok().filter(|m| m.is_dir())?;
+            Some((m.modified().ok()?, e.path()))
+        })
+        .collect();
+    if dirs.len() <= keep {
+        return Ok(0);
+    }
+    // Newest first.
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.0));
+    let mut removed = 0;
+    for (_, dir) in dirs.into_iter().skip(keep) {
+        std::fs::remove_dir_all(&dir)?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
 /// A file's place and version: canonical path, inode, size, mtime.
 fn file_identity(path: &Path) -> String {
     let real = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
@@ -168,6 +213,32 @@ mod tests {
         assert_eq!(first, file_identity(&k));
         std::fs::write(&k, b"three").unwrap();
         assert_ne!(first, file_identity(&k));
+    }
+
+    #[test]
+    fn only_the_most_recently_used_snapshots_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for i in 0..5u64 {
+            let snap = dir.path().join(format!("s{i}"));
+            std::fs::create_dir(&snap).unwrap();
+            std::fs::write(snap.join("state"), b"x").unwrap();
+            let at = base + std::time::Duration::from_secs(60 * i);
+            std::fs::File::open(&snap)
+                .unwrap()
+                .set_modified(at)
+                .unwrap();
+        }
+        // The oldest, restored just now, counts as the newest.
+        mark_used(&dir.path().join("s0"));
+        assert_eq!(keep_recent(dir.path(), 2).unwrap(), 3);
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["s0", "s4"]);
+        assert_eq!(keep_recent(dir.path(), 2).unwrap(), 0);
     }
 
     #[test]
