@@ -234,7 +234,7 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
     let mut machine = launched.machine;
     // `launch` returns at the agent's `ready`; later steps count from here.
     let ready_at = Instant::now();
-    let forwarder = Forwarder::start((LISTEN_HOST, 0), machine.vsock_uds(), SSH_PORT, |e| {
+    let forwarder = Forwarder::start(any_port(), machine.vsock_uds(), SSH_PORT, |e| {
         tracing::warn!("ssh forwarding: {e}");
     });
     let forwarder = match forwarder {
@@ -391,13 +391,18 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
     ended(dir, &mut state, error)
 }
 
+/// An ephemeral port of [`LISTEN_HOST`], to listen on.
+fn any_port() -> String {
+    format!("{LISTEN_HOST}:0")
+}
+
 /// A host listener on an ephemeral port of [`LISTEN_HOST`] for each guest
 /// TCP port, joined through the VM's vsock socket `uds` to the agent.
 fn publish(ports: &[u16], uds: &Path) -> Result<Vec<(u16, Forwarder)>, ForwardError> {
     ports
         .iter()
         .map(|&port| {
-            let f = Forwarder::bind((LISTEN_HOST, 0))?.serve(uds, Target::Tcp(port), move |e| {
+            let f = Forwarder::bind(any_port())?.serve(uds, Target::Tcp(port), move |e| {
                 tracing::warn!("published port {port}: {e}");
             })?;
             Ok((port, f))
