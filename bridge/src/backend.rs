@@ -37,9 +37,25 @@ pub struct ProvisionedInstance {
     #[serde(default)]
     pub host_key: String,
     pub started_at: DateTime<Utc>,
+    /// Where each of the grant's published guest ports is reachable, in
+    /// the grant's order. Absent in instances stored before ports could be
+    /// published.
+    #[serde(default)]
+    pub published: Vec<PublishedPort>,
     /// Whatever else the backend needs to find the instance again.
     #[serde(default)]
     pub private: serde_json::Value,
+}
+
+/// A guest TCP port published on the host, as the requester reaches it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedPort {
+    /// The port inside the VM (one of the grant's `publish`).
+    pub guest_port: u16,
+    /// The host address to connect to (as the SSH connection's `host`).
+    pub host: String,
+    /// The host TCP port that forwards to `guest_port`.
+    pub port: u16,
 }
 
 /// Host-side figures, measured outside the guest.

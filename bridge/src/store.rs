@@ -620,6 +620,7 @@ fn corrupt(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::PublishedPort;
     use crate::grant::TdxPolicy;
 
     fn grant(id: &str) -> Grant {
@@ -635,6 +636,7 @@ mod tests {
             valid_to: "2030-01-01T00:00:00Z".parse().unwrap(),
             command: None,
             env: Default::default(),
+            publish: Vec::new(),
             submitted_at: "2029-01-01T00:00:00Z".parse().unwrap(),
         }
     }
@@ -648,6 +650,7 @@ mod tests {
             user: "root".into(),
             host_key_fingerprint: "SHA256:x".into(),
             host_key: String::new(),
+            published: Vec::new(),
             started_at: "2029-01-01T00:00:01Z".parse().unwrap(),
             private: serde_json::json!({"pid": 42}),
         }
@@ -873,6 +876,68 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn published_ports_survive_reopening_and_rows_stored_before_them_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut with_ports = grant("p");
+        with_ports.publish = vec![8000, 8080];
+        let mut inst = instance();
+        inst.published = vec![
+            PublishedPort {
+                guest_port: 8000,
+                host: "127.0.0.1".into(),
+                port: 40001,
+            },
+            PublishedPort {
+                guest_port: 8080,
+                host: "127.0.0.1".into(),
+                port: 40002,
+            },
+        ];
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.insert_grant(&with_ports).unwrap();
+            assert!(store
+                .transition("p", &[GrantState::Pending], GrantState::Provisioning, None)
+                .unwrap());
+            assert!(store.record_running("p", &inst, 10).unwrap());
+            // A grant and its instance as stored before ports could be
+            // published: neither JSON has the field.
+            let mut old_grant = serde_json::to_value(grant("old")).unwrap();
+            let mut old_inst = serde_json::to_value(instance()).unwrap();
+            assert!(old_grant
+                .as_object_mut()
+                .unwrap()
+                .remove("publish")
+                .is_none());
+            assert!(old_inst
+                .as_object_mut()
+                .unwrap()
+                .remove("published")
+                .is_some());
+            let conn = store.lock();
+            conn.execute(
+                "INSERT INTO grants (id, spec, state, updated_at) VALUES ('old', ?1, 'running', ?2)",
+                params![old_grant.to_string(), "2029-01-01T00:00:00Z"],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO instances (grant_id, backend, data, provision_ms) VALUES ('old', 'b', ?1, 5)",
+                params![old_inst.to_string()],
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let p = store.get("p").unwrap().unwrap();
+        assert_eq!(p.grant.publish, [8000, 8080]);
+        assert_eq!(p.instance.as_ref().unwrap().published, inst.published);
+        let view = crate::view::GrantView::from(p);
+        assert_eq!(view.connection.unwrap().published, inst.published);
+        let old = store.get("old").unwrap().unwrap();
+        assert!(old.grant.publish.is_empty());
+        assert_eq!(old.instance, Some(instance()));
     }
 
     #[test]

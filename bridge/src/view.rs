@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::UsageMetrics;
+use crate::backend::{PublishedPort, UsageMetrics};
 use crate::grant::Grant;
 use crate::state::{FailureKind, GrantRecord, GrantState, StopCause};
 
@@ -21,6 +21,9 @@ pub struct ConnectionView {
     #[serde(default)]
     pub host_key: String,
     pub started_at: DateTime<Utc>,
+    /// The grant's published guest ports and where each is reachable.
+    #[serde(default)]
+    pub published: Vec<PublishedPort>,
 }
 
 /// A grant as the API shows it.
@@ -56,6 +59,7 @@ impl From<GrantRecord> for GrantView {
                 host_key_fingerprint: i.host_key_fingerprint,
                 host_key: i.host_key,
                 started_at: i.started_at,
+                published: i.published,
             }),
             grant: r.grant,
             state: r.state,

@@ -51,6 +51,9 @@ fn every_bad_field_is_refused_naming_it_and_nothing_is_stored() {
         ("valid_to", json!("next tuesday")),
         ("command", json!("sh -c true")),
         ("env", json!({"": "x"})),
+        ("publish", json!([8000, 8000])),
+        ("publish", json!([0])),
+        ("publish", json!("8000")),
     ];
     for (field, value) in cases {
         let mut body = good_body();
@@ -155,8 +158,10 @@ fn a_grant_runs_reports_usage_and_terminates_freeing_its_resources() {
     let client = server.client();
     let mut req = request("home", 2, 1024);
     req.request_id = Some("job-1".into());
+    req.publish = vec![8080, 22];
     let submitted = client.submit(&req).unwrap();
     assert_eq!(submitted.grant.id, "job-1");
+    assert_eq!(submitted.grant.publish, [8080, 22]);
     assert!(matches!(
         submitted.state,
         GrantState::Pending | GrantState::Provisioning | GrantState::Running
@@ -168,6 +173,16 @@ fn a_grant_runs_reports_usage_and_terminates_freeing_its_resources() {
     });
     let conn = running.connection.expect("connection details");
     assert_eq!((conn.backend.as_str(), conn.ssh_port), ("sim", 2200));
+    // Each published guest port, where the backend said it listens.
+    let published: Vec<(u16, &str, u16)> = conn
+        .published
+        .iter()
+        .map(|p| (p.guest_port, p.host.as_str(), p.port))
+        .collect();
+    assert_eq!(
+        published,
+        [(8080, "127.0.0.1", 2300), (22, "127.0.0.1", 2301)]
+    );
     let used = client.capabilities().unwrap().capacity.used;
     assert_eq!((used.vcpus, used.ram_mib), (2, 1024));
     // Usage so far is sampled and stored on its own while the grant runs,

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Subcommand, ValueEnum};
+use kiln_bridge::backend::PublishedPort;
 use kiln_bridge::grant::{GrantRequest, TdxPolicy};
 use kiln_bridge::state::GrantState;
 use kiln_bridge::view::{ConnectionView, GrantView, UsageView};
@@ -65,7 +66,7 @@ struct SubmitArgs {
     /// Send this JSON request body as is instead of building one from flags.
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "image", "region", "vcpus", "cpu_millicores", "ram_mib", "ssh_keys",
-        "valid_for", "valid_to", "tdx", "request_id", "env", "command",
+        "valid_for", "valid_to", "tdx", "request_id", "env", "command", "publish",
     ])]
     file: Option<PathBuf>,
     /// Region to run in (see `kiln fleet caps`).
@@ -111,6 +112,15 @@ struct SubmitArgs {
     /// Set an environment variable for the workload (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// Publish this guest TCP port on the host (repeatable); kilnd picks
+    /// the host port and `kiln grant show` says which.
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "GUESTPORT",
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    publish: Vec<u16>,
     /// Wait until the grant runs, then print how to connect (or fail with
     /// the reason it did not start).
     #[arg(long)]
@@ -188,6 +198,9 @@ fn submit(kilnd: &Kilnd, a: SubmitArgs, json: bool) -> Result<()> {
     if let Some(c) = view.connection.as_ref().filter(|_| a.wait) {
         eprintln!("connect with: {}", ssh_line(c));
         eprintln!("  or: kiln ssh {id}  (checks the host key kilnd reported)");
+        for p in &c.published {
+            eprintln!("published: {}", published_line(p));
+        }
     }
     Ok(())
 }
@@ -277,6 +290,7 @@ fn request(a: &SubmitArgs, keys: &[SshKey]) -> Result<GrantRequest> {
         valid_to,
         command: (!a.command.is_empty()).then(|| a.command.clone()),
         env: a.env.iter().cloned().collect::<BTreeMap<_, _>>(),
+        publish: a.publish.clone(),
     })
 }
 
@@ -300,6 +314,7 @@ fn flag_of(field: &str, a: &SubmitArgs, keys: &[SshKey]) -> Option<String> {
         "valid_to" if a.valid_to.is_some() => "--valid-to",
         "valid_to" => "--valid-for",
         "env" => "--env",
+        "publish" => "--publish",
         "command" => "the command after --",
         "ssh_keys" => {
             return Some(match index.and_then(|i| keys.get(i)) {
@@ -390,6 +405,10 @@ fn show(kilnd: &Kilnd, id: &str, json: bool) -> Result<()> {
     for (k, val) in &g.env {
         rows.push(("env", format!("{k}={val}")));
     }
+    if !g.publish.is_empty() {
+        let ports: Vec<String> = g.publish.iter().map(u16::to_string).collect();
+        rows.push(("publish", ports.join(", ")));
+    }
     rows.push(("ssh_keys", g.ssh_keys.len().to_string()));
     rows.push(("submitted_at", time(&g.submitted_at)));
     rows.push(("updated_at", time(&v.updated_at)));
@@ -400,6 +419,9 @@ fn show(kilnd: &Kilnd, id: &str, json: bool) -> Result<()> {
         rows.push(("host_key", c.host_key_fingerprint.clone()));
         rows.push(("backend", format!("{} ({})", c.backend, c.instance_id)));
         rows.push(("started_at", time(&c.started_at)));
+        for p in &c.published {
+            rows.push(("published", published_line(p)));
+        }
         if v.state == GrantState::Running {
             rows.push(("ssh", ssh_line(c)));
             rows.push(("", format!("or: kiln ssh {}", g.id)));
@@ -510,6 +532,15 @@ pub fn ssh_line(c: &ConnectionView) -> String {
     format!("ssh -p {} {}@{}", c.ssh_port, c.user, c.host)
 }
 
+/// `127.0.0.1:40123 -> guest port 8000`.
+fn published_line(p: &PublishedPort) -> String {
+    let host = match p.host.parse::<std::net::IpAddr>() {
+        Ok(ip) => std::net::SocketAddr::new(ip, p.port).to_string(),
+        Err(_) => format!("{}:{}", p.host, p.port),
+    };
+    format!("{host} -> guest port {}", p.guest_port)
+}
+
 /// `running`, or `failed: reason`.
 fn state_line(v: &GrantView) -> String {
     match &v.reason {
@@ -561,6 +592,10 @@ mod tests {
                     "A=1",
                     "--env",
                     "B=x=y",
+                    "-p",
+                    "8000",
+                    "--publish",
+                    "22",
                     "--",
                     "sh",
                     "-c",
@@ -588,6 +623,7 @@ mod tests {
         let left = r.valid_to - before;
         assert!(left >= chrono::Duration::hours(2) && left < chrono::Duration::minutes(121));
         assert_eq!(r.ssh_keys, ["ssh-ed25519 AAAA k"]);
+        assert_eq!(r.publish, [8000, 22]);
     }
 
     #[test]
@@ -618,6 +654,9 @@ mod tests {
         assert!(with(&["--vcpus", "1", "--valid-to", "tomorrow"]).is_err());
         assert!(with(&["--vcpus", "1", "--valid-for", "1h", "--env", "NOEQUALS"]).is_err());
         assert!(with(&["--vcpus", "1", "--valid-for", "1h", "--tdx", "maybe"]).is_err());
+        for port in ["0", "65536", "8000:80", "http"] {
+            assert!(with(&["--vcpus", "1", "--valid-for", "1h", "-p", port]).is_err());
+        }
         assert!(with(&[
             "--cpu-millicores",
             "500",
@@ -628,6 +667,7 @@ mod tests {
         // --file stands alone.
         assert!(parse(&["--file", "g.json"]).is_ok());
         assert!(parse(&["--file", "g.json", "--vcpus", "1"]).is_err());
+        assert!(parse(&["--file", "g.json", "-p", "80"]).is_err());
     }
 
     #[test]
@@ -652,10 +692,29 @@ mod tests {
         assert_eq!(flag("request_id").unwrap(), "--id");
         assert_eq!(flag("valid_to").unwrap(), "--valid-for");
         assert_eq!(flag("env.A=B").unwrap(), "--env");
+        assert_eq!(flag("publish[1]").unwrap(), "--publish");
         assert_eq!(flag("command[0]").unwrap(), "the command after --");
         assert_eq!(flag("ssh_keys[1]").unwrap(), "--ssh-key two.pub, line 3");
         assert_eq!(flag("ssh_keys").unwrap(), "--ssh-key");
         assert_eq!(flag("colour"), None);
+    }
+
+    #[test]
+    fn published_ports_read_as_addresses() {
+        let p = |host: &str| PublishedPort {
+            guest_port: 8000,
+            host: host.into(),
+            port: 40123,
+        };
+        assert_eq!(
+            published_line(&p("127.0.0.1")),
+            "127.0.0.1:40123 -> guest port 8000"
+        );
+        assert_eq!(published_line(&p("::1")), "[::1]:40123 -> guest port 8000");
+        assert_eq!(
+            published_line(&p("vm.example")),
+            "vm.example:40123 -> guest port 8000"
+        );
     }
 
     #[test]

@@ -178,6 +178,7 @@ mod tests {
             host_key_fingerprint: "SHA256:x".into(),
             host_key: KEY.into(),
             started_at: chrono::Utc::now(),
+            published: Vec::new(),
         }
     }
 

@@ -236,6 +236,7 @@ pub fn request(id: &str, image: &str, key: &str, valid_for: Duration, cmd: &str)
         valid_to: Utc::now() + chrono::Duration::from_std(valid_for).unwrap(),
         command: Some(vec!["sh".into(), "-c".into(), cmd.into()]),
         env: Default::default(),
+        publish: Vec::new(),
     }
 }
 

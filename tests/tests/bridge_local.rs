@@ -3,6 +3,8 @@
 //! real registry, the stock OpenSSH client. One kilnd and a handful of VMs
 //! serve every assertion, since boots are slow on emulating hosts.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use kiln_bridge::state::GrantState;
@@ -11,6 +13,47 @@ use kiln_tests::images::busybox_layout;
 use kiln_tests::kilnd::{digest_of, request, ssh_to, Kilnd, Requester, BOOT};
 use kiln_tests::openssh::text;
 use kiln_tests::{processes_mentioning, wait_for};
+
+/// What a grant's web server in the guest serves on the published port 8000.
+const PAGE: &str = "hello-from-a-grant";
+/// Serves PAGE over HTTP on the guest's port 8000, then sleeps.
+const WEB: &str = "mkdir -p /www && echo hello-from-a-grant > /www/index.html \
+                   && httpd -p 127.0.0.1:8000 -h /www && sleep 100000";
+
+/// An HTTP GET of the page through host port `port` on loopback.
+fn http_get(port: u16) -> Option<String> {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    c.write_all(b"GET /index.html HTTP/1.0\r\nHost: kiln\r\n\r\n")
+        .ok()?;
+    let mut got = String::new();
+    c.read_to_string(&mut got).ok()?;
+    Some(got).filter(|g| !g.is_empty())
+}
+
+/// The host port that publishes guest port 8000 of a running grant, once
+/// the page is served there.
+fn serves_page(g: &GrantView) -> u16 {
+    let c = g
+        .connection
+        .as_ref()
+        .expect("a running grant has a connection");
+    assert_eq!(c.published.len(), 1, "{c:?}");
+    let p = &c.published[0];
+    assert_eq!(
+        (p.guest_port, p.host.as_str()),
+        (8000, "127.0.0.1"),
+        "{c:?}"
+    );
+    assert_ne!(p.port, c.ssh_port);
+    // Running means the command started; httpd may take a moment more.
+    let page = wait_for(Duration::from_secs(120), || {
+        http_get(p.port).filter(|r| r.contains(PAGE))
+    });
+    let page = page.unwrap_or_else(|| panic!("no page on port {} of {}", p.port, g.grant.id));
+    assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
+    p.port
+}
 
 #[test]
 fn grants_on_this_host_from_submit_to_restart_and_deadline() {
@@ -31,8 +74,9 @@ fn grants_on_this_host_from_submit_to_restart_and_deadline() {
             .map(|id| {
                 let client = kilnd.client();
                 // In millicores: the VM's cgroup must carry the grant's share.
-                let mut req = request(id, image, public, Duration::from_secs(3600), "sleep 100000");
+                let mut req = request(id, image, public, Duration::from_secs(3600), WEB);
                 (req.vcpus, req.cpu_millicores) = (None, Some(900));
+                req.publish = vec![8000];
                 s.spawn(move || client.submit(&req))
             })
             .collect();
@@ -142,6 +186,17 @@ fn grants_on_this_host_from_submit_to_restart_and_deadline() {
     let ssh_b = ssh_to(&b, key, work);
     assert!(ssh_b.ssh(&[], "true", b"").status.success());
 
+    // Each serves its guest port 8000 on a host port of its own, which
+    // `kiln grant show` names.
+    let web_a = serves_page(&a);
+    let web_b = serves_page(&b);
+    assert_ne!(web_a, web_b);
+    let out = kilnd.kiln(&["grant", "show", &a.grant.id]);
+    assert!(
+        text(&out.stdout).contains(&format!("127.0.0.1:{web_a} -> guest port 8000")),
+        "{out:?}"
+    );
+
     // kilnd dies; meanwhile B's workload ends (its sleep is killed).
     kilnd.kill();
     let out = ssh_b.ssh(&[], "kill $(pidof sleep)", b"");
@@ -154,10 +209,14 @@ fn grants_on_this_host_from_submit_to_restart_and_deadline() {
     assert!(b_ended.is_some(), "B's VM did not end");
     kilnd.start();
 
-    // A was re-adopted and still answers; B is recorded as exited, with usage.
+    // A was re-adopted and still answers, on SSH and on its published
+    // port (which the new kilnd still reports); B is recorded as exited,
+    // with usage.
     let a_now = kilnd.client().show(&a.grant.id).unwrap();
     assert_eq!(a_now.state, GrantState::Running, "{a_now:?}");
     assert!(ssh_a.ssh(&[], "true", b"").status.success());
+    assert_eq!(a_now.connection, a.connection);
+    assert_eq!(serves_page(&a_now), web_a);
     let b_now = kilnd.wait_grant(&b.grant.id, Duration::from_secs(60), |g| g.state.is_final());
     assert_eq!(b_now.state, GrantState::Exited, "{b_now:?}");
     let out = kilnd.kiln(&["grant", "usage", &b.grant.id, "--json"]);
@@ -198,6 +257,8 @@ fn grants_on_this_host_from_submit_to_restart_and_deadline() {
         (c.capacity.used.vcpus == 0).then_some(())
     });
     assert!(freed.is_some(), "capacity not released");
+    // Its published port closed with it.
+    assert!(TcpStream::connect(("127.0.0.1", web_a)).is_err());
 
     // kilnd dies while a grant provisions: the next kilnd marks it failed
     // and stops the VM that provision had started.
@@ -295,21 +356,41 @@ fn grants_on_this_host_from_submit_to_restart_and_deadline() {
     // Which two of the first five ran is the scheduler's choice.
     assert_eq!(start_of(&a.grant.id), serde_json::json!("cold"));
     assert_eq!(start_of("quick"), serde_json::json!("warm"));
-    kilnd
-        .client()
-        .submit(&request(
-            "warm",
-            image,
-            public,
-            Duration::from_secs(3600),
-            "sleep 100000",
-        ))
-        .unwrap();
+    // Submitted with `kiln grant submit -p`: a restored VM serves its
+    // published port too (the ports came with `start`).
+    let public_file = key.with_extension("pub");
+    let out = kilnd.kiln(&[
+        "grant",
+        "submit",
+        image,
+        "--region",
+        "home",
+        "--vcpus",
+        "1",
+        "--ram-mib",
+        "256",
+        "--ssh-key",
+        &public_file.to_string_lossy(),
+        "--valid-for",
+        "1h",
+        "--id",
+        "warm",
+        "-p",
+        "8000",
+        "--",
+        "sh",
+        "-c",
+        WEB,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(text(&out.stdout), "warm\n");
     let w = kilnd.wait_grant("warm", BOOT, |g| {
         g.state == GrantState::Running || g.state.is_final()
     });
     assert_eq!(w.state, GrantState::Running, "{w:?}\n{}", kilnd.log());
     assert_eq!(start_of("warm"), serde_json::json!("warm"));
+    assert_eq!(w.grant.publish, [8000]);
+    serves_page(&w);
     let out = ssh_to(&w, key, work).ssh(
         &[],
         "hostname; pidof sleep >/dev/null && echo sleeping",

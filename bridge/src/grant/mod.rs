@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-pub use validate::{FieldProblem, GrantError, ValidationContext};
+pub use validate::{FieldProblem, GrantError, ValidationContext, MAX_PUBLISHED_PORTS};
 
 /// Whether the grant must, may or must not run in a TDX trust domain.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +45,10 @@ pub struct GrantRequest {
     pub command: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Guest TCP ports to publish on the host (at most
+    /// [`MAX_PUBLISHED_PORTS`], each once); the connection says where.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<u16>,
 }
 
 /// A validated grant. Only [`Grant::from_json`] makes one from outside input.
@@ -68,6 +72,11 @@ pub struct Grant {
     /// Added to (or replacing in) the image's environment.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Guest TCP ports the backend publishes on the host, in the order
+    /// asked; the instance's connection lists where each is reachable.
+    /// Absent in grants stored before ports could be published.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<u16>,
     pub submitted_at: DateTime<Utc>,
 }
 

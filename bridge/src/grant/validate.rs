@@ -24,11 +24,15 @@ const FIELDS: &[&str] = &[
     "valid_to",
     "command",
     "env",
+    "publish",
 ];
 
 const MAX_ID_LEN: usize = 64;
 const MAX_IMAGE_LEN: usize = 512;
 const MAX_SSH_KEYS: usize = 32;
+/// The most guest ports one grant may publish: each is a host listener
+/// and a thread in the grant's supervisor.
+pub const MAX_PUBLISHED_PORTS: usize = 16;
 
 /// Why a grant request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +105,10 @@ pub enum FieldProblem {
     NotOffered,
     #[error("larger than any backend in the region")]
     TooLarge,
+    #[error("not a TCP port (1-65535)")]
+    BadPort,
+    #[error("given twice")]
+    Duplicate,
 }
 
 /// What validation needs to know beyond the body itself.
@@ -163,6 +171,10 @@ impl Grant {
             .map(check_env)
             .transpose()?
             .unwrap_or_default();
+        let publish = take::<Vec<Value>>(&mut map, "publish", "an array of ports")?
+            .map(check_publish)
+            .transpose()?
+            .unwrap_or_default();
 
         Ok(Grant {
             id,
@@ -176,6 +188,7 @@ impl Grant {
             valid_to,
             command,
             env,
+            publish,
             submitted_at: ctx.now,
         })
     }
@@ -318,6 +331,36 @@ fn check_env(env: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, 
         )),
         None => Ok(env),
     }
+}
+
+/// Guest TCP ports, each 1-65535 and given once. Port 22 is the
+/// workload's like any other: the agent's SSH server listens on vsock, not
+/// on the guest's TCP port 22.
+fn check_publish(ports: Vec<Value>) -> Result<Vec<u16>, GrantError> {
+    if ports.len() > MAX_PUBLISHED_PORTS {
+        return Err(GrantError::field_problem(
+            "publish",
+            FieldProblem::TooLong(MAX_PUBLISHED_PORTS),
+        ));
+    }
+    let mut seen = Vec::with_capacity(ports.len());
+    for (i, v) in ports.iter().enumerate() {
+        let port = v
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|&p| p != 0)
+            .ok_or_else(|| {
+                GrantError::field_problem(format!("publish[{i}]"), FieldProblem::BadPort)
+            })?;
+        if seen.contains(&port) {
+            return Err(GrantError::field_problem(
+                format!("publish[{i}]"),
+                FieldProblem::Duplicate,
+            ));
+        }
+        seen.push(port);
+    }
+    Ok(seen)
 }
 
 /// A key the client made up, fit for a one-line error: control characters
@@ -476,6 +519,17 @@ mod tests {
             (with("command", json!([])), "command"),
             (with("env", json!({"A=B": "c"})), "env.A=B"),
             (with("env", json!({"A": 1})), "env"),
+            (with("publish", json!(8000)), "publish"),
+            (with("publish", json!([8000, 0])), "publish[1]"),
+            (with("publish", json!([65536])), "publish[0]"),
+            (with("publish", json!([-80])), "publish[0]"),
+            (with("publish", json!([80.5])), "publish[0]"),
+            (with("publish", json!(["80"])), "publish[0]"),
+            (with("publish", json!([8000, 8080, 8000])), "publish[2]"),
+            (
+                with("publish", json!((1..=17).collect::<Vec<u16>>())),
+                "publish",
+            ),
         ];
         for (body, field) in cases {
             assert_eq!(field_of(&body), field, "{}", String::from_utf8_lossy(&body));
@@ -490,6 +544,43 @@ mod tests {
         }
         missing["vcpus"] = Value::Null;
         assert_eq!(field_of(&serde_json::to_vec(&missing).unwrap()), "vcpus");
+    }
+
+    #[test]
+    fn published_ports_are_kept_in_order_and_refused_with_their_index() {
+        let g = Grant::from_json(&with("publish", json!([8080, 22, 1, 65535])), &ctx()).unwrap();
+        // 22 too: the agent's SSH server is on vsock, the guest's TCP 22 is free.
+        assert_eq!(g.publish, [8080, 22, 1, 65535]);
+        let most: Vec<u16> = (1..=MAX_PUBLISHED_PORTS as u16).collect();
+        let g = Grant::from_json(&with("publish", json!(most)), &ctx()).unwrap();
+        assert_eq!(g.publish, most);
+        for empty in [json!([]), Value::Null] {
+            let g = Grant::from_json(&with("publish", empty), &ctx()).unwrap();
+            assert!(g.publish.is_empty());
+        }
+        let e = Grant::from_json(&with("publish", json!([8000, 8000])), &ctx()).unwrap_err();
+        assert_eq!(
+            crate::error_chain(&e),
+            "Invalid field publish[1]: given twice"
+        );
+        let e = Grant::from_json(&with("publish", json!([70000])), &ctx()).unwrap_err();
+        assert_eq!(
+            crate::error_chain(&e),
+            "Invalid field publish[0]: not a TCP port (1-65535)"
+        );
+        let e = Grant::from_json(&with("publish", json!(vec![1; 17])), &ctx()).unwrap_err();
+        assert_eq!(
+            crate::error_chain(&e),
+            "Invalid field publish: too long (at most 16)"
+        );
+        // A stored grant without the field (before ports could be
+        // published) still reads, and one with none stores none.
+        let none = Grant::from_json(&serde_json::to_vec(&good()).unwrap(), &ctx()).unwrap();
+        let mut stored = serde_json::to_value(&none).unwrap();
+        assert!(stored.get("publish").is_none(), "{stored}");
+        stored["publish"] = json!([8000]);
+        let back: Grant = serde_json::from_value(stored).unwrap();
+        assert_eq!(back.publish, [8000]);
     }
 
     #[test]
@@ -513,6 +604,7 @@ mod tests {
             valid_to: "2030-01-02T00:00:00Z".parse().unwrap(),
             command: Some(vec!["sh".into(), "-c".into(), "true".into()]),
             env: [("A".to_string(), "b".to_string())].into(),
+            publish: vec![8000, 8080],
             ..Default::default()
         };
         let g = Grant::from_json(&serde_json::to_vec(&req).unwrap(), &ctx()).unwrap();
@@ -521,5 +613,6 @@ mod tests {
         assert_eq!(g.valid_to, req.valid_to);
         assert_eq!(g.workload().env, vec!["A=b".to_string()]);
         assert_eq!(g.workload().argv.len(), 3);
+        assert_eq!(g.publish, [8000, 8080]);
     }
 }

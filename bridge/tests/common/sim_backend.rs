@@ -11,7 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use kiln_bridge::backend::{
-    Backend, BackendCapabilities, BackendError, HostUsage, ProvisionedInstance, UsageMetrics,
+    Backend, BackendCapabilities, BackendError, HostUsage, ProvisionedInstance, PublishedPort,
+    UsageMetrics,
 };
 use kiln_bridge::capacity::{CapacityLedger, Resources};
 use kiln_bridge::grant::{Grant, TdxPolicy};
@@ -197,6 +198,17 @@ impl Backend for SimBackend {
             user: "root".into(),
             host_key_fingerprint: "SHA256:simulated".into(),
             host_key: String::new(),
+            // Where a real backend would listen: a port per guest port.
+            published: grant
+                .publish
+                .iter()
+                .zip(2300..)
+                .map(|(&guest_port, port)| PublishedPort {
+                    guest_port,
+                    host: "127.0.0.1".into(),
+                    port,
+                })
+                .collect(),
             started_at,
             private: serde_json::json!({ "sim_id": id, "vcpus": grant.vcpus, "ram_mib": grant.ram_mib }),
         })

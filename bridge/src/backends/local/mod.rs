@@ -204,6 +204,7 @@ impl LocalBackend {
             snapshots: self
                 .warm_start
                 .then(|| self.home.join(crate::machine::warm::SNAPSHOTS_DIR)),
+            publish: grant.publish.clone(),
         };
         let launch_path = dir.join(shim::LAUNCH_FILE);
         let json = serde_json::to_vec_pretty(&launch)
@@ -244,12 +245,13 @@ impl LocalBackend {
         Ok(ProvisionedInstance {
             backend: self.name.clone(),
             instance_id: grant.id.clone(),
-            host: "127.0.0.1".to_string(),
+            host: shim::LISTEN_HOST.to_string(),
             ssh_port: state.ssh_port.unwrap_or_default(),
             user: "root".to_string(),
             host_key_fingerprint: host_key.fingerprint(),
             host_key: host_key.public_openssh()?,
             started_at: Utc::now(),
+            published: state.published,
             private: serde_json::to_value(&private).unwrap_or_default(),
         })
     }

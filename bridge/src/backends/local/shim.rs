@@ -1,9 +1,10 @@
 //! `kiln-shim`: looks after one grant's VM, outside kilnd, so the VM keeps
 //! running (and its usage keeps being recorded) while kilnd restarts.
 //!
-//! It boots the VM, forwards a loopback TCP port to the agent's SSH server,
-//! sends the workload, and keeps `state.json` in the grant's directory up
-//! to date: phase, SSH port, usage, exit status, host-side figures. SIGTERM
+//! It boots the VM, forwards a loopback TCP port to the agent's SSH server
+//! and one to each published guest port, sends the workload, and keeps
+//! `state.json` in the grant's directory up to date: phase, SSH and
+//! published ports, usage, exit status, host-side figures. SIGTERM
 //! asks the workload to stop (grace period), then stops the VM.
 
 use std::path::{Path, PathBuf};
@@ -11,13 +12,13 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use kiln_protocol::forward::Forwarder;
+use kiln_protocol::forward::{ForwardError, Forwarder, Target};
 use kiln_protocol::vmm::exit as vmm_exit;
 use kiln_protocol::{ExitStatus, Frame, Message, Usage, Workload, SSH_PORT};
 use serde::{Deserialize, Serialize};
 
 use super::output::{Appended, OutputLog, DEFAULT_OUTPUT_CAP};
-use crate::backend::HostUsage;
+use crate::backend::{HostUsage, PublishedPort};
 use crate::dir_lock::{DirLock, LockError};
 use crate::error_chain;
 use crate::machine::warm::{self, Start};
@@ -55,7 +56,13 @@ pub struct Launch {
     /// else booted and saved there. None: always boot.
     #[serde(default)]
     pub snapshots: Option<PathBuf>,
+    /// Guest TCP ports to publish, each on a host port of its own.
+    #[serde(default)]
+    pub publish: Vec<u16>,
 }
+
+/// The host address the SSH port and the published ports listen on.
+pub const LISTEN_HOST: &str = "127.0.0.1";
 
 fn default_output_cap() -> u64 {
     DEFAULT_OUTPUT_CAP
@@ -79,6 +86,9 @@ pub struct State {
     pub shim_pid: u32,
     pub vmm_pid: Option<u32>,
     pub ssh_port: Option<u16>,
+    /// Where each published guest port listens, once it does.
+    #[serde(default)]
+    pub published: Vec<PublishedPort>,
     /// VMM start to the agent's `ready`.
     pub boot_ms: Option<u64>,
     /// VMM start to the agent's `started` (SSH served, command running):
@@ -108,6 +118,7 @@ impl State {
             shim_pid,
             vmm_pid: None,
             ssh_port: None,
+            published: Vec::new(),
             boot_ms: None,
             started_ms: None,
             usage: None,
@@ -223,7 +234,7 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
     let mut machine = launched.machine;
     // `launch` returns at the agent's `ready`; later steps count from here.
     let ready_at = Instant::now();
-    let forwarder = Forwarder::start("127.0.0.1:0", machine.vsock_uds(), SSH_PORT, |e| {
+    let forwarder = Forwarder::start(any_port(), machine.vsock_uds(), SSH_PORT, |e| {
         tracing::warn!("ssh forwarding: {e}");
     });
     let forwarder = match forwarder {
@@ -234,6 +245,15 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
             return ended(dir, &mut state, Some(format!("ssh forwarding: {e}")));
         }
     };
+    // Listening before `start`: the agent serves them once it has it.
+    let published = match publish(&launch.publish, &machine.vsock_uds()) {
+        Ok(p) => p,
+        Err(e) => {
+            machine.stop();
+            machine.wait(Duration::from_secs(10));
+            return ended(dir, &mut state, Some(format!("published ports: {e}")));
+        }
+    };
     let started = machine.sender().and_then(|s| {
         s.send(&Frame::Control(Message::Start {
             workload: launch.workload.clone(),
@@ -242,7 +262,7 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
             usage_interval_ms: 1000,
             one_shot: true,
             identity: kiln_protocol::Identity::from_host(None).ok(),
-            published_ports: Vec::new(),
+            published_ports: launch.publish.clone(),
         }))
         .map_err(crate::machine::MachineError::Control)
     });
@@ -259,6 +279,14 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
     // SSH before that, so `running` means the requester can log in.
     state.vmm_pid = Some(machine.vmm_pid());
     state.ssh_port = Some(forwarder.local_addr().port());
+    state.published = published
+        .iter()
+        .map(|(guest_port, f)| PublishedPort {
+            guest_port: *guest_port,
+            host: LISTEN_HOST.to_string(),
+            port: f.local_addr().port(),
+        })
+        .collect();
     state.boot_ms = Some(machine.ready().boot.as_millis() as u64);
     write_state(dir, &mut state)?;
 
@@ -343,6 +371,7 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
     }
     let vmm = machine.wait(Duration::from_secs(30));
     drop(forwarder);
+    drop(published);
     state.host = host_usage(&dir.join(METRICS_FILE));
     let error = match vmm.code {
         Some(vmm_exit::GUEST_STOPPED | vmm_exit::STOPPED_BY_SIGTERM) => None,
@@ -360,6 +389,25 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
     drop(machine);
     let error = state.error.take().or(error);
     ended(dir, &mut state, error)
+}
+
+/// An ephemeral port of [`LISTEN_HOST`], to listen on.
+fn any_port() -> String {
+    format!("{LISTEN_HOST}:0")
+}
+
+/// A host listener on an ephemeral port of [`LISTEN_HOST`] for each guest
+/// TCP port, joined through the VM's vsock socket `uds` to the agent.
+fn publish(ports: &[u16], uds: &Path) -> Result<Vec<(u16, Forwarder)>, ForwardError> {
+    ports
+        .iter()
+        .map(|&port| {
+            let f = Forwarder::bind(any_port())?.serve(uds, Target::Tcp(port), move |e| {
+                tracing::warn!("published port {port}: {e}");
+            })?;
+            Ok((port, f))
+        })
+        .collect()
 }
 
 fn ended(dir: &Path, state: &mut State, error: Option<String>) -> Result<(), ShimError> {
@@ -397,6 +445,11 @@ mod tests {
             shim_pid: 7,
             vmm_pid: Some(8),
             ssh_port: Some(2222),
+            published: vec![PublishedPort {
+                guest_port: 8000,
+                host: LISTEN_HOST.to_string(),
+                port: 2223,
+            }],
             boot_ms: Some(100),
             started_ms: Some(150),
             usage: None,
