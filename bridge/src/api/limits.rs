@@ -1,9 +1,13 @@
-//! Limits on a request's headers, answered with kiln's JSON error body.
-//! hyper enforces its own limits while it parses (with a bare 431); kilnd
-//! sets those far higher, so that these are the ones a client meets.
+//! Limits on a request's headers and declared body size, answered with
+//! kiln's JSON error body. hyper enforces its own header limits while it
+//! parses (with a bare 431); kilnd sets those far higher, so that these
+//! are the ones a client meets.
 
+use std::time::Duration;
+
+use axum::body::Body;
 use axum::extract::Request;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -32,4 +36,45 @@ pub async fn headers(request: Request, next: Next) -> Response {
         .into_response();
     }
     next.run(request).await
+}
+
+/// The most bytes of a request body over the limit that are read (and
+/// dropped) before the 413 is sent. A client still writing its body when
+/// the server closes would get a reset instead of the answer, as closing a
+/// socket with unread bytes resets it; beyond this the server closes anyway.
+pub const MAX_DRAINED_BODY: u64 = 1024 * 1024;
+/// How long a client may take to send the body that is drained.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Refuses a request whose declared body (Content-Length) is over
+/// `max_body` bytes, before any handler, reading up to
+/// [`MAX_DRAINED_BODY`] of it first so the client reads the 413. A body
+/// without a declared length is held to the same limit where a handler
+/// reads it.
+pub async fn declared_body(max_body: usize, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(len) if len > max_body as u64 => {
+            if len <= MAX_DRAINED_BODY {
+                drain(request.into_body()).await;
+            }
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("Request body too large (at most {max_body} bytes)"),
+            )
+            .into_response()
+        }
+        _ => next.run(request).await,
+    }
+}
+
+/// Reads `body` to its end and drops it, a frame at a time.
+async fn drain(mut body: Body) {
+    use http_body_util::BodyExt;
+    let read = async { while let Some(Ok(_)) = body.frame().await {} };
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, read).await;
 }

@@ -96,6 +96,9 @@ pub fn router(state: AppState) -> Router {
         .merge(protected)
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(|r, n| {
+            limits::declared_body(MAX_BODY, r, n)
+        }))
         .layer(middleware::from_fn(limits::headers))
         .layer(middleware::map_response(error::json_bodies))
         .with_state(state)
