@@ -8,6 +8,7 @@ pub mod output;
 pub mod process;
 mod prune;
 pub mod shim;
+mod shim_filter;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

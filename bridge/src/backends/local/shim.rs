@@ -289,6 +289,11 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
         .collect();
     state.boot_ms = Some(machine.ready().boot.as_millis() as u64);
     write_state(dir, &mut state)?;
+    // The VMM is started and nothing is started after it: what the guest
+    // sends from here on meets a shim that cannot exec, mount or trace.
+    if let Err(e) = super::shim_filter::install() {
+        tracing::warn!("{e}; the shim runs unfiltered");
+    }
 
     let mut output = match OutputLog::open(&dir.join(OUTPUT_FILE), launch.output_cap) {
         Ok(log) => Some(log),
