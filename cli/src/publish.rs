@@ -271,10 +271,11 @@ mod tests {
 
     #[test]
     fn listeners_report_what_they_publish() {
+        let [a, b, c] = free_ports();
         let l = Listeners::bind(&[
-            spec("127.0.0.1", free_port(), 8000),
-            spec("127.0.0.1", free_port(), 8000),
-            spec("127.0.0.1", free_port(), 22),
+            spec("127.0.0.1", a, 8000),
+            spec("127.0.0.1", b, 8000),
+            spec("127.0.0.1", c, 22),
         ])
         .unwrap();
         assert_eq!(l.guest_ports(), [22, 8000]);
@@ -288,11 +289,12 @@ mod tests {
         );
     }
 
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+    /// N distinct free ports: held open together while they are picked
+    /// (one after another, the kernel may hand out the same port again).
+    fn free_ports<const N: usize>() -> [u16; N] {
+        let held: Vec<_> = (0..N)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        std::array::from_fn(|i| held[i].local_addr().unwrap().port())
     }
 }

@@ -8,7 +8,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::Child;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{finish, Home};
 use kiln_tests::images::busybox_layout;
@@ -25,12 +25,13 @@ const SCRIPT: &str = "mkdir -p /www && echo hello-from-the-guest > /www/index.ht
                       && httpd -p 127.0.0.1:8000 -h /www \
                       && echo bye | nc -l -p 8001 && nc -l -p 8003 -e wc -c && echo served";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// N distinct free ports: held open together while they are picked (one
+/// after another, the kernel may hand out the same port again).
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<_> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }
 
 /// A `kiln run` that a failed assertion must not leave running.
@@ -39,6 +40,28 @@ struct Running(Option<Child>);
 impl Running {
     fn finish(mut self) -> std::process::Output {
         finish(self.0.take().expect("child"), LIMIT)
+    }
+
+    /// Polls `f` every 50 ms until it returns Some; fails at once, with
+    /// kiln's output, if kiln ends first, and after [`LIMIT`].
+    fn until<T>(&mut self, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            let child = self.0.as_mut().expect("child");
+            if !matches!(child.try_wait(), Ok(None)) {
+                let out = finish(self.0.take().expect("child"), LIMIT);
+                panic!(
+                    "kiln ended before {what}: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            assert!(Instant::now() < deadline, "no {what} in {LIMIT:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -81,7 +104,7 @@ fn published_ports_reach_guest_servers_cold_and_warm() {
     let layout = busybox_layout(work.path());
     let image = format!("{}:1", layout.display());
     for start in ["cold", "warm"] {
-        let (web, bye, silent, count) = (free_port(), free_port(), free_port(), free_port());
+        let [web, bye, silent, count] = free_ports();
         let specs = [
             format!("127.0.0.1:{web}:8000"),
             format!("{bye}:8001/tcp"),
@@ -93,11 +116,12 @@ fn published_ports_reach_guest_servers_cold_and_warm() {
             args.extend_from_slice(&["-p", s]);
         }
         args.extend_from_slice(&["--oci-layout", &image, "--", "sh", "-c", SCRIPT]);
-        let run = Running(Some(home.kiln(&args).spawn().unwrap()));
+        let mut run = Running(Some(home.kiln(&args).spawn().unwrap()));
 
         // Bound before the VM is up; refused (closed) until httpd serves.
-        let page = wait_for(LIMIT, || http_get(web).filter(|r| r.contains(BODY)));
-        let page = page.unwrap_or_else(|| panic!("no page on port {web} ({start})"));
+        let page = run.until(&format!("a page on port {web} ({start})"), || {
+            http_get(web).filter(|r| r.contains(BODY))
+        });
         assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
         // Several connections, one after another, through the same port.
         for _ in 0..3 {
@@ -110,14 +134,13 @@ fn published_ports_reach_guest_servers_cold_and_warm() {
 
         // nc's stdin ends after "bye": its half-close reaches us as an EOF
         // while our side stays open; our close then ends that nc.
-        let said_bye = wait_for(LIMIT, || {
+        let mut c = run.until(&format!("a bye on port {bye} ({start})"), || {
             let mut c = TcpStream::connect(("127.0.0.1", bye)).ok()?;
             c.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
             let mut got = Vec::new();
             c.read_to_end(&mut got).ok()?;
             (got == b"bye\n").then_some(c)
         });
-        let mut c = said_bye.unwrap_or_else(|| panic!("no bye on port {bye} ({start})"));
         c.write_all(b"still open\n").unwrap();
         c.shutdown(Shutdown::Write).unwrap();
         drop(c);
@@ -200,7 +223,7 @@ fn bad_publish_flags_fail_before_the_vm() {
         "{err}"
     );
 
-    let free = free_port();
+    let [free] = free_ports();
     let (a, b) = (format!("{free}:80"), format!("127.0.0.1:{free}:81"));
     let (code, err) = run(&["-p", &a, "-p", &b]);
     assert_eq!(code, Some(125), "{err}");
