@@ -23,6 +23,7 @@ use crate::devices::serial::{
 };
 use crate::devices::virtio::block::{Block, Disk};
 use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
+use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
@@ -233,7 +234,7 @@ pub(crate) struct VirtioDevices {
     pub vsock: Option<Arc<Mutex<Vsock>>>,
 }
 
-/// Creates the configured devices (vsock, rng, then drives in order) and
+/// Creates the configured devices (vsock, rng, net, then drives in order) and
 /// attaches them.
 pub(crate) fn attach_virtio_devices(
     vm_fd: &VmFd,
@@ -264,6 +265,17 @@ pub(crate) fn attach_virtio_devices(
             source,
         })?));
         virtio.push((dev.clone(), dev, DeviceKind::Rng));
+    }
+    if let Some(net_cfg) = &config.net {
+        let tap = Tap::open(&net_cfg.tap)?;
+        let net = Net::new(tap, net_cfg.mac_bytes()?).map_err(|source| VmError::Setup {
+            what: "virtio-net",
+            source,
+        })?;
+        let dev = Arc::new(Mutex::new(net));
+        let activity = core.timeline.clone();
+        lock(&dev).set_activity_hook(Box::new(move || activity.mark_activity()));
+        virtio.push((dev.clone(), dev, DeviceKind::Net));
     }
     // Drives last and in order: the guest names them vda, vdb, ... as it
     // probes the command line's devices.

@@ -26,6 +26,6 @@ pub mod timeline;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{DriveConfig, SerialOutput, VmConfig, VsockConfig};
+pub use config::{DriveConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
 pub use exit::ExitReason;
 pub use vm::{Payload, Vm, VmError, VmOutcome};

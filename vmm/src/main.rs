@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use kiln_vmm::config::{
-    default_kernel_path, DriveConfig, VmConfig, VsockConfig, DEFAULT_GUEST_CID,
+    default_kernel_path, DriveConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_GUEST_CID,
 };
 use kiln_vmm::exit::code;
 use kiln_vmm::jail::cgroup::Limits;
@@ -75,6 +75,13 @@ struct Args {
     /// Attach a read-only virtio-blk drive (repeatable; ordered with --drive)
     #[arg(long, value_name = "PATH")]
     drive_ro: Vec<PathBuf>,
+    /// Attach a virtio-net card to this host TAP (it must exist, or
+    /// kiln-vmm must be allowed to create it); needs --no-jail for now
+    #[arg(long, value_name = "NAME")]
+    net_tap: Option<String>,
+    /// The virtio-net card's MAC (aa:bb:cc:dd:ee:ff) [default: the guest picks one]
+    #[arg(long, value_name = "MAC", requires = "net_tap")]
+    net_mac: Option<String>,
     /// --drive and --drive-ro merged in command-line order.
     #[arg(skip)]
     drives_in_order: Vec<DriveConfig>,
@@ -237,6 +244,10 @@ fn run(args: Args, started: Instant, cleanup: &mut Cleanup) -> anyhow::Result<i3
         );
     } else if let Some(why) = unjailed_api_sock(api_sock.as_deref(), &config) {
         eprintln!("kiln-vmm: note: this VM runs without the jail: {why}");
+    } else if config.net.is_some() {
+        // The jail's network namespace is empty: the TAP would have to be
+        // opened before entering it, which the jail does not do yet.
+        anyhow::bail!("--net-tap needs --no-jail: the jail's network namespace has no TAP");
     } else {
         // Bad input is reported before the fork, as without the jail.
         config.validate()?;
@@ -367,6 +378,14 @@ fn merge_config(args: &Args) -> anyhow::Result<VmConfig> {
     }
     if !args.drives_in_order.is_empty() {
         c.drives = args.drives_in_order.clone();
+    }
+    if let Some(tap) = &args.net_tap {
+        let net = NetConfig {
+            tap: tap.clone(),
+            mac: args.net_mac.clone(),
+        };
+        net.validate()?;
+        c.net = Some(net);
     }
     if let Some(m) = &args.ready_marker {
         c.ready_marker = m.clone();

@@ -52,6 +52,8 @@ pub enum VmError {
     #[error(transparent)]
     Vsock(#[from] MuxerError),
     #[error(transparent)]
+    Tap(#[from] crate::devices::virtio::net::TapError),
+    #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error("TDX requested, but this host's KVM offers no TDX VM type")]
     TdxUnavailable,
