@@ -32,6 +32,7 @@ use crate::exit::{ExitReason, RunState};
 use crate::host::HostProfile;
 use crate::layout::*;
 use crate::memory;
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::snapshot::DeviceKind;
 use crate::timeline::Timeline;
 use crate::vm::{describe_kvm_open_error, VmError};
@@ -268,10 +269,20 @@ pub(crate) fn attach_virtio_devices(
     }
     if let Some(net_cfg) = &config.net {
         let tap = Tap::open(&net_cfg.tap)?;
-        let net = Net::new(tap, net_cfg.mac_bytes()?).map_err(|source| VmError::Setup {
+        let mut net = Net::new(tap, net_cfg.mac_bytes()?).map_err(|source| VmError::Setup {
             what: "virtio-net",
             source,
         })?;
+        let limiter = |c: &Option<RateLimiterConfig>| {
+            c.as_ref()
+                .map(RateLimiter::new)
+                .transpose()
+                .map_err(ConfigError::from)
+        };
+        net.set_rate_limiters(
+            limiter(&net_cfg.rx_rate_limiter)?,
+            limiter(&net_cfg.tx_rate_limiter)?,
+        );
         let dev = Arc::new(Mutex::new(net));
         let activity = core.timeline.clone();
         lock(&dev).set_activity_hook(Box::new(move || activity.mark_activity()));

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::devices::virtio::block::{Disk, DiskError, ID_BYTES};
 use crate::devices::virtio::net::{self, TapError};
+use crate::rate_limiter::{RateLimiterConfig, RateLimiterError};
 use crate::seccomp::SeccompMode;
 
 /// Most vCPUs a kiln micro-VM may have.
@@ -57,6 +58,8 @@ pub enum ConfigError {
     NetTap(#[from] TapError),
     #[error("invalid MAC address {0:?} (six hex pairs like 02:00:00:00:00:01, not multicast)")]
     Mac(String),
+    #[error(transparent)]
+    RateLimiter(#[from] RateLimiterError),
 }
 
 /// Where the serial console's output goes.
@@ -94,6 +97,13 @@ pub struct NetConfig {
     /// `aa:bb:cc:dd:ee:ff`; the guest picks a random one unless set.
     #[serde(default)]
     pub mac: Option<String>,
+    /// Limits on what reaches the guest: bytes (after the virtio-net
+    /// header) and frames.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on what the guest sends.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl NetConfig {
@@ -110,6 +120,12 @@ impl NetConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         net::tap::check_name(&self.tap)?;
         self.mac_bytes()?;
+        for limiter in [&self.rx_rate_limiter, &self.tx_rate_limiter]
+            .into_iter()
+            .flatten()
+        {
+            limiter.validate()?;
+        }
         Ok(())
     }
 }
@@ -398,9 +414,19 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::Mac(_))));
         c.net = Some(NetConfig {
             tap: "a/b".into(),
-            mac: None,
+            ..net.clone()
         });
         assert!(matches!(c.validate(), Err(ConfigError::NetTap(_))));
+        let limited: NetConfig = serde_json::from_str(
+            r#"{"tap":"t","tx_rate_limiter":{"bandwidth":{"size":1000,"one_time_burst":5000,"refill_time":100},"ops":{"size":10,"refill_time":1000}}}"#,
+        )
+        .unwrap();
+        limited.validate().unwrap();
+        let empty: NetConfig = serde_json::from_str(
+            r#"{"tap":"t","rx_rate_limiter":{"bandwidth":{"size":0,"refill_time":100}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(empty.validate(), Err(ConfigError::RateLimiter(_))));
         let err = serde_json::from_str::<NetConfig>(r#"{"tap":"t","ip":"1"}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
     }

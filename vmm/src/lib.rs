@@ -19,6 +19,7 @@ pub mod jail;
 pub mod layout;
 pub mod memory;
 pub mod metrics;
+pub mod rate_limiter;
 pub mod seccomp;
 pub mod signals;
 pub mod snapshot;

@@ -380,9 +380,16 @@ fn merge_config(args: &Args) -> anyhow::Result<VmConfig> {
         c.drives = args.drives_in_order.clone();
     }
     if let Some(tap) = &args.net_tap {
+        // The config file's rate limits stay; the flags name the card.
         let net = NetConfig {
             tap: tap.clone(),
             mac: args.net_mac.clone(),
+            ..c.net.clone().unwrap_or_else(|| NetConfig {
+                tap: tap.clone(),
+                mac: None,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            })
         };
         net.validate()?;
         c.net = Some(net);

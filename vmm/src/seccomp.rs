@@ -173,6 +173,8 @@ fn main_rules() -> Result<Rules, SeccompError> {
         libc::SYS_epoll_wait,
         libc::SYS_epoll_pwait,
         libc::SYS_epoll_ctl,
+        // virtio-net's rate limiters arm their timers.
+        libc::SYS_timerfd_settime,
         libc::SYS_read,
         libc::SYS_readv,
         // virtio-blk: the drives' data and flushes.

@@ -3,13 +3,14 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde::Serialize;
 use virtio_bindings::bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -18,6 +19,7 @@ use super::{MAX_FRAME, MIN_FRAME, QUEUE_SIZE, VNET_HDR_LEN};
 use crate::devices::virtio::{
     check_queues, read_config_bytes, ActivateError, Interrupt, Memory, VirtioDevice, TYPE_NET,
 };
+use crate::rate_limiter::RateLimiter;
 
 pub(super) const RX: usize = 0;
 pub(super) const TX: usize = 1;
@@ -63,6 +65,9 @@ pub struct Net {
     /// loop's thread, the one whose seccomp filter allows it.
     offload_pending: Option<u32>,
     on_activity: Option<Box<dyn Fn() + Send>>,
+    /// Per direction, frames and bytes (after the header) to the guest and from it.
+    rx_limiter: Option<RateLimiter>,
+    tx_limiter: Option<RateLimiter>,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`; None unless six hex pairs of a unicast address.
@@ -140,7 +145,40 @@ impl Net {
             tx_buf: vec![0u8; MAX_FRAME],
             offload_pending: None,
             on_activity: None,
+            rx_limiter: None,
+            tx_limiter: None,
         })
+    }
+
+    /// Limits what reaches the guest (`rx`) and what it sends (`tx`).
+    /// Set before the device joins the event loop, which watches their timers.
+    pub fn set_rate_limiters(&mut self, rx: Option<RateLimiter>, tx: Option<RateLimiter>) {
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
+    }
+
+    pub(super) fn rx_limiter(&self) -> Option<&RateLimiter> {
+        self.rx_limiter.as_ref()
+    }
+
+    pub(super) fn tx_limiter(&self) -> Option<&RateLimiter> {
+        self.tx_limiter.as_ref()
+    }
+
+    /// The receive limiter's timer fired: serve what it held back.
+    pub fn rx_timer_fired(&mut self) -> usize {
+        if let Some(l) = &mut self.rx_limiter {
+            l.timer_fired();
+        }
+        self.process_rx()
+    }
+
+    /// The transmit limiter's timer fired: serve what it held back.
+    pub fn tx_timer_fired(&mut self) -> usize {
+        if let Some(l) = &mut self.tx_limiter {
+            l.timer_fired();
+        }
+        self.process_tx()
     }
 
     /// Called after each batch of guest frames (watchdog feed).
@@ -166,6 +204,10 @@ impl Net {
         let Some(active) = self.active.as_mut() else {
             return 0;
         };
+        // Frames wait in the TAP until the limiter's timer fires.
+        if self.rx_limiter.as_ref().is_some_and(|l| l.is_blocked()) {
+            return 0;
+        }
         if let Some(flags) = self.offload_pending.take() {
             if let Err(e) = self.tap.set_offload(flags) {
                 tracing::warn!("virtio-net: cannot set the TAP's offloads: {e}");
@@ -194,6 +236,13 @@ impl Net {
                 self.rx_held = Some(len);
                 break;
             };
+            if let Some(l) = &mut self.rx_limiter {
+                if !l.consume((len - VNET_HDR_LEN) as u64, Instant::now()) {
+                    active.queues[RX].go_to_previous_position();
+                    self.rx_held = Some(len);
+                    break;
+                }
+            }
             self.rx_held = None;
             let head = chain.head_index();
             self.rx_buf[NUM_BUFFERS_AT..NUM_BUFFERS_AT + 2].copy_from_slice(&1u16.to_le_bytes());
@@ -231,6 +280,10 @@ impl Net {
         let Some(active) = self.active.as_mut() else {
             return 0;
         };
+        // Frames wait in the queue until the limiter's timer fires.
+        if self.tx_limiter.as_ref().is_some_and(|l| l.is_blocked()) {
+            return 0;
+        }
         let mut served = 0;
         'batch: loop {
             // The guest need not notify while we are draining the queue.
@@ -238,7 +291,15 @@ impl Net {
             let before = served;
             while let Some(chain) = active.queues[TX].pop_descriptor_chain(&active.mem) {
                 let head = chain.head_index();
-                match read_frame(&active.mem, chain, &mut self.tx_buf) {
+                let frame = read_frame(&active.mem, chain, &mut self.tx_buf);
+                if let (Some(len), Some(l)) = (frame, &mut self.tx_limiter) {
+                    if !l.consume((len - VNET_HDR_LEN) as u64, Instant::now()) {
+                        // Taken again, whole, once the timer fires.
+                        active.queues[TX].go_to_previous_position();
+                        break 'batch;
+                    }
+                }
+                match frame {
                     Some(len) => match self.tap.write_frame(&self.tx_buf[..len]) {
                         Ok(_) => {
                             self.counters.tx_packets += 1;

@@ -25,6 +25,12 @@ impl MutEventSubscriber for Net {
         if let Err(e) = ops.add(tap) {
             tracing::error!("virtio-net: cannot watch its TAP: {e:?}");
         }
+        for limiter in [self.rx_limiter(), self.tx_limiter()].into_iter().flatten() {
+            let timer = Events::new_raw(limiter.timer().as_raw_fd(), EventSet::IN);
+            if let Err(e) = ops.add(timer) {
+                tracing::error!("virtio-net: cannot watch a rate limiter: {e:?}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -37,6 +43,16 @@ impl MutEventSubscriber for Net {
             self.process_tx();
         } else if fd == self.tap().as_raw_fd() {
             self.process_rx();
+        } else if self
+            .rx_limiter()
+            .is_some_and(|l| l.timer().as_raw_fd() == fd)
+        {
+            self.rx_timer_fired();
+        } else if self
+            .tx_limiter()
+            .is_some_and(|l| l.timer().as_raw_fd() == fd)
+        {
+            self.tx_timer_fired();
         } else {
             let _ = ops.remove(events);
         }
