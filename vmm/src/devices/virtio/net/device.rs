@@ -214,13 +214,20 @@ impl Net {
             }
         }
         let mut served = 0;
+        let mut reads = 0;
         loop {
+            // Runts dropped count too: a flood of them gets a batch.
+            if reads >= BATCH_LIMIT {
+                let _ = self.queue_events[RX].write(1);
+                break;
+            }
             let len = match self.rx_held {
                 Some(len) => len,
                 None => match self.tap.read_frame(&mut self.rx_buf) {
                     // A closed stand-in; a TAP never reads 0.
                     Ok(0) => break,
                     Ok(len) if len < MIN_FRAME => {
+                        reads += 1;
                         self.counters.rx_dropped += 1;
                         continue;
                     }
@@ -262,10 +269,7 @@ impl Net {
                 break;
             }
             served += 1;
-            if served >= BATCH_LIMIT {
-                let _ = self.queue_events[RX].write(1);
-                break;
-            }
+            reads += 1;
         }
         if served > 0 {
             active.interrupt.signal_used_queue();

@@ -238,6 +238,26 @@ fn runt_frames_from_the_tap_are_dropped() {
 }
 
 #[test]
+fn runts_are_dropped_and_counted_against_the_batch() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem);
+    let rx_evt = rig.dev.queue_events()[0].try_clone().unwrap();
+    let _ = rx_evt.read();
+    // As many as the socket queues (net.unix.max_dgram_qlen, often only
+    // 10): past a batch, the rest wait for the re-armed event.
+    let mut sent = 0;
+    while sent < BATCH_LIMIT + 10 && rig.peer.write_frame(&[0u8; 4]).is_ok() {
+        sent += 1;
+    }
+    assert_eq!(rig.dev.process_rx(), 0);
+    let dropped = rig.dev.counters().rx_dropped;
+    assert_eq!(dropped as usize, sent.min(BATCH_LIMIT));
+    if sent > BATCH_LIMIT {
+        assert_eq!(rx_evt.read().unwrap(), 1, "the rest re-armed");
+    }
+}
+
+#[test]
 fn malformed_transmit_chains_are_dropped_and_returned() {
     let mem = memory();
     let mut rig = Rig::new(&mem);
