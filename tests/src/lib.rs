@@ -320,6 +320,21 @@ impl VmmProcess {
         VmmProcess { child }
     }
 
+    /// Like [`VmmProcess::spawn`], inside the named network namespace
+    /// (`ip netns exec`, which execs: the child is kiln-vmm itself).
+    pub fn spawn_in_netns(netns: &str, args: &[&str]) -> Self {
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(bin("kiln-vmm"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kiln-vmm in a network namespace");
+        VmmProcess { child }
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }

@@ -268,7 +268,12 @@ pub(crate) fn attach_virtio_devices(
         virtio.push((dev.clone(), dev, DeviceKind::Rng));
     }
     if let Some(net_cfg) = &config.net {
-        let tap = Tap::open(&net_cfg.tap)?;
+        // Jailed, the TAP was attached before the jail's empty network
+        // namespace (see `jail::held`).
+        let tap = match crate::jail::held::take_tap(&net_cfg.tap) {
+            Some(tap) => tap,
+            None => Tap::open(&net_cfg.tap)?,
+        };
         let mut net = Net::new(tap, net_cfg.mac_bytes()?).map_err(|source| VmError::Setup {
             what: "virtio-net",
             source,

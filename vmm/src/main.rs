@@ -76,7 +76,8 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     drive_ro: Vec<PathBuf>,
     /// Attach a virtio-net card to this host TAP (it must exist, or
-    /// kiln-vmm must be allowed to create it); needs --no-jail for now
+    /// kiln-vmm must be allowed to create it); the jail attaches to it
+    /// before it enters its empty network namespace
     #[arg(long, value_name = "NAME")]
     net_tap: Option<String>,
     /// The virtio-net card's MAC (aa:bb:cc:dd:ee:ff) [default: the guest picks one]
@@ -244,10 +245,6 @@ fn run(args: Args, started: Instant, cleanup: &mut Cleanup) -> anyhow::Result<i3
         );
     } else if let Some(why) = unjailed_api_sock(api_sock.as_deref(), &config) {
         eprintln!("kiln-vmm: note: this VM runs without the jail: {why}");
-    } else if config.net.is_some() {
-        // The jail's network namespace is empty: the TAP would have to be
-        // opened before entering it, which the jail does not do yet.
-        anyhow::bail!("--net-tap needs --no-jail: the jail's network namespace has no TAP");
     } else {
         // Bad input is reported before the fork, as without the jail.
         config.validate()?;
