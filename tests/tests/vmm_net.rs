@@ -112,6 +112,7 @@ fn guest_exchanges_tcp_with_a_listener_behind_its_tap() {
     let init = static_guest_binary("kiln-tests", "kiln-test-net");
     let initrd = initramfs_with_init(dir.path(), &init);
     let serial = dir.path().join("serial.log");
+    let metrics = dir.path().join("metrics.json");
     let ns = NetNs::new();
     let server = ns.spawn(|| {
         let listener = TcpListener::bind("10.77.0.1:7777").map_err(|e| e.to_string())?;
@@ -133,6 +134,8 @@ fn guest_exchanges_tcp_with_a_listener_behind_its_tap() {
             MAC,
             "--serial-log",
             serial.to_str().unwrap(),
+            "--metrics",
+            metrics.to_str().unwrap(),
             "--die-with-parent",
         ],
     );
@@ -162,6 +165,15 @@ fn guest_exchanges_tcp_with_a_listener_behind_its_tap() {
         fnv1a(&host_pattern())
     ));
     assert_eq!(server.join().unwrap(), Ok(guest_fnv));
+
+    // The card's counters: at least the payloads, each way.
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    let net = &m["net"];
+    assert_eq!(net["tap"], TAP, "{m}");
+    assert!(net["tx_bytes"].as_u64().unwrap() >= PAYLOAD as u64, "{m}");
+    assert!(net["rx_bytes"].as_u64().unwrap() >= PAYLOAD as u64, "{m}");
+    assert_eq!(net["tx_dropped"], 0, "{m}");
     drop(ns);
 }
 

@@ -226,6 +226,8 @@ pub(crate) struct VirtioDevices {
     pub cmdline_devices: Vec<(u64, u32)>,
     /// virtio-blk devices, in guest order (for metrics).
     pub drives: Vec<Arc<Mutex<Block>>>,
+    /// The virtio-net card (for metrics).
+    pub net: Option<Arc<Mutex<Net>>>,
     /// Files the devices created and the VM must remove.
     pub owned_paths: Vec<PathBuf>,
     /// Every transport, in guest order, with what its device is.
@@ -246,6 +248,7 @@ pub(crate) fn attach_virtio_devices(
     let mut owned_paths = Vec::new();
     let mut virtio: Vec<(SharedDevice, Subscriber, DeviceKind)> = Vec::new();
     let mut vsock = None;
+    let mut net_dev = None;
     if let Some(vsock_cfg) = &config.vsock {
         let dev = Arc::new(Mutex::new(Vsock::new(
             vsock_cfg.guest_cid,
@@ -291,6 +294,7 @@ pub(crate) fn attach_virtio_devices(
         let dev = Arc::new(Mutex::new(net));
         let activity = core.timeline.clone();
         lock(&dev).set_activity_hook(Box::new(move || activity.mark_activity()));
+        net_dev = Some(dev.clone());
         virtio.push((dev.clone(), dev, DeviceKind::Net));
     }
     // Drives last and in order: the guest names them vda, vdb, ... as it
@@ -353,6 +357,7 @@ pub(crate) fn attach_virtio_devices(
         mmio,
         cmdline_devices,
         drives,
+        net: net_dev,
         owned_paths,
         transports,
         devices,

@@ -7,8 +7,9 @@
 //! the committed corpus through them on stable.
 //!
 //! Input layout: byte 0 picks the queue size (a power of two, 1 to 256,
-//! from its low bits) and two flags (bit 4: VIRTIO_F_EVENT_IDX negotiated;
-//! bit 5: the block device's drive is writable); bytes 1-2 are the avail
+//! from its low bits) and three flags (bit 4: VIRTIO_F_EVENT_IDX
+//! negotiated; bit 5: the block device's drive is writable; bit 6: the
+//! network card's rate limits are tight); bytes 1-2 are the avail
 //! index the device expects next (le16, as if it had served that many);
 //! the rest is guest memory from address 0. Queue `i` has its descriptor
 //! table at `i * 0x3000`, its avail ring a page above and its used ring
@@ -33,6 +34,7 @@ use crate::devices::virtio::net::{self, Net, Tap};
 use crate::devices::virtio::rng::{self, Rng};
 use crate::devices::virtio::vsock::{muxer, Vsock};
 use crate::devices::virtio::{Interrupt, Memory, VirtioDevice};
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, TokenBucketConfig};
 
 /// Guest memory the driver's bytes are laid into.
 const MEM_SIZE: usize = 64 * 1024;
@@ -54,6 +56,7 @@ struct Driver {
     size: u16,
     event_idx: bool,
     writable_disk: bool,
+    tight_limits: bool,
     next_avail: u16,
 }
 
@@ -69,6 +72,7 @@ impl Driver {
             size: 1 << ((flags & 0x0f) % 9),
             event_idx: flags & 0x10 != 0,
             writable_disk: flags & 0x20 != 0,
+            tight_limits: flags & 0x40 != 0,
             next_avail: u16::from_le_bytes([next[0], next[1]]),
         })
     }
@@ -248,6 +252,26 @@ pub fn net(data: &[u8]) {
     let Ok(mut dev) = Net::new(Tap::from_fd(ours, offloads), Some([2, 0, 0, 0, 0, 1])) else {
         return;
     };
+    if driver.tight_limits {
+        // A few small frames per direction, then the limiter holds the rest
+        // (an hour's refill: none within a run).
+        let tight = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig {
+                size: 2000,
+                one_time_burst: 100,
+                refill_time: 3_600_000,
+            }),
+            ops: Some(TokenBucketConfig {
+                size: 3,
+                one_time_burst: 0,
+                refill_time: 3_600_000,
+            }),
+        };
+        let (Ok(rx), Ok(tx)) = (RateLimiter::new(&tight), RateLimiter::new(&tight)) else {
+            return;
+        };
+        dev.set_rate_limiters(Some(rx), Some(tx));
+    }
     let host = Tap::from_fd(theirs, 0);
     let mut sent = 0u64;
     for (i, &len) in HOST_FRAMES.iter().enumerate() {
@@ -281,6 +305,12 @@ pub fn net(data: &[u8]) {
         frames += 1;
     }
     assert_eq!(frames, c.tx_packets, "frames the host got");
+    if driver.tight_limits {
+        assert!(
+            c.tx_packets <= 3 && c.rx_packets <= 3,
+            "past the limits: {c:?}"
+        );
+    }
 }
 
 /// A directory of its own for each input's vsock sockets.
