@@ -397,7 +397,7 @@ impl VirtioDevice for Net {
         self.avail_features
     }
     fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
+        self.acked_features = features;
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
@@ -414,7 +414,8 @@ impl VirtioDevice for Net {
             queues,
             interrupt,
         });
-        self.offload_pending = Some(offloads_for(self.acked_features));
+        // Only what was offered: a driver claiming more gets no more.
+        self.offload_pending = Some(offloads_for(self.acked_features & self.avail_features));
         // Frames may have waited in the TAP before the driver was ready.
         let _ = self.queue_events[RX].write(1);
         Ok(())
