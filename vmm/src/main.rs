@@ -81,7 +81,12 @@ struct Args {
     #[arg(long, value_name = "NAME")]
     net_tap: Option<String>,
     /// The virtio-net card's MAC (aa:bb:cc:dd:ee:ff) [default: the guest picks one]
-    #[arg(long, value_name = "MAC", requires = "net_tap")]
+    #[arg(
+        long,
+        value_name = "MAC",
+        requires = "net_tap",
+        conflicts_with = "restore"
+    )]
     net_mac: Option<String>,
     /// --drive and --drive-ro merged in command-line order.
     #[arg(skip)]
@@ -109,8 +114,8 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     cleanup: Vec<PathBuf>,
     /// Restore the VM saved in this snapshot state file instead of booting
-    /// (with --mem-file; --vsock-uds, --drive/--drive-ro, --serial-log,
-    /// --watchdog-secs give the clone its own)
+    /// (with --mem-file; --vsock-uds, --net-tap, --drive/--drive-ro,
+    /// --serial-log, --watchdog-secs give the clone its own)
     #[arg(long, value_name = "STATE", requires = "mem_file")]
     restore: Option<PathBuf>,
     /// The snapshot's guest memory file (mapped copy-on-write, never changed)
@@ -226,6 +231,7 @@ fn run(args: Args, started: Instant, cleanup: &mut Cleanup) -> anyhow::Result<i3
                 // Absolute, as the jail needs it (and harmless without it).
                 mem: jail::absolute(mem),
                 vsock_uds: args.vsock_uds.clone(),
+                net_tap: args.net_tap.clone(),
                 drives: args.drives_in_order.clone(),
                 serial,
                 watchdog_secs: args.watchdog_secs,
