@@ -15,7 +15,7 @@ cd "$repo/tests/fuzz"
 seconds=${1:-10}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(frames cpio_names layers grant_json virtio_rng virtio_blk vsock)
+[ ${#targets[@]} -gt 0 ] || targets=(frames cpio_names layers grant_json virtio_rng virtio_blk virtio_net vsock)
 
 if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   echo "fuzz: no nightly toolchain (rustup toolchain install nightly); skipped" >&2

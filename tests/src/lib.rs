@@ -320,6 +320,34 @@ impl VmmProcess {
         VmmProcess { child }
     }
 
+    /// Like [`VmmProcess::spawn`], inside the named network namespace
+    /// (`/run/netns/NAME`, as `ip netns add` makes it). Only the network
+    /// namespace changes: `ip netns exec` would also remount /sys, hiding
+    /// the host's cgroup v1 hierarchies from the jail.
+    pub fn spawn_in_netns(netns: &str, args: &[&str]) -> Self {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let ns = std::fs::File::open(format!("/run/netns/{netns}")).expect("open the netns");
+        let ns_fd = ns.as_raw_fd();
+        let mut cmd = Command::new(bin("kiln-vmm"));
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: setns is async-signal-safe and touches no memory of ours.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn kiln-vmm in a network namespace");
+        drop(ns);
+        VmmProcess { child }
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }

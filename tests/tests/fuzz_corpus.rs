@@ -56,3 +56,8 @@ fn virtio_blk_queue() {
 fn vsock_queues_and_muxer() {
     replay("vsock", kiln_vmm::fuzz::vsock);
 }
+
+#[test]
+fn virtio_net_queues() {
+    replay("virtio_net", kiln_vmm::fuzz::net);
+}

@@ -23,6 +23,7 @@ use crate::devices::serial::{
 };
 use crate::devices::virtio::block::{Block, Disk};
 use crate::devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
+use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
@@ -31,6 +32,7 @@ use crate::exit::{ExitReason, RunState};
 use crate::host::HostProfile;
 use crate::layout::*;
 use crate::memory;
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::snapshot::DeviceKind;
 use crate::timeline::Timeline;
 use crate::vm::{describe_kvm_open_error, VmError};
@@ -224,6 +226,8 @@ pub(crate) struct VirtioDevices {
     pub cmdline_devices: Vec<(u64, u32)>,
     /// virtio-blk devices, in guest order (for metrics).
     pub drives: Vec<Arc<Mutex<Block>>>,
+    /// The virtio-net card (for metrics).
+    pub net: Option<Arc<Mutex<Net>>>,
     /// Files the devices created and the VM must remove.
     pub owned_paths: Vec<PathBuf>,
     /// Every transport, in guest order, with what its device is.
@@ -233,7 +237,7 @@ pub(crate) struct VirtioDevices {
     pub vsock: Option<Arc<Mutex<Vsock>>>,
 }
 
-/// Creates the configured devices (vsock, rng, then drives in order) and
+/// Creates the configured devices (vsock, rng, net, then drives in order) and
 /// attaches them.
 pub(crate) fn attach_virtio_devices(
     vm_fd: &VmFd,
@@ -244,6 +248,7 @@ pub(crate) fn attach_virtio_devices(
     let mut owned_paths = Vec::new();
     let mut virtio: Vec<(SharedDevice, Subscriber, DeviceKind)> = Vec::new();
     let mut vsock = None;
+    let mut net_dev = None;
     if let Some(vsock_cfg) = &config.vsock {
         let dev = Arc::new(Mutex::new(Vsock::new(
             vsock_cfg.guest_cid,
@@ -264,6 +269,33 @@ pub(crate) fn attach_virtio_devices(
             source,
         })?));
         virtio.push((dev.clone(), dev, DeviceKind::Rng));
+    }
+    if let Some(net_cfg) = &config.net {
+        // Jailed, the TAP was attached before the jail's empty network
+        // namespace (see `jail::held`).
+        let tap = match crate::jail::held::take_tap(&net_cfg.tap) {
+            Some(tap) => tap,
+            None => Tap::open(&net_cfg.tap)?,
+        };
+        let mut net = Net::new(tap, net_cfg.mac_bytes()?).map_err(|source| VmError::Setup {
+            what: "virtio-net",
+            source,
+        })?;
+        let limiter = |c: &Option<RateLimiterConfig>| {
+            c.as_ref()
+                .map(RateLimiter::new)
+                .transpose()
+                .map_err(ConfigError::from)
+        };
+        net.set_rate_limiters(
+            limiter(&net_cfg.rx_rate_limiter)?,
+            limiter(&net_cfg.tx_rate_limiter)?,
+        );
+        let dev = Arc::new(Mutex::new(net));
+        let activity = core.timeline.clone();
+        lock(&dev).set_activity_hook(Box::new(move || activity.mark_activity()));
+        net_dev = Some(dev.clone());
+        virtio.push((dev.clone(), dev, DeviceKind::Net));
     }
     // Drives last and in order: the guest names them vda, vdb, ... as it
     // probes the command line's devices.
@@ -325,6 +357,7 @@ pub(crate) fn attach_virtio_devices(
         mmio,
         cmdline_devices,
         drives,
+        net: net_dev,
         owned_paths,
         transports,
         devices,

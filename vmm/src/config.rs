@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::virtio::block::{Disk, DiskError, ID_BYTES};
+use crate::devices::virtio::net::{self, TapError};
+use crate::rate_limiter::{RateLimiterConfig, RateLimiterError};
 use crate::seccomp::SeccompMode;
 
 /// Most vCPUs a kiln micro-VM may have.
@@ -52,6 +54,12 @@ pub enum ConfigError {
     DriveId(String),
     #[error(transparent)]
     Drive(#[from] DiskError),
+    #[error(transparent)]
+    NetTap(#[from] TapError),
+    #[error("invalid MAC address {0:?} (six hex pairs like 02:00:00:00:00:01, not multicast)")]
+    Mac(String),
+    #[error(transparent)]
+    RateLimiter(#[from] RateLimiterError),
 }
 
 /// Where the serial console's output goes.
@@ -78,6 +86,48 @@ pub struct VsockConfig {
 
 fn default_guest_cid() -> u64 {
     DEFAULT_GUEST_CID
+}
+
+/// The virtio-net card: the host TAP it is attached to, and its MAC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// An existing TAP's name (or one the VMM may create).
+    pub tap: String,
+    /// `aa:bb:cc:dd:ee:ff`; the guest picks a random one unless set.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// Limits on what reaches the guest: bytes (after the virtio-net
+    /// header) and frames.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on what the guest sends.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+impl NetConfig {
+    /// The MAC as bytes, checked.
+    pub fn mac_bytes(&self) -> Result<Option<[u8; 6]>, ConfigError> {
+        match &self.mac {
+            None => Ok(None),
+            Some(m) => net::parse_mac(m)
+                .map(Some)
+                .ok_or_else(|| ConfigError::Mac(m.clone())),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        net::tap::check_name(&self.tap)?;
+        self.mac_bytes()?;
+        for limiter in [&self.rx_rate_limiter, &self.tx_rate_limiter]
+            .into_iter()
+            .flatten()
+        {
+            limiter.validate()?;
+        }
+        Ok(())
+    }
 }
 
 /// A virtio-blk drive: a regular file or block device whose size is a
@@ -150,6 +200,9 @@ pub struct VmConfig {
     /// virtio-blk drives, in guest order: the first is /dev/vda.
     #[serde(default)]
     pub drives: Vec<DriveConfig>,
+    /// A virtio-net card on a host TAP.
+    #[serde(default)]
+    pub net: Option<NetConfig>,
     /// A line on the serial console that marks the guest ready (for metrics).
     #[serde(default = "default_ready_marker")]
     pub ready_marker: String,
@@ -204,6 +257,7 @@ impl VmConfig {
             vsock: None,
             rng: true,
             drives: Vec::new(),
+            net: None,
             ready_marker: default_ready_marker(),
             init_failed_marker: default_init_failed_marker(),
             watchdog_secs: default_watchdog_secs(),
@@ -248,6 +302,9 @@ impl VmConfig {
         }
         for d in &self.drives {
             d.validate()?;
+        }
+        if let Some(n) = &self.net {
+            n.validate()?;
         }
         Ok(())
     }
@@ -339,6 +396,39 @@ mod tests {
                 .unwrap();
         assert_eq!(ok.vcpus, 2);
         assert_eq!(ok.serial, SerialOutput::File("/tmp/s".into()));
+    }
+
+    #[test]
+    fn net_is_checked() {
+        let mut c: VmConfig = serde_json::from_str(
+            r#"{"kernel":"/k","net":{"tap":"tap0","mac":"02:00:00:00:00:07"}}"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let net = c.net.clone().unwrap();
+        assert_eq!(net.mac_bytes().unwrap(), Some([2, 0, 0, 0, 0, 7]));
+        c.net = Some(NetConfig {
+            mac: Some("02:00:00:00:00".into()),
+            ..net.clone()
+        });
+        assert!(matches!(c.validate(), Err(ConfigError::Mac(_))));
+        c.net = Some(NetConfig {
+            tap: "a/b".into(),
+            ..net.clone()
+        });
+        assert!(matches!(c.validate(), Err(ConfigError::NetTap(_))));
+        let limited: NetConfig = serde_json::from_str(
+            r#"{"tap":"t","tx_rate_limiter":{"bandwidth":{"size":1000,"one_time_burst":5000,"refill_time":100},"ops":{"size":10,"refill_time":1000}}}"#,
+        )
+        .unwrap();
+        limited.validate().unwrap();
+        let empty: NetConfig = serde_json::from_str(
+            r#"{"tap":"t","rx_rate_limiter":{"bandwidth":{"size":0,"refill_time":100}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(empty.validate(), Err(ConfigError::RateLimiter(_))));
+        let err = serde_json::from_str::<NetConfig>(r#"{"tap":"t","ip":"1"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! the committed corpus through them on stable.
 //!
 //! Input layout: byte 0 picks the queue size (a power of two, 1 to 256,
-//! from its low bits) and two flags (bit 4: VIRTIO_F_EVENT_IDX negotiated;
-//! bit 5: the block device's drive is writable); bytes 1-2 are the avail
+//! from its low bits) and three flags (bit 4: VIRTIO_F_EVENT_IDX
+//! negotiated; bit 5: the block device's drive is writable; bit 6: the
+//! network card's rate limits are tight); bytes 1-2 are the avail
 //! index the device expects next (le16, as if it had served that many);
 //! the rest is guest memory from address 0. Queue `i` has its descriptor
 //! table at `i * 0x3000`, its avail ring a page above and its used ring
@@ -16,6 +17,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::io::FromRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -28,9 +30,11 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::virtio::block::{self, Block, Disk, SECTOR_SIZE};
+use crate::devices::virtio::net::{self, Net, Tap};
 use crate::devices::virtio::rng::{self, Rng};
 use crate::devices::virtio::vsock::{muxer, Vsock};
 use crate::devices::virtio::{Interrupt, Memory, VirtioDevice};
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig, TokenBucketConfig};
 
 /// Guest memory the driver's bytes are laid into.
 const MEM_SIZE: usize = 64 * 1024;
@@ -52,6 +56,7 @@ struct Driver {
     size: u16,
     event_idx: bool,
     writable_disk: bool,
+    tight_limits: bool,
     next_avail: u16,
 }
 
@@ -67,6 +72,7 @@ impl Driver {
             size: 1 << ((flags & 0x0f) % 9),
             event_idx: flags & 0x10 != 0,
             writable_disk: flags & 0x20 != 0,
+            tight_limits: flags & 0x40 != 0,
             next_avail: u16::from_le_bytes([next[0], next[1]]),
         })
     }
@@ -198,6 +204,115 @@ pub fn block(data: &[u8]) {
     }
 }
 
+/// Frames the host side has waiting for the guest, header first: an
+/// Ethernet minimum, a full one, a runt the device must drop, and one a
+/// TSO offload could hand over.
+const HOST_FRAMES: [usize; 4] = [
+    net::MIN_FRAME + 46,
+    net::VNET_HDR_LEN + 1514,
+    5,
+    net::MAX_FRAME,
+];
+
+/// A connected pair of non-blocking `SOCK_SEQPACKET` sockets: one frame
+/// per message, as a TAP.
+fn frame_pair() -> Option<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors; the result is checked.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: both were just created and are owned by nothing else.
+    unsafe { Some((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))) }
+}
+
+/// virtio-net: the guest's frames (tx queue 1) to a stand-in TAP, and the
+/// host's waiting frames into the guest's buffers (rx queue 0). Each queue
+/// serves at most a batch per notification, every chain taken is counted,
+/// only whole frames reach the host, and no more reach the guest than the
+/// host sent.
+pub fn net(data: &[u8]) {
+    let Some(driver) = Driver::decode(data) else {
+        return;
+    };
+    let (Some(queues), Some(interrupt), Some((ours, theirs))) =
+        (driver.queues(2), interrupt(), frame_pair())
+    else {
+        return;
+    };
+    let offloads = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+    let Ok(mut dev) = Net::new(Tap::from_fd(ours, offloads), Some([2, 0, 0, 0, 0, 1])) else {
+        return;
+    };
+    if driver.tight_limits {
+        // A few small frames per direction, then the limiter holds the rest
+        // (an hour's refill: none within a run).
+        let tight = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig {
+                size: 2000,
+                one_time_burst: 100,
+                refill_time: 3_600_000,
+            }),
+            ops: Some(TokenBucketConfig {
+                size: 3,
+                one_time_burst: 0,
+                refill_time: 3_600_000,
+            }),
+        };
+        let (Ok(rx), Ok(tx)) = (RateLimiter::new(&tight), RateLimiter::new(&tight)) else {
+            return;
+        };
+        dev.set_rate_limiters(Some(rx), Some(tx));
+    }
+    let host = Tap::from_fd(theirs, 0);
+    let mut sent = 0u64;
+    for (i, &len) in HOST_FRAMES.iter().enumerate() {
+        if host.write_frame(&vec![i as u8; len]).is_ok() {
+            sent += 1;
+        }
+    }
+    dev.set_acked_features(dev.avail_features());
+    if dev.activate(driver.mem.clone(), queues, interrupt).is_err() {
+        return;
+    }
+    let tx = dev.process_tx();
+    let rx = dev.process_rx();
+    let c = dev.counters();
+    assert!(tx <= net::BATCH_LIMIT, "{tx} tx chains in one batch");
+    assert!(rx <= net::BATCH_LIMIT, "{rx} rx buffers in one batch");
+    // A chain whose used entry could not be written is counted, not served.
+    let taken = c.tx_packets + c.tx_dropped;
+    assert!(
+        taken == tx as u64 || taken == tx as u64 + 1,
+        "{taken} tx chains counted, {tx} served"
+    );
+    assert!(c.rx_packets + c.rx_dropped <= sent, "more frames than sent");
+    let mut buf = vec![0u8; net::MAX_FRAME + 1];
+    let mut frames = 0;
+    while let Ok(n) = host.read_frame(&mut buf) {
+        assert!(
+            (net::MIN_FRAME..=net::MAX_FRAME).contains(&n),
+            "a {n}-byte frame reached the host"
+        );
+        frames += 1;
+    }
+    assert_eq!(frames, c.tx_packets, "frames the host got");
+    if driver.tight_limits {
+        assert!(
+            c.tx_packets <= 3 && c.rx_packets <= 3,
+            "past the limits: {c:?}"
+        );
+    }
+}
+
 /// A directory of its own for each input's vsock sockets.
 struct SocketDir(PathBuf);
 
@@ -302,6 +417,7 @@ mod tests {
             rng(input);
             block(input);
             vsock(input);
+            net(input);
         }
     }
 
@@ -326,5 +442,36 @@ mod tests {
         assert_eq!(dev.process_queue(), 1);
         assert_eq!(dev.bytes_served, 64);
         rng(&input);
+    }
+
+    #[test]
+    fn a_well_formed_net_input_moves_frames_both_ways() {
+        // Queue size 1: an rx buffer of 2 KiB at 0x8000; a 112-byte tx
+        // frame at 0x6000.
+        let mut input = vec![0u8, 0, 0];
+        let mut mem = vec![0u8; 0x6000 + 112];
+        mem[0..8].copy_from_slice(&0x8000u64.to_le_bytes());
+        mem[8..12].copy_from_slice(&0x800u32.to_le_bytes());
+        mem[12..14].copy_from_slice(&2u16.to_le_bytes()); // VRING_DESC_F_WRITE
+        mem[0x1002..0x1004].copy_from_slice(&1u16.to_le_bytes());
+        mem[0x3000..0x3008].copy_from_slice(&0x6000u64.to_le_bytes());
+        mem[0x3008..0x300c].copy_from_slice(&112u32.to_le_bytes());
+        mem[0x4002..0x4004].copy_from_slice(&1u16.to_le_bytes());
+        input.extend_from_slice(&mem);
+        let driver = Driver::decode(&input).unwrap();
+        let (ours, theirs) = frame_pair().unwrap();
+        let host = Tap::from_fd(theirs, 0);
+        host.write_frame(&[7u8; HOST_FRAMES[0]]).unwrap();
+        let mut dev = Net::new(Tap::from_fd(ours, 0), None).unwrap();
+        dev.activate(
+            driver.mem.clone(),
+            driver.queues(2).unwrap(),
+            interrupt().unwrap(),
+        )
+        .unwrap();
+        assert_eq!((dev.process_tx(), dev.process_rx()), (1, 1));
+        let c = dev.counters();
+        assert_eq!((c.tx_packets, c.rx_packets), (1, 1));
+        net(&input);
     }
 }

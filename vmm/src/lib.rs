@@ -19,6 +19,7 @@ pub mod jail;
 pub mod layout;
 pub mod memory;
 pub mod metrics;
+pub mod rate_limiter;
 pub mod seccomp;
 pub mod signals;
 pub mod snapshot;
@@ -26,6 +27,6 @@ pub mod timeline;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{DriveConfig, SerialOutput, VmConfig, VsockConfig};
+pub use config::{DriveConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
 pub use exit::ExitReason;
 pub use vm::{Payload, Vm, VmError, VmOutcome};

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use kiln_vmm::config::{
-    default_kernel_path, DriveConfig, VmConfig, VsockConfig, DEFAULT_GUEST_CID,
+    default_kernel_path, DriveConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_GUEST_CID,
 };
 use kiln_vmm::exit::code;
 use kiln_vmm::jail::cgroup::Limits;
@@ -75,6 +75,19 @@ struct Args {
     /// Attach a read-only virtio-blk drive (repeatable; ordered with --drive)
     #[arg(long, value_name = "PATH")]
     drive_ro: Vec<PathBuf>,
+    /// Attach a virtio-net card to this host TAP (it must exist, or
+    /// kiln-vmm must be allowed to create it); the jail attaches to it
+    /// before it enters its empty network namespace
+    #[arg(long, value_name = "NAME")]
+    net_tap: Option<String>,
+    /// The virtio-net card's MAC (aa:bb:cc:dd:ee:ff) [default: the guest picks one]
+    #[arg(
+        long,
+        value_name = "MAC",
+        requires = "net_tap",
+        conflicts_with = "restore"
+    )]
+    net_mac: Option<String>,
     /// --drive and --drive-ro merged in command-line order.
     #[arg(skip)]
     drives_in_order: Vec<DriveConfig>,
@@ -101,8 +114,8 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     cleanup: Vec<PathBuf>,
     /// Restore the VM saved in this snapshot state file instead of booting
-    /// (with --mem-file; --vsock-uds, --drive/--drive-ro, --serial-log,
-    /// --watchdog-secs give the clone its own)
+    /// (with --mem-file; --vsock-uds, --net-tap, --drive/--drive-ro,
+    /// --serial-log, --watchdog-secs give the clone its own)
     #[arg(long, value_name = "STATE", requires = "mem_file")]
     restore: Option<PathBuf>,
     /// The snapshot's guest memory file (mapped copy-on-write, never changed)
@@ -218,6 +231,7 @@ fn run(args: Args, started: Instant, cleanup: &mut Cleanup) -> anyhow::Result<i3
                 // Absolute, as the jail needs it (and harmless without it).
                 mem: jail::absolute(mem),
                 vsock_uds: args.vsock_uds.clone(),
+                net_tap: args.net_tap.clone(),
                 drives: args.drives_in_order.clone(),
                 serial,
                 watchdog_secs: args.watchdog_secs,
@@ -367,6 +381,21 @@ fn merge_config(args: &Args) -> anyhow::Result<VmConfig> {
     }
     if !args.drives_in_order.is_empty() {
         c.drives = args.drives_in_order.clone();
+    }
+    if let Some(tap) = &args.net_tap {
+        // The config file's rate limits stay; the flags name the card.
+        let net = NetConfig {
+            tap: tap.clone(),
+            mac: args.net_mac.clone(),
+            ..c.net.clone().unwrap_or_else(|| NetConfig {
+                tap: tap.clone(),
+                mac: None,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            })
+        };
+        net.validate()?;
+        c.net = Some(net);
     }
     if let Some(m) = &args.ready_marker {
         c.ready_marker = m.clone();

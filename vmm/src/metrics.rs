@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::devices::virtio::block::BlockCounters;
+use crate::devices::virtio::net::NetCounters;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Metrics {
@@ -35,6 +36,17 @@ pub struct Metrics {
     /// virtio-blk drives, in guest order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub drives: Vec<DriveMetrics>,
+    /// The virtio-net card, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetMetrics>,
+}
+
+/// What the virtio-net card carried.
+#[derive(Clone, Debug, Serialize)]
+pub struct NetMetrics {
+    pub tap: String,
+    #[serde(flatten)]
+    pub counters: NetCounters,
 }
 
 /// What one virtio-blk drive served.

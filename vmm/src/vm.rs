@@ -20,6 +20,7 @@ use crate::devices::console_input::ConsoleInput;
 use crate::devices::pvpanic;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::MuxerError;
 use crate::devices::virtio::MmioTransport;
 use crate::devices::{bus::lock, Bus};
@@ -27,7 +28,7 @@ use crate::exit::{ExitReason, RunState};
 use crate::host::{HostProfile, Virtualization};
 use crate::layout::*;
 use crate::memory::{self, MemoryError};
-use crate::metrics::{self, DriveMetrics, Metrics};
+use crate::metrics::{self, DriveMetrics, Metrics, NetMetrics};
 use crate::seccomp::{self, ThreadKind};
 use crate::signals::{install_kick_handler, SignalWatch};
 use crate::snapshot::{self, DeviceKind, DeviceState, MachineState, SnapshotError, VmState};
@@ -51,6 +52,8 @@ pub enum VmError {
     Boot(#[from] BootError),
     #[error(transparent)]
     Vsock(#[from] MuxerError),
+    #[error(transparent)]
+    Tap(#[from] crate::devices::virtio::net::TapError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error("TDX requested, but this host's KVM offers no TDX VM type")]
@@ -119,6 +122,8 @@ pub struct Vm {
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     /// virtio-blk devices, in guest order (for metrics).
     pub(crate) drives: Vec<Arc<Mutex<Block>>>,
+    /// The virtio-net card (for metrics).
+    pub(crate) net: Option<Arc<Mutex<Net>>>,
     /// Every virtio transport, in guest order, and its device's kind.
     pub(crate) transports: Vec<(Arc<Mutex<MmioTransport>>, DeviceKind)>,
     /// Files this VM created and must remove.
@@ -224,6 +229,7 @@ impl Vm {
             events: core.events,
             serial: legacy.serial,
             drives: virtio.drives,
+            net: virtio.net,
             transports: virtio.transports,
             owned_paths: virtio.owned_paths,
             api: None,
@@ -496,6 +502,18 @@ impl Vm {
                     }
                 })
                 .collect(),
+            net: self.net.as_ref().map(|n| {
+                let n = lock(n);
+                NetMetrics {
+                    tap: self
+                        .config
+                        .net
+                        .as_ref()
+                        .map(|c| c.tap.clone())
+                        .unwrap_or_default(),
+                    counters: n.counters(),
+                }
+            }),
         }
     }
 }

@@ -10,7 +10,8 @@
 //! reached through another process's `/proc/PID/fd` (an unlinked scratch
 //! disk): its mount is the host's, which a bind mount made in the jail's
 //! new mount namespace refuses, so the jail holds it open too, from before
-//! it leaves the host's namespace.
+//! it leaves the host's namespace. A virtio-net card's TAP is attached
+//! the same way, before the jail's empty network namespace hides it.
 
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
@@ -18,7 +19,30 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::devices::virtio::net::{Tap, TapError};
+
 static HELD: Mutex<Vec<(PathBuf, File)>> = Mutex::new(Vec::new());
+static HELD_TAP: Mutex<Option<Tap>> = Mutex::new(None);
+
+/// Attaches to the TAP `name` and keeps it for [`take_tap`].
+pub(super) fn hold_tap(name: &str) -> Result<(), TapError> {
+    let tap = Tap::open(name)?;
+    if let Ok(mut held) = HELD_TAP.lock() {
+        *held = Some(tap);
+    }
+    Ok(())
+}
+
+/// The TAP the jail attached to as `name`, once; `None` when it holds none
+/// (unjailed).
+pub fn take_tap(name: &str) -> Option<Tap> {
+    let mut held = HELD_TAP.lock().ok()?;
+    if held.as_ref().is_some_and(|t| t.name() == name) {
+        held.take()
+    } else {
+        None
+    }
+}
 
 /// Opens `open_at` (read-write when `writable`) and keeps it for
 /// [`take`] and [`duplicate`] under `key`, the path the VMM asks for.
@@ -38,9 +62,14 @@ pub(super) fn hold(open_at: &Path, key: &Path, writable: bool) -> std::io::Resul
 
 /// The descriptors held, which the jail keeps when it closes the rest.
 pub(super) fn fds() -> Vec<i32> {
-    HELD.lock()
+    let mut fds: Vec<i32> = HELD
+        .lock()
         .map(|h| h.iter().map(|(_, f)| f.as_raw_fd()).collect())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    if let Ok(tap) = HELD_TAP.lock() {
+        fds.extend(tap.as_ref().map(|t| t.as_raw_fd()));
+    }
+    fds
 }
 
 /// The file the jail opened at `path`, once; `None` when it holds none

@@ -56,6 +56,8 @@ pub enum JailError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tap(#[from] crate::devices::virtio::net::TapError),
 }
 
 impl JailError {
@@ -296,6 +298,7 @@ pub fn enter(
         uid: lease.uid(),
         rlimit_fsize,
         cgroup,
+        tap: config.net.as_ref().map(|n| n.tap.clone()),
     };
     let role = supervisor::fork_jailed(&plan, lease);
     match &role {

@@ -23,6 +23,8 @@ pub(super) struct ChildPlan {
     pub uid: u32,
     pub rlimit_fsize: u64,
     pub cgroup: Cgroup,
+    /// The virtio-net card's TAP, opened in the host's network namespace.
+    pub tap: Option<String>,
 }
 
 /// Signals the supervisor passes on to the VMM.
@@ -161,6 +163,10 @@ fn jail_child(plan: &ChildPlan, joined: libc::c_int, life: libc::c_int) -> Resul
             path: e.path.clone(),
             source,
         })?;
+    }
+    // The new network namespace is empty: the TAP is attached here.
+    if let Some(name) = &plan.tap {
+        held::hold_tap(name)?;
     }
     // SAFETY: unshare has no memory effects.
     if unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET) } != 0 {

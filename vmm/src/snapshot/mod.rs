@@ -56,6 +56,8 @@ pub enum DeviceKind {
         guest_cid: u64,
     },
     Rng,
+    /// The clone reattaches to its configuration's TAP.
+    Net,
     /// The backing file's identity, checked against the clone's drive.
     Block {
         path: PathBuf,

@@ -20,6 +20,9 @@ pub struct RestoreOptions {
     pub mem: PathBuf,
     /// The clone's own vsock socket; required when the snapshot has vsock.
     pub vsock_uds: Option<PathBuf>,
+    /// The clone's own TAP; required when the snapshot has a network card
+    /// (the guest keeps its MAC).
+    pub net_tap: Option<String>,
     /// The clone's drives, in guest order; each must match the saved one's
     /// size and read-only flag. Empty: the saved paths.
     pub drives: Vec<DriveConfig>,
@@ -36,6 +39,8 @@ pub enum RestoreError {
     HostProfile { saved: String, actual: String },
     #[error("the snapshot has a vsock device: pass the clone's socket (--vsock-uds)")]
     VsockPathMissing,
+    #[error("the snapshot has a network card: pass the clone's TAP (--net-tap)")]
+    NetTapMissing,
     #[error("the snapshot has {saved} drives, {given} given")]
     DriveCount { saved: usize, given: usize },
     #[error("drive {index} ({}) differs from the snapshot's: {what}", path.display())]
@@ -94,6 +99,12 @@ impl PreparedRestore {
                 guest_cid: v.guest_cid,
                 uds_path: uds,
             };
+        }
+        if let Some(n) = &mut config.net {
+            // Another VM's TAP, or the original's while it runs, is not
+            // the clone's: it must name its own.
+            n.tap = opts.net_tap.clone().ok_or(RestoreError::NetTapMissing)?;
+            n.validate()?;
         }
         if !opts.drives.is_empty() {
             if opts.drives.len() != config.drives.len() {

@@ -5,6 +5,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 
@@ -22,6 +23,7 @@ pub type Memory = GuestMemoryMmap;
 
 /// VIRTIO_F_VERSION_1: the modern interface, required by virtio-mmio v2.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
