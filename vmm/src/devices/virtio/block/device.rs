@@ -110,6 +110,8 @@ impl Block {
             return 0;
         };
         let mut served = 0;
+        // Passes in a row that took nothing.
+        let mut idle_passes = 0;
         'batch: loop {
             // The guest need not notify while we are draining the queue.
             let _ = active.queue.disable_notification(&active.mem);
@@ -134,12 +136,15 @@ impl Block {
                     break 'batch;
                 }
             }
+            idle_passes = if served > before { 0 } else { idle_passes + 1 };
             // Requests that arrived while notifications were off are served
-            // now. An avail index that claims entries no pop can take (more
-            // than the queue holds ahead) makes no progress: not served again
-            // until the guest notifies.
+            // now (one pass may find nothing: the guest's entry landed just
+            // after the pop looked). A second pass in a row that takes
+            // nothing while the index still says there is more means an
+            // index no pop can take (more than the queue holds ahead): not
+            // served again until the guest notifies.
             match active.queue.enable_notification(&active.mem) {
-                Ok(true) if served > before => continue,
+                Ok(true) if idle_passes < 2 => continue,
                 _ => break,
             }
         }
