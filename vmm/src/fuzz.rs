@@ -47,8 +47,6 @@ const DISK_SECTORS: u64 = 16;
 /// connections, and a host process that asked for a guest port.
 const HOST_LISTEN_PORT: u32 = 1024;
 const GUEST_PORT_ASKED: u32 = 52;
-/// Credit the muxer gives each guest stream.
-const CONN_CREDIT: usize = 256 * 1024;
 
 /// Guest memory and queue settings decoded from a fuzz input.
 struct Driver {
@@ -118,7 +116,7 @@ pub fn rng(data: &[u8]) {
     let served = dev.process_queue();
     assert!(served <= rng::BATCH_LIMIT, "{served} requests in one batch");
     assert!(
-        dev.bytes_served <= served as u64 * 64 * 1024,
+        dev.bytes_served <= (served * rng::MAX_REQUEST) as u64,
         "{} bytes for {served} requests",
         dev.bytes_served
     );
@@ -398,7 +396,7 @@ pub fn vsock(data: &[u8]) {
     assert!(mux.control_len() <= muxer::MAX_CONTROL);
     assert!(mux.connection_count() <= muxer::MAX_CONNECTIONS);
     assert!(
-        mux.bytes_held_for_host() <= mux.connection_count() * CONN_CREDIT,
+        mux.bytes_held_for_host() <= mux.connection_count() * muxer::CONN_BUF_ALLOC as usize,
         "{} guest bytes held for {} streams",
         mux.bytes_held_for_host(),
         mux.connection_count()

@@ -13,7 +13,7 @@ use super::{check_queues, ActivateError, Interrupt, Memory, VirtioDevice, TYPE_R
 
 const QUEUE_SIZE: u16 = 256;
 /// Most bytes handed out per request; the driver asks again for more.
-const MAX_REQUEST: usize = 64 * 1024;
+pub const MAX_REQUEST: usize = 64 * 1024;
 /// Requests served per notification before the event loop gets a turn
 /// (the rest wait: the queue event is re-armed).
 pub const BATCH_LIMIT: usize = 4 * QUEUE_SIZE as usize;

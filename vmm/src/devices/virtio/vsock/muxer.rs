@@ -21,7 +21,7 @@ use super::packet::*;
 /// The host's well-known CID.
 pub const HOST_CID: u64 = 2;
 /// Receive buffer we advertise per connection.
-const CONN_BUF_ALLOC: u32 = 256 * 1024;
+pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
 /// Tell the guest about freed buffer space once this much has been forwarded.
 const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
 /// Longest `CONNECT <port>\n` line accepted.
@@ -193,7 +193,7 @@ impl Muxer {
     }
 
     /// Guest bytes held for host streams that cannot take them yet, at
-    /// most the credit the guest was given per stream (256 KiB).
+    /// most the credit the guest was given per stream ([`CONN_BUF_ALLOC`]).
     pub fn bytes_held_for_host(&self) -> usize {
         self.conns.values().map(|c| c.to_host.len()).sum()
     }
