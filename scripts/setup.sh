@@ -27,8 +27,10 @@ packages=(
   debootstrap squashfs-tools
   # the boot-time peer for benchmarks
   qemu-system-x86
-  # tests: setpriv (util-linux), OpenSSH client
-  util-linux openssh-client
+  # tests: setpriv (util-linux), OpenSSH client; OpenSSH server for the
+  # owned hosts the fleet tests start in network namespaces (never the
+  # system's own sshd, which this script does not start)
+  util-linux openssh-client openssh-server
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -37,7 +39,18 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   apt-get update -qq
+  # Packages with services (openssh-server, docker-registry) must not start
+  # them: the tests run their own instances on loopback or in namespaces.
+  # A policy-rc.d that says no, for this install only, unless one exists.
+  own_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    own_policy=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ -n "$own_policy" ]; then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
 fi
 
 if ! command -v cargo >/dev/null; then
