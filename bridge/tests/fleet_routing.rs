@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use common::*;
 use kiln_bridge::backend::Backend;
-use kiln_bridge::backends::{self, BackendSection, BuildContext, LocalSection};
-use kiln_bridge::config::CapacityConfig;
+use kiln_bridge::backends::{self, BuildContext};
+use kiln_bridge::config::{BackendSection, LocalSection};
 use kiln_bridge::fleet::{Fleet, FleetError};
 use kiln_bridge::grant::{Grant, TdxPolicy, ValidationContext};
 
@@ -215,7 +215,6 @@ async fn two_local_backends_around_a_flaky_one() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = BuildContext {
         region: "eu".into(),
-        capacity: CapacityConfig::default(),
         state_dir: dir.path().join("state"),
     };
     let local = |name: &str, region: Option<&str>, vcpus: u32, ram_mib: u64| {
@@ -225,10 +224,7 @@ async fn two_local_backends_around_a_flaky_one() {
             vcpus: Some(vcpus),
             ram_mib: Some(ram_mib),
             kiln_home: Some(dir.path().join(name)),
-            keep_ended_days: None,
-            rootfs: None,
-            output_cap_kib: None,
-            warm_start: None,
+            ..LocalSection::default()
         })
     };
     let built = backends::build(
