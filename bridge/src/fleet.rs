@@ -177,34 +177,47 @@ impl Fleet {
     /// Provisions on the first backend that can take the grant; on a failure
     /// that another backend might not have, tries the next (skipping the one
     /// that failed). A fatal failure stops the search.
-    pub async fn provision(&self, grant: &Grant) -> Result<ProvisionedInstance, FleetError> {
+    ///
+    /// Before each backend is called, `attempting` is told its name, so the
+    /// caller can record where the provision is going (kilnd stores it, so
+    /// that after a crash it asks that backend alone to `abandon` it). A
+    /// backend that failed has left nothing behind (see `Backend`), so only
+    /// the latest name matters. An error from `attempting` stops the search
+    /// before that backend is called and is the outer error; the inner
+    /// result is the provision's.
+    pub async fn provision<E>(
+        &self,
+        grant: &Grant,
+        mut attempting: impl FnMut(&str) -> Result<(), E>,
+    ) -> Result<Result<ProvisionedInstance, FleetError>, E> {
         let mut last_failure: Option<(String, BackendError)> = None;
         for backend in self.candidates(grant) {
             if !backend.can_satisfy(grant) {
                 continue;
             }
             let name = backend.name().to_string();
+            attempting(&name)?;
             match backend.provision(grant).await {
                 Ok(instance) => {
                     tracing::info!(grant = %grant.id, backend = %name, instance = %instance.instance_id, "provisioned");
-                    return Ok(instance);
+                    return Ok(Ok(instance));
                 }
                 Err(error) if error.retry_elsewhere() => {
                     tracing::warn!(grant = %grant.id, backend = %name, error = %crate::error_chain(&error), "provision failed; trying the next backend");
                     last_failure = Some((name, error));
                 }
                 Err(error) => {
-                    return Err(FleetError::Fatal {
+                    return Ok(Err(FleetError::Fatal {
                         backend: name,
                         error,
-                    })
+                    }))
                 }
             }
         }
-        Err(match last_failure {
+        Ok(Err(match last_failure {
             Some((backend, last)) => FleetError::AllFailed { backend, last },
             None => FleetError::NoBackendCanSatisfy,
-        })
+        }))
     }
 
     pub async fn watch_until_exit(
@@ -238,11 +251,24 @@ impl Fleet {
             .map_err(|error| failed(instance, error))
     }
 
-    /// Asks every backend to remove what an interrupted provision of
-    /// `grant_id` left: which backend was trying is not recorded. Failures
-    /// are logged; the rest still run.
-    pub async fn abandon(&self, grant_id: &str) {
-        for backend in &self.backends {
+    /// Asks the backend an interrupted provision of `grant_id` was calling
+    /// (`backend`, as recorded from `provision`'s `attempting`) to remove
+    /// what it left. With none recorded (grants stored before kilnd recorded
+    /// it), or a name this fleet does not have (the configuration changed
+    /// since), every backend is asked. Failures are logged; the rest still
+    /// run.
+    pub async fn abandon(&self, grant_id: &str, backend: Option<&str>) {
+        let asked: Vec<&Arc<dyn Backend>> = match backend {
+            Some(name) => match self.backends.iter().find(|b| b.name() == name) {
+                Some(b) => vec![b],
+                None => {
+                    tracing::warn!(grant = %grant_id, backend = %name, "the backend recorded for an interrupted provision is not in this fleet; asking every backend");
+                    self.backends.iter().collect()
+                }
+            },
+            None => self.backends.iter().collect(),
+        };
+        for backend in asked {
             if let Err(e) = backend.abandon(grant_id).await {
                 tracing::warn!(grant = %grant_id, backend = %backend.name(), error = %crate::error_chain(&e), "could not clean up an interrupted provision");
             }

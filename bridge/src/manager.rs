@@ -271,14 +271,15 @@ impl GrantManager {
                 GrantState::Provisioning => {
                     // Whatever the backend was doing is unknown: it may have
                     // left an instance this store never learnt about.
-                    tracing::warn!(grant = %id, "was provisioning when kilnd stopped; marking failed");
+                    tracing::warn!(grant = %id, backend = record.provisioning_backend.as_deref().unwrap_or("-"), "was provisioning when kilnd stopped; marking failed");
                     self.store.fail(
                         &id,
                         FailureKind::Interrupted,
                         "kilnd stopped while provisioning",
                     )?;
                     let fleet = Arc::clone(&self.fleet);
-                    tokio::spawn(async move { fleet.abandon(&id).await });
+                    let backend = record.provisioning_backend;
+                    tokio::spawn(async move { fleet.abandon(&id, backend.as_deref()).await });
                 }
                 GrantState::Running | GrantState::Terminating if record.instance.is_none() => {
                     self.store
@@ -372,17 +373,24 @@ impl GrantManager {
             return Ok(None);
         }
         let started = Instant::now();
+        // The backend being called, as stored before the call.
+        let mut calling: Option<String> = None;
+        let attempting = |backend: &str| {
+            self.store.record_provisioning_backend(id, backend)?;
+            calling = Some(backend.to_string());
+            Ok::<_, StoreError>(())
+        };
         let outcome = tokio::select! {
             // A provision that has finished wins: its instance is then
             // stopped like any running one, never dropped.
             biased;
-            outcome = self.fleet.provision(grant) => outcome,
+            outcome = self.fleet.provision(grant, attempting) => outcome?,
             cause = self.stop_requested(id, wake) => {
                 let cause = cause?;
                 // The provision future is dropped by now; whatever it had
                 // started (a build, a booting VM, a reservation) goes too.
                 tracing::info!(grant = %id, cause = cause.as_str(), "interrupting the provision");
-                self.fleet.abandon(id).await;
+                self.fleet.abandon(id, calling.as_deref()).await;
                 self.store
                     .finish(id, GrantState::Terminated, Some(cause.reason()), None)?;
                 return Ok(None);

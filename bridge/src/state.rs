@@ -166,6 +166,11 @@ pub struct GrantRecord {
     /// runs; None when the image was given by digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_digest: Option<String>,
+    /// The backend its provision called last (or is calling): the one to
+    /// ask to abandon a provision kilnd's death cut short. None before the
+    /// first call, and for grants stored before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioning_backend: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<ProvisionedInstance>,
     pub updated_at: DateTime<Utc>,

@@ -62,6 +62,10 @@ CREATE INDEX IF NOT EXISTS events_by_grant ON events(grant_id, seq);
     "ALTER TABLE grants ADD COLUMN image_digest TEXT;",
     // 3: why a failed grant failed, as a kind (the reason is for people).
     "ALTER TABLE grants ADD COLUMN failure TEXT;",
+    // 4: the backend a grant's provision is calling, stored before the
+    // call, so a restart after a crash knows which backend to ask to
+    // abandon it.
+    "ALTER TABLE grants ADD COLUMN provisioning_backend TEXT;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +217,17 @@ impl Store {
         let moved = set_state(&tx, id, from, to, reason)?;
         tx.commit()?;
         Ok(moved)
+    }
+
+    /// Records that the grant's provision is about to call `backend`,
+    /// replacing the backend it called before (which, having failed, left
+    /// nothing behind).
+    pub fn record_provisioning_backend(&self, id: &str, backend: &str) -> Result<(), StoreError> {
+        self.lock().execute(
+            "UPDATE grants SET provisioning_backend = ?2 WHERE id = ?1",
+            params![id, backend],
+        )?;
+        Ok(())
     }
 
     /// Records the instance and moves the grant from provisioning to running.
@@ -564,7 +579,7 @@ fn read_record(conn: &Connection, id: &str) -> Result<Option<GrantRecord>, Store
     let row = conn
         .query_row(
             "SELECT g.spec, g.state, g.reason, g.stop, g.updated_at, i.data, g.image_digest,
-                    g.failure
+                    g.failure, g.provisioning_backend
              FROM grants g LEFT JOIN instances i ON i.grant_id = g.id WHERE g.id = ?1",
             [id],
             |r| {
@@ -577,11 +592,23 @@ fn read_record(conn: &Connection, id: &str) -> Result<Option<GrantRecord>, Store
                     r.get::<_, Option<String>>(5)?,
                     r.get::<_, Option<String>>(6)?,
                     r.get::<_, Option<String>>(7)?,
+                    r.get::<_, Option<String>>(8)?,
                 ))
             },
         )
         .optional()?;
-    let Some((spec, state, reason, stop, updated_at, instance, image_digest, failure)) = row else {
+    let Some((
+        spec,
+        state,
+        reason,
+        stop,
+        updated_at,
+        instance,
+        image_digest,
+        failure,
+        provisioning_backend,
+    )) = row
+    else {
         return Ok(None);
     };
     Ok(Some(GrantRecord {
@@ -591,6 +618,7 @@ fn read_record(conn: &Connection, id: &str) -> Result<Option<GrantRecord>, Store
         stop: stop.as_deref().and_then(StopCause::parse),
         failure: failure.as_deref().and_then(FailureKind::parse),
         image_digest,
+        provisioning_backend,
         instance: instance
             .map(|d| serde_json::from_str(&d))
             .transpose()
@@ -876,6 +904,77 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn the_backend_a_provision_calls_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.insert_grant(&grant("a")).unwrap();
+            assert_eq!(store.get("a").unwrap().unwrap().provisioning_backend, None);
+            store
+                .transition("a", &[GrantState::Pending], GrantState::Provisioning, None)
+                .unwrap();
+            store.record_provisioning_backend("a", "first").unwrap();
+            // Moving on to the next backend replaces it.
+            store.record_provisioning_backend("a", "second").unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let a = store.get("a").unwrap().unwrap();
+        assert_eq!(
+            (a.state, a.provisioning_backend.as_deref()),
+            (GrantState::Provisioning, Some("second"))
+        );
+        // Not an event: the grant's history is unchanged by it.
+        let kinds: Vec<String> = store
+            .events("a")
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(kinds, ["submitted", "provisioning"]);
+    }
+
+    #[test]
+    fn a_grant_provisioning_before_backends_were_recorded_loads_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // As schema 3 left it: a grant caught provisioning.
+            let mut conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            let tx = conn.transaction().unwrap();
+            for step in &MIGRATIONS[..3] {
+                tx.execute_batch(step).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 3).unwrap();
+            tx.execute(
+                "INSERT INTO grants (id, spec, state, updated_at) VALUES ('old', ?1, 'provisioning', ?2)",
+                params![
+                    serde_json::to_string(&grant("old")).unwrap(),
+                    "2029-01-01T00:00:00Z"
+                ],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let old = store.get("old").unwrap().unwrap();
+        assert_eq!(
+            (old.state, old.provisioning_backend),
+            (GrantState::Provisioning, None)
+        );
+        store.record_provisioning_backend("old", "b").unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store
+                .get("old")
+                .unwrap()
+                .unwrap()
+                .provisioning_backend
+                .as_deref(),
+            Some("b")
+        );
     }
 
     #[test]

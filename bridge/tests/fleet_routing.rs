@@ -3,13 +3,15 @@
 
 mod common;
 
+use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
-use kiln_bridge::backend::Backend;
-use kiln_bridge::backends::{self, BackendSection, BuildContext, LocalSection};
-use kiln_bridge::config::CapacityConfig;
+use kiln_bridge::backend::{Backend, ProvisionedInstance};
+use kiln_bridge::backends::{self, BuildContext};
+use kiln_bridge::config::{BackendSection, LocalSection};
 use kiln_bridge::fleet::{Fleet, FleetError};
 use kiln_bridge::grant::{Grant, TdxPolicy, ValidationContext};
 
@@ -54,6 +56,12 @@ fn setup() -> Setup {
     }
 }
 
+/// Provisions without recording where: these tests look at the outcome.
+async fn provision(fleet: &Fleet, grant: &Grant) -> Result<ProvisionedInstance, FleetError> {
+    let Ok(outcome) = fleet.provision(grant, |_| Ok::<_, Infallible>(())).await;
+    outcome
+}
+
 fn grant(fleet: &Fleet, region: &str, vcpus: u32, tdx: TdxPolicy) -> Grant {
     let mut req = request(region, vcpus, 512);
     req.tdx = tdx;
@@ -68,27 +76,21 @@ fn grant(fleet: &Fleet, region: &str, vcpus: u32, tdx: TdxPolicy) -> Grant {
 async fn first_match_in_order_then_failover_past_transient_failures() {
     let s = setup();
     // eu: eu-small comes first and fits.
-    let a = s
-        .fleet
-        .provision(&grant(&s.fleet, "eu", 1, TdxPolicy::No))
+    let a = provision(&s.fleet, &grant(&s.fleet, "eu", 1, TdxPolicy::No))
         .await
         .unwrap();
     assert_eq!(a.backend, "eu-small");
     assert_eq!(s.flaky.calls(), 0);
 
     // us: eu-small cannot; flaky fails transiently; us-big takes it.
-    let b = s
-        .fleet
-        .provision(&grant(&s.fleet, "us", 2, TdxPolicy::No))
+    let b = provision(&s.fleet, &grant(&s.fleet, "us", 2, TdxPolicy::No))
         .await
         .unwrap();
     assert_eq!(b.backend, "us-big");
     assert_eq!(s.flaky.calls(), 1);
 
     // eu, too big for eu-small, and flaky fails: nobody else serves eu.
-    let err = s
-        .fleet
-        .provision(&grant(&s.fleet, "eu", 4, TdxPolicy::No))
+    let err = provision(&s.fleet, &grant(&s.fleet, "eu", 4, TdxPolicy::No))
         .await
         .unwrap_err();
     assert!(matches!(err, FleetError::AllFailed { ref backend, .. } if backend == "flaky"));
@@ -97,15 +99,11 @@ async fn first_match_in_order_then_failover_past_transient_failures() {
 
     // Once flaky recovers it takes what eu-small has no room for.
     s.flaky.fail_transiently.store(false, Ordering::SeqCst);
-    let c = s
-        .fleet
-        .provision(&grant(&s.fleet, "eu", 1, TdxPolicy::No))
+    let c = provision(&s.fleet, &grant(&s.fleet, "eu", 1, TdxPolicy::No))
         .await
         .unwrap();
     assert_eq!(c.backend, "eu-small");
-    let d = s
-        .fleet
-        .provision(&grant(&s.fleet, "eu", 1, TdxPolicy::No))
+    let d = provision(&s.fleet, &grant(&s.fleet, "eu", 1, TdxPolicy::No))
         .await
         .unwrap();
     assert_eq!(d.backend, "flaky", "eu-small is full");
@@ -130,9 +128,7 @@ async fn a_fatal_failure_stops_the_search() {
     let s = setup();
     s.flaky.fail_transiently.store(false, Ordering::SeqCst);
     s.flaky.fail_fatally.store(true, Ordering::SeqCst);
-    let err = s
-        .fleet
-        .provision(&grant(&s.fleet, "us", 1, TdxPolicy::No))
+    let err = provision(&s.fleet, &grant(&s.fleet, "us", 1, TdxPolicy::No))
         .await
         .unwrap_err();
     assert!(matches!(err, FleetError::Fatal { ref backend, .. } if backend == "flaky"));
@@ -147,27 +143,21 @@ async fn tdx_policy_decides_which_backends_are_tried_first_or_at_all() {
     assert_eq!(err.field(), Some("tdx"));
     let g = grant(&s.fleet, "us", 1, TdxPolicy::Required);
     s.fleet.check_admissible(&g).unwrap();
-    let inst = s.fleet.provision(&g).await.unwrap();
+    let inst = provision(&s.fleet, &g).await.unwrap();
     assert_eq!(inst.backend, "us-big");
     assert_eq!(s.flaky.calls(), 0, "flaky has no TDX");
     // Preferred: a TDX backend first, even behind a healthy one without.
     s.flaky.fail_transiently.store(false, Ordering::SeqCst);
-    let preferred = s
-        .fleet
-        .provision(&grant(&s.fleet, "us", 1, TdxPolicy::Preferred))
+    let preferred = provision(&s.fleet, &grant(&s.fleet, "us", 1, TdxPolicy::Preferred))
         .await
         .unwrap();
     assert_eq!(preferred.backend, "us-big");
-    let plain = s
-        .fleet
-        .provision(&grant(&s.fleet, "us", 1, TdxPolicy::No))
+    let plain = provision(&s.fleet, &grant(&s.fleet, "us", 1, TdxPolicy::No))
         .await
         .unwrap();
     assert_eq!(plain.backend, "flaky");
     // ...and one without when no TDX backend serves the region.
-    let preferred = s
-        .fleet
-        .provision(&grant(&s.fleet, "eu", 1, TdxPolicy::Preferred))
+    let preferred = provision(&s.fleet, &grant(&s.fleet, "eu", 1, TdxPolicy::Preferred))
         .await
         .unwrap();
     assert_eq!(preferred.backend, "eu-small");
@@ -215,7 +205,6 @@ async fn two_local_backends_around_a_flaky_one() {
     let dir = tempfile::tempdir().unwrap();
     let ctx = BuildContext {
         region: "eu".into(),
-        capacity: CapacityConfig::default(),
         state_dir: dir.path().join("state"),
     };
     let local = |name: &str, region: Option<&str>, vcpus: u32, ram_mib: u64| {
@@ -225,10 +214,7 @@ async fn two_local_backends_around_a_flaky_one() {
             vcpus: Some(vcpus),
             ram_mib: Some(ram_mib),
             kiln_home: Some(dir.path().join(name)),
-            keep_ended_days: None,
-            rootfs: None,
-            output_cap_kib: None,
-            warm_start: None,
+            ..LocalSection::default()
         })
     };
     let built = backends::build(
@@ -268,7 +254,7 @@ async fn two_local_backends_around_a_flaky_one() {
         g
     };
     // eu and it fits: the first backend, local-eu, takes it.
-    let err = fleet.provision(&unreachable("eu", 1)).await.unwrap_err();
+    let err = provision(&fleet, &unreachable("eu", 1)).await.unwrap_err();
     assert!(
         matches!(err, FleetError::Fatal { ref backend, .. } if backend == "local-eu"),
         "{err:?}"
@@ -276,18 +262,85 @@ async fn two_local_backends_around_a_flaky_one() {
     assert!(kiln_bridge::error_chain(&err).contains("cannot build the image"));
     assert_eq!(flaky.calls(), 0);
     // us: not local-eu's region; flaky fails transiently; local-us next.
-    let err = fleet.provision(&unreachable("us", 4)).await.unwrap_err();
+    let err = provision(&fleet, &unreachable("us", 4)).await.unwrap_err();
     assert!(
         matches!(err, FleetError::Fatal { ref backend, .. } if backend == "local-us"),
         "{err:?}"
     );
     assert_eq!(flaky.calls(), 1);
     // eu but bigger than local-eu: only flaky is left, and it fails.
-    let err = fleet.provision(&unreachable("eu", 4)).await.unwrap_err();
+    let err = provision(&fleet, &unreachable("eu", 4)).await.unwrap_err();
     assert!(
         matches!(err, FleetError::AllFailed { ref backend, .. } if backend == "flaky"),
         "{err:?}"
     );
     // A failed provision holds nothing.
     assert_eq!(fleet.capabilities().capacity.used.vcpus, 0);
+}
+
+#[tokio::test]
+async fn each_backend_is_reported_before_it_is_called() {
+    let s = setup();
+    // us: eu-small is not asked at all; flaky fails; us-big takes it.
+    let mut attempts = Vec::new();
+    let Ok(outcome) = s
+        .fleet
+        .provision(&grant(&s.fleet, "us", 1, TdxPolicy::No), |b| {
+            attempts.push(b.to_string());
+            Ok::<_, Infallible>(())
+        })
+        .await;
+    assert_eq!(outcome.unwrap().backend, "us-big");
+    assert_eq!(attempts, ["flaky", "us-big"]);
+
+    // A report that cannot be made stops the search before that backend.
+    let mut reports = 0;
+    let stopped = s
+        .fleet
+        .provision(&grant(&s.fleet, "us", 1, TdxPolicy::No), |b| {
+            reports += 1;
+            if b == "us-big" {
+                return Err("cannot record");
+            }
+            Ok(())
+        })
+        .await;
+    assert!(matches!(stopped, Err("cannot record")), "{stopped:?}");
+    assert_eq!(reports, 2);
+    assert_eq!((s.flaky.calls(), s.us_big.calls()), (2, 1));
+    assert_eq!(s.us_big.world.ledger.snapshot().used.vcpus, 1);
+}
+
+#[tokio::test]
+async fn an_interrupted_provision_is_abandoned_on_the_backend_it_was_calling() {
+    let s = setup();
+    // us: flaky fails at once, then us-big boots for an hour.
+    *s.us_big.provision_delay.lock().unwrap() = Duration::from_secs(3600);
+    let g = grant(&s.fleet, "us", 1, TdxPolicy::No);
+    let mut calling = None;
+    let interrupted = tokio::time::timeout(
+        Duration::from_millis(200),
+        s.fleet.provision(&g, |b| {
+            calling = Some(b.to_string());
+            Ok::<_, Infallible>(())
+        }),
+    )
+    .await;
+    assert!(interrupted.is_err(), "the provision finished");
+    assert_eq!(calling.as_deref(), Some("us-big"));
+    assert_eq!(s.us_big.world.ledger.snapshot().used.vcpus, 0);
+
+    let abandoned = |b: &SimBackend| b.abandoned.lock().unwrap().clone();
+    s.fleet.abandon(&g.id, calling.as_deref()).await;
+    assert_eq!(abandoned(&s.us_big), [g.id.as_str()]);
+    assert!(abandoned(&s.flaky).is_empty() && abandoned(&s.eu_small).is_empty());
+
+    // Nothing recorded, or a backend no longer configured: every one.
+    for recorded in [None, Some("gone")] {
+        s.fleet.abandon("other", recorded).await;
+        for b in [&s.eu_small, &s.flaky, &s.us_big] {
+            assert_eq!(abandoned(b).last().map(String::as_str), Some("other"));
+        }
+    }
+    assert_eq!(abandoned(&s.eu_small), ["other", "other"]);
 }

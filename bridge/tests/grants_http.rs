@@ -273,6 +273,33 @@ fn terminating_while_provisioning_interrupts_it() {
 }
 
 #[test]
+fn an_interrupted_provision_is_abandoned_on_the_backend_it_was_calling() {
+    let dir = tempfile::tempdir().unwrap();
+    let world = World::new(8, 8192);
+    let flaky = Arc::new(SimBackend::new("flaky", &["home"], false, world.clone()));
+    flaky
+        .fail_transiently
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let slow = Arc::new(SimBackend::new("slow", &["home"], false, world.clone()));
+    *slow.provision_delay.lock().unwrap() = Duration::from_secs(3600);
+    let server = TestServer::start(dir.path(), vec![flaky.clone(), slow.clone()]);
+    let client = server.client();
+    let g = client.submit(&request("home", 1, 128)).unwrap();
+    let id = g.grant.id.clone();
+    // Recorded before the call, so seen while the call runs.
+    wait_for("slow to be called", Duration::from_secs(2), || {
+        let record = server.manager().get(&id).unwrap();
+        (record.provisioning_backend.as_deref() == Some("slow")).then_some(())
+    });
+    assert_eq!((flaky.calls(), slow.calls()), (1, 1));
+    let ended = client.terminate(&id).unwrap();
+    assert_eq!(ended.state, GrantState::Terminated);
+    assert_eq!(*slow.abandoned.lock().unwrap(), [id]);
+    assert!(flaky.abandoned.lock().unwrap().is_empty());
+    assert_eq!(world.ledger.snapshot().used.vcpus, 0);
+}
+
+#[test]
 fn a_workload_that_ends_is_recorded_as_exited_with_its_usage() {
     let dir = tempfile::tempdir().unwrap();
     let (server, backend) = one_backend(dir.path());

@@ -58,6 +58,10 @@ fn config_errors_name_the_key_and_exit_non_zero() {
             format!("{base}[capacity]\novercommit = 0.1\n"),
             "capacity.overcommit",
         ),
+        (
+            format!("{base}[[backend]]\nkind = \"local\"\novercommit = 0.1\n"),
+            "backend[0].overcommit",
+        ),
         (format!("{base}[[backend]]\nkind = \"gcp\"\n"), "gcp"),
         (
             format!("{base}[[backend]]\nkind = \"local\"\nvcpus = 0\n"),

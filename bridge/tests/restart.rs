@@ -129,3 +129,45 @@ fn running_grants_are_readopted_and_ended_ones_recorded_as_exited() {
     assert_eq!(world.ledger.snapshot().used.vcpus, 0);
     assert_eq!(server.manager().supervised(), 0);
 }
+
+#[test]
+fn a_grant_caught_provisioning_is_abandoned_on_the_backend_recorded_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let world = World::new(8, 8192);
+    {
+        // As a kilnd killed mid-provision left it: one grant whose
+        // provision had reached backend b, one from before that was
+        // recorded.
+        let store = Store::open(dir.path()).unwrap();
+        let ctx = ValidationContext {
+            regions: ["home".to_string()].into(),
+            now: chrono::Utc::now(),
+        };
+        for id in ["recorded", "unrecorded"] {
+            let mut req = request("home", 1, 256);
+            req.request_id = Some(id.into());
+            let grant = Grant::from_json(&serde_json::to_vec(&req).unwrap(), &ctx).unwrap();
+            store.insert_grant(&grant).unwrap();
+            assert!(store
+                .transition(id, &[GrantState::Pending], GrantState::Provisioning, None)
+                .unwrap());
+        }
+        store.record_provisioning_backend("recorded", "b").unwrap();
+    }
+    let a = Arc::new(SimBackend::new("a", &["home"], false, world.clone()));
+    let b = Arc::new(SimBackend::new("b", &["home"], false, world.clone()));
+    let server = TestServer::start(dir.path(), vec![a.clone(), b.clone()]);
+    let abandoned = |s: &SimBackend| {
+        let mut ids = s.abandoned.lock().unwrap().clone();
+        ids.sort();
+        ids
+    };
+    wait_for("abandon", Duration::from_secs(3), || {
+        (abandoned(&a) == ["unrecorded"] && abandoned(&b) == ["recorded", "unrecorded"])
+            .then_some(())
+    });
+    for id in ["recorded", "unrecorded"] {
+        assert_eq!(server.client().show(id).unwrap().state, GrantState::Failed);
+    }
+    assert_eq!(a.calls() + b.calls(), 0);
+}

@@ -58,6 +58,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .init();
 
     let config = Config::load(&args.config)?;
+    if config.capacity.is_some() {
+        tracing::warn!(
+            "the [capacity] table is deprecated: set reserve_vcpus, reserve_ram_mib and \
+             overcommit in each kind = \"local\" [[backend]] table"
+        );
+    }
     // Before anything reads or changes state (restart recovery, pruning):
     // a second kilnd on this directory would fail the first one's grants.
     std::fs::create_dir_all(&config.state_dir)
@@ -76,7 +82,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("Invalid configuration key tls")?;
     let ctx = BuildContext {
         region: config.region.clone(),
-        capacity: config.capacity.clone(),
         state_dir: config.state_dir.clone(),
     };
     let backends = backends::build(&config.backends, &ctx)?;

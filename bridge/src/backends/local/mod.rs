@@ -18,11 +18,12 @@ use async_trait::async_trait;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
-use super::{BuildContext, BuildError, LocalSection};
+use super::{ledger_for, BuildContext, BuildError};
 use crate::backend::{
     Backend, BackendCapabilities, BackendError, HostUsage, ProvisionedInstance, UsageMetrics,
 };
 use crate::capacity::{CapacityLedger, Resources};
+use crate::config::LocalSection;
 use crate::grant::{Grant, TdxPolicy};
 use crate::host_key::HostKey;
 use crate::machine::{
@@ -111,7 +112,11 @@ impl LocalBackend {
             section.vcpus.unwrap_or_else(host_cpus),
             section.ram_mib.unwrap_or_else(host_ram_mib),
         );
-        let ledger = ctx.ledger_for(&name, total)?;
+        let reserve = Resources::new(
+            section.reserve_vcpus.unwrap_or(0),
+            section.reserve_ram_mib.unwrap_or(0),
+        );
+        let ledger = ledger_for(&name, total, reserve, section.overcommit)?;
         let vmm = binary_beside_me("KILN_VMM", "kiln-vmm");
         let tdx = probe_tdx(&vmm);
         let keep_ended = chrono::Duration::days(i64::from(

@@ -1,12 +1,16 @@
-//! kilnd's boot configuration (TOML). Unknown keys are errors, and every
-//! error names the key at fault.
+//! kilnd's boot configuration (TOML): plain data and its checks. Unknown
+//! keys are errors, and every error names the key at fault. Each backend
+//! kind's `[[backend]]` section is in [`backend`]; `backends` builds from
+//! these types and this module knows nothing of it.
+
+mod backend;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::backends::BackendSection;
+pub use backend::{BackendSection, LocalSection};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -25,14 +29,6 @@ pub enum ConfigError {
     #[error("In {0}")]
     InFile(PathBuf, #[source] Box<ConfigError>),
 }
-
-/// 1 TiB: more than any disk should give one grant's output.
-const MAX_OUTPUT_CAP_KIB: u64 = 1 << 30;
-/// Room for the truncation marker and some output.
-const MIN_OUTPUT_CAP_KIB: u64 = 4;
-
-/// A century: longer than anyone keeps an ended grant's directory.
-const MAX_KEEP_ENDED_DAYS: u32 = 36_500;
 
 impl ConfigError {
     fn invalid(key: impl Into<String>, problem: impl Into<String>) -> Self {
@@ -72,21 +68,27 @@ pub struct Config {
     /// reused for later grants (default 30).
     #[serde(default)]
     pub image_tag_ttl_secs: Option<u64>,
+    /// Deprecated: set `reserve_vcpus`, `reserve_ram_mib` and `overcommit`
+    /// in each `kind = "local"` section instead. Each key set here is the
+    /// default of local sections that do not set it; [`Config::parse`]
+    /// has already copied it there.
     #[serde(default)]
-    pub capacity: CapacityConfig,
+    pub capacity: Option<CapacityConfig>,
     /// Backends in order of preference (`[[backend]]` tables).
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendSection>,
 }
 
-/// What of this host is kept back from grants.
+/// The deprecated top-level `[capacity]` table: defaults for the same
+/// keys of every local section, which is where they now belong (clouds
+/// and other hosts have no use for them).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CapacityConfig {
     #[serde(default)]
-    pub reserve_vcpus: u32,
+    pub reserve_vcpus: Option<u32>,
     #[serde(default)]
-    pub reserve_ram_mib: u64,
+    pub reserve_ram_mib: Option<u64>,
     /// vCPUs per host CPU; at least 1.
     #[serde(default)]
     pub overcommit: Option<f64>,
@@ -133,7 +135,14 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
+        let mut config: Config = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
+        // Checked before it is copied, so that its errors name its own key.
+        if let Some(defaults) = &config.capacity {
+            backend::check_overcommit("capacity.overcommit", defaults.overcommit)?;
+            for b in &mut config.backends {
+                b.apply_capacity_defaults(defaults);
+            }
+        }
         config.check()?;
         Ok(config)
     }
@@ -175,14 +184,6 @@ impl Config {
                 ));
             }
         }
-        if let Some(r) = self.capacity.overcommit {
-            if !r.is_finite() || r < 1.0 {
-                return Err(ConfigError::invalid(
-                    "capacity.overcommit",
-                    "must be a number of at least 1",
-                ));
-            }
-        }
         let mut names = std::collections::BTreeSet::new();
         for (i, b) in self.backends.iter().enumerate() {
             if !names.insert(b.name()) {
@@ -197,49 +198,7 @@ impl Config {
                     "must not be empty",
                 ));
             }
-            let BackendSection::Local(local) = b;
-            if local.vcpus == Some(0) {
-                return Err(ConfigError::invalid(
-                    format!("backend[{i}].vcpus"),
-                    "must be greater than zero",
-                ));
-            }
-            if local
-                .output_cap_kib
-                .is_some_and(|k| !(MIN_OUTPUT_CAP_KIB..=MAX_OUTPUT_CAP_KIB).contains(&k))
-            {
-                return Err(ConfigError::invalid(
-                    format!("backend[{i}].output_cap_kib"),
-                    format!("must be {MIN_OUTPUT_CAP_KIB} to {MAX_OUTPUT_CAP_KIB}"),
-                ));
-            }
-            if local.ram_mib == Some(0) {
-                return Err(ConfigError::invalid(
-                    format!("backend[{i}].ram_mib"),
-                    "must be greater than zero",
-                ));
-            }
-            if let Some(word) = &local.rootfs {
-                if crate::backends::local::build::Rootfs::parse(word).is_none() {
-                    return Err(ConfigError::invalid(
-                        format!("backend[{i}].rootfs"),
-                        format!(
-                            "must be {}, not {word:?}",
-                            crate::backends::local::build::Rootfs::WORDS
-                        ),
-                    ));
-                }
-            }
-            // Far more would put the pruning cutoff before any date.
-            if local
-                .keep_ended_days
-                .is_some_and(|d| d > MAX_KEEP_ENDED_DAYS)
-            {
-                return Err(ConfigError::invalid(
-                    format!("backend[{i}].keep_ended_days"),
-                    format!("must be at most {MAX_KEEP_ENDED_DAYS}"),
-                ));
-            }
+            b.check(&format!("backend[{i}]"))?;
         }
         Ok(())
     }
@@ -321,6 +280,7 @@ fn parse_error(text: &str, e: &toml::de::Error) -> ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_image::root::Rootfs;
 
     const BASE: &str = r#"
 state_dir = "/tmp/kiln"
@@ -339,42 +299,75 @@ region = "home"
     fn a_minimal_config_gets_defaults() {
         let c = Config::parse(BASE).unwrap();
         assert_eq!(c.listen, default_listen());
-        assert_eq!(c.capacity.reserve_vcpus, 0);
+        assert!(c.capacity.is_none());
         assert!(c.backends.is_empty());
     }
 
     #[test]
     fn backends_keep_their_order_and_sections() {
         let c = Config::parse(&format!(
-            "{BASE}\n[capacity]\nreserve_vcpus = 1\nreserve_ram_mib = 512\novercommit = 2.0\n\
-             [[backend]]\nkind = \"local\"\nname = \"a\"\nvcpus = 4\n\
+            "{BASE}[[backend]]\nkind = \"local\"\nname = \"a\"\nvcpus = 4\n\
+             reserve_vcpus = 1\nreserve_ram_mib = 512\novercommit = 2.0\n\
              [[backend]]\nkind = \"local\"\nname = \"b\"\n"
         ))
         .unwrap();
         let names: Vec<&str> = c.backends.iter().map(|b| b.name()).collect();
         assert_eq!(names, ["a", "b"]);
-        let crate::backends::BackendSection::Local(a) = &c.backends[0];
+        let BackendSection::Local(a) = &c.backends[0];
         assert_eq!(a.rootfs, None, "auto unless set");
+        assert_eq!(
+            (a.reserve_vcpus, a.reserve_ram_mib, a.overcommit),
+            (Some(1), Some(512), Some(2.0))
+        );
+        let BackendSection::Local(b) = &c.backends[1];
+        assert_eq!(
+            (b.reserve_vcpus, b.reserve_ram_mib, b.overcommit),
+            (None, None, None)
+        );
         for (word, want) in [
-            ("auto", crate::backends::local::build::Rootfs::Auto),
-            (
-                "initramfs",
-                crate::backends::local::build::Rootfs::Initramfs,
-            ),
-            ("block", crate::backends::local::build::Rootfs::Block),
+            ("auto", Rootfs::Auto),
+            ("initramfs", Rootfs::Initramfs),
+            ("block", Rootfs::Block),
         ] {
             let c = Config::parse(&format!(
                 "{BASE}[[backend]]\nkind = \"local\"\nrootfs = \"{word}\"\n"
             ))
             .unwrap();
-            let crate::backends::BackendSection::Local(l) = &c.backends[0];
+            let BackendSection::Local(l) = &c.backends[0];
             assert_eq!(l.rootfs.as_deref(), Some(word));
-            assert_eq!(
-                crate::backends::local::build::Rootfs::parse(word),
-                Some(want)
-            );
+            assert_eq!(Rootfs::parse(word), Some(want));
         }
-        assert_eq!(c.capacity.overcommit, Some(2.0));
+    }
+
+    #[test]
+    fn a_top_level_capacity_table_is_the_default_of_local_sections() {
+        let c = Config::parse(&format!(
+            "{BASE}[capacity]\nreserve_vcpus = 1\nreserve_ram_mib = 512\novercommit = 2.0\n\
+             [[backend]]\nkind = \"local\"\nname = \"a\"\n\
+             [[backend]]\nkind = \"local\"\nname = \"b\"\nreserve_vcpus = 0\novercommit = 1.5\n"
+        ))
+        .unwrap();
+        let BackendSection::Local(a) = &c.backends[0];
+        assert_eq!(
+            (a.reserve_vcpus, a.reserve_ram_mib, a.overcommit),
+            (Some(1), Some(512), Some(2.0))
+        );
+        // A section's own keys win, one key at a time.
+        let BackendSection::Local(b) = &c.backends[1];
+        assert_eq!(
+            (b.reserve_vcpus, b.reserve_ram_mib, b.overcommit),
+            (Some(0), Some(512), Some(1.5))
+        );
+        // Part of a table sets only its own keys.
+        let c = Config::parse(&format!(
+            "{BASE}[capacity]\nreserve_ram_mib = 256\n[[backend]]\nkind = \"local\"\n"
+        ))
+        .unwrap();
+        let BackendSection::Local(l) = &c.backends[0];
+        assert_eq!(
+            (l.reserve_vcpus, l.reserve_ram_mib, l.overcommit),
+            (None, Some(256), None)
+        );
     }
 
     #[test]
@@ -395,6 +388,18 @@ region = "home"
             (
                 format!("{BASE}[capacity]\novercommit = 0.5\n"),
                 "capacity.overcommit",
+            ),
+            (
+                format!("{BASE}[[backend]]\nkind = \"local\"\novercommit = 0.5\n"),
+                "backend[0].overcommit",
+            ),
+            (
+                format!("{BASE}[[backend]]\nkind = \"local\"\novercommit = nan\n"),
+                "backend[0].overcommit",
+            ),
+            (
+                format!("{BASE}[[backend]]\nkind = \"local\"\nreserve_ram = 1\n"),
+                "reserve_ram",
             ),
             (format!("{BASE}[[backend]]\nkind = \"aws\"\n"), "aws"),
             (format!("{BASE}[[backend]]\nname = \"x\"\n"), "kind"),
@@ -471,10 +476,16 @@ region = "home"
 
     #[test]
     fn the_example_config_parses() {
-        let c = Config::parse(include_str!("../kilnd.example.toml")).unwrap();
+        let c = Config::parse(include_str!("../../kilnd.example.toml")).unwrap();
         assert_eq!(c.region, "home-lab");
         assert_eq!(c.backends.len(), 1);
         assert_eq!(c.backends[0].name(), "local");
+        assert!(c.capacity.is_none(), "the example shows the current keys");
+        let BackendSection::Local(l) = &c.backends[0];
+        assert_eq!(
+            (l.reserve_vcpus, l.reserve_ram_mib, l.overcommit),
+            (Some(1), Some(1024), Some(1.0))
+        );
     }
 
     #[test]
