@@ -15,6 +15,7 @@ pub mod kilnd;
 pub mod openssh;
 pub mod peer;
 pub mod registry;
+pub mod sshd;
 
 /// The workspace root (parent of this crate).
 pub fn workspace_root() -> PathBuf {
