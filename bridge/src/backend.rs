@@ -16,6 +16,40 @@ pub struct BackendCapabilities {
     pub regions: BTreeSet<String>,
     pub tdx: bool,
     pub capacity: CapacitySnapshot,
+    /// The machines behind a backend of several (owned hosts over SSH),
+    /// each with its state; empty for a backend of one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostCard>,
+}
+
+/// One machine of a backend, as the provider card lists it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostCard {
+    /// As configured (`host` or `host:port`).
+    pub address: String,
+    pub state: HostState,
+    /// Since when it has been in that state (unreachable or refused).
+    #[serde(default)]
+    pub since: Option<DateTime<Utc>>,
+    /// Why it is refused or unreachable.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// Its own ledger, as it last reported it (zero until it has).
+    pub capacity: CapacitySnapshot,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Not heard from yet.
+    Unknown,
+    /// Answering, and takes grants.
+    Ready,
+    /// Cannot be reached now; retried with backoff.
+    Unreachable,
+    /// Answers, but cannot take grants until the operator acts (its host
+    /// key, its kiln version, no /dev/kvm).
+    Refused,
 }
 
 /// A running instance, as plain data. It is stored as is, so that after a

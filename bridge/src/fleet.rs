@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{
-    Backend, BackendCapabilities, BackendError, ProvisionedInstance, UsageMetrics,
+    Backend, BackendCapabilities, BackendError, HostState, ProvisionedInstance, UsageMetrics,
 };
 use crate::capacity::{CapacitySnapshot, Resources};
 use crate::grant::{FieldProblem, Grant, GrantError, TdxPolicy};
@@ -146,10 +146,21 @@ impl Fleet {
             .filter(|c| grant.tdx != TdxPolicy::Required || c.tdx);
         let mut fits_cpu = false;
         for c in eligible {
-            fits_cpu |= grant.vcpus <= c.capacity.usable.vcpus;
-            if grant.vcpus <= c.capacity.usable.vcpus && grant.ram_mib <= c.capacity.usable.ram_mib
-            {
-                return Ok(());
+            // A grant runs on one machine: a backend of several fits it
+            // when one of its hosts does (or one not heard from yet might).
+            let machines: Vec<(Resources, bool)> = if c.hosts.is_empty() {
+                vec![(c.capacity.usable, false)]
+            } else {
+                c.hosts
+                    .iter()
+                    .map(|h| (h.capacity.usable, h.state == HostState::Unknown))
+                    .collect()
+            };
+            for (usable, unknown) in machines {
+                fits_cpu |= unknown || grant.vcpus <= usable.vcpus;
+                if unknown || (grant.vcpus <= usable.vcpus && grant.ram_mib <= usable.ram_mib) {
+                    return Ok(());
+                }
             }
         }
         // Name the dimension no backend has enough of; if each fits somewhere

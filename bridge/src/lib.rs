@@ -17,6 +17,7 @@ pub mod config;
 pub mod dir_lock;
 pub mod fleet;
 pub mod grant;
+pub mod host;
 pub mod host_key;
 pub mod machine;
 pub mod manager;

@@ -62,6 +62,9 @@ pub struct ManagerSettings {
     /// None: tags are not resolved at submit (a backend resolves the tag
     /// when it builds, as for simulated backends that fetch nothing).
     pub tag_ttl: Option<Duration>,
+    /// Registries reached over plain HTTP (`host:port`), as Docker's
+    /// `insecure-registries`; loopback ones always are.
+    pub insecure_registries: Vec<String>,
 }
 
 impl Default for ManagerSettings {
@@ -73,6 +76,7 @@ impl Default for ManagerSettings {
             terminate_attempts: 5,
             usage_interval: Duration::from_secs(30),
             tag_ttl: Some(DEFAULT_TAG_TTL),
+            insecure_registries: Vec::new(),
         }
     }
 }
@@ -110,7 +114,9 @@ impl GrantManager {
         let manager = Arc::new(GrantManager {
             store,
             fleet,
-            tags: settings.tag_ttl.map(TagResolver::new),
+            tags: settings
+                .tag_ttl
+                .map(|ttl| TagResolver::new(ttl, settings.insecure_registries.clone())),
             settings,
             supervisors: Mutex::new(HashMap::new()),
         });
@@ -476,6 +482,20 @@ impl GrantManager {
             }
             tokio::select! {
                 ended = self.fleet.watch_until_exit(instance) => match ended {
+                    Ok(usage) if usage.ended_at >= grant.valid_to => {
+                        // Ended past its deadline with nobody here to stop
+                        // it: the host's shim did (kilnd was down, or the
+                        // host cut off from it).
+                        self.store.request_stop(id, StopCause::Deadline)?;
+                        let _ = self.terminate_instance(id, instance).await;
+                        self.store.finish(
+                            id,
+                            GrantState::Terminated,
+                            Some(StopCause::Deadline.reason()),
+                            Some(&usage),
+                        )?;
+                        return Ok(());
+                    }
                     Ok(usage) => return self.exited(id, instance, usage).await,
                     Err(e) if is_transient(&e) => {
                         tracing::warn!(grant = %id, error = %error_chain(&e), "watch failed; retrying");

@@ -21,14 +21,17 @@ pub enum TagError {
 /// Recent answers, by reference as the requester wrote it.
 pub struct TagResolver {
     ttl: Duration,
+    /// Registries spoken to over plain HTTP.
+    insecure: Vec<String>,
     recent: Mutex<HashMap<String, (Instant, String)>>,
 }
 
 impl TagResolver {
     /// Answers are reused for `ttl` (zero: never).
-    pub fn new(ttl: Duration) -> TagResolver {
+    pub fn new(ttl: Duration, insecure: Vec<String>) -> TagResolver {
         TagResolver {
             ttl,
+            insecure,
             recent: Mutex::new(HashMap::new()),
         }
     }
@@ -44,13 +47,15 @@ impl TagResolver {
             return Ok(Some(digest));
         }
         let r = reference.clone();
+        let insecure = self.insecure.clone();
         // The registry client blocks; it must not hold up the runtime.
-        let digest =
-            tokio::task::spawn_blocking(move || kiln_image::registry::resolve_tag(&r, &[], None))
-                .await
-                .map_err(TagError::Task)?
-                .map_err(|e| TagError::Registry(key.clone(), e))?
-                .to_string();
+        let digest = tokio::task::spawn_blocking(move || {
+            kiln_image::registry::resolve_tag(&r, &insecure, None)
+        })
+        .await
+        .map_err(TagError::Task)?
+        .map_err(|e| TagError::Registry(key.clone(), e))?
+        .to_string();
         self.lock().insert(key, (Instant::now(), digest.clone()));
         Ok(Some(digest))
     }
@@ -103,7 +108,10 @@ mod tests {
     async fn a_digest_needs_no_registry() {
         let r = Reference::parse(&format!("127.0.0.1:1/x@sha256:{}", "b".repeat(64))).unwrap();
         assert_eq!(
-            TagResolver::new(Duration::ZERO).resolve(&r).await.unwrap(),
+            TagResolver::new(Duration::ZERO, Vec::new())
+                .resolve(&r)
+                .await
+                .unwrap(),
             None
         );
     }

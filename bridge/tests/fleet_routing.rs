@@ -206,6 +206,7 @@ async fn two_local_backends_around_a_flaky_one() {
     let ctx = BuildContext {
         region: "eu".into(),
         state_dir: dir.path().join("state"),
+        insecure_registries: Vec::new(),
     };
     let local = |name: &str, region: Option<&str>, vcpus: u32, ram_mib: u64| {
         BackendSection::Local(LocalSection {

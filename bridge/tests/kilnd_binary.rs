@@ -260,6 +260,8 @@ fn a_second_shim_of_a_grant_exits_naming_the_first_and_changes_nothing() {
         output_cap: 1 << 20,
         snapshots: None,
         publish: Vec::new(),
+        listen_host: None,
+        valid_to: None,
     };
     let launch_path = dir.path().join(shim::LAUNCH_FILE);
     std::fs::write(&launch_path, serde_json::to_vec(&launch).unwrap()).unwrap();

@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
+use kiln_bridge::backend::HostState;
 use kiln_bridge::capacity::CapacitySnapshot;
 use kiln_bridge::fleet::ProviderCard;
 
@@ -63,6 +64,42 @@ fn print_card(card: &ProviderCard) {
         ]
     }));
     print_table(&rows);
+    let hosts: Vec<_> = card
+        .backends
+        .iter()
+        .flat_map(|b| b.capabilities.hosts.iter().map(move |h| (b, h)))
+        .collect();
+    if hosts.is_empty() {
+        return;
+    }
+    println!();
+    let mut rows = vec![["BACKEND", "HOST", "STATE", "VCPUS", "MEMORY", "NOTE"].map(String::from)];
+    rows.extend(hosts.into_iter().map(|(b, h)| {
+        let (vcpus, ram) = used_of(&h.capacity);
+        let since = h
+            .since
+            .filter(|_| h.state != HostState::Ready)
+            .map(|t| format!(" since {}", t.format("%Y-%m-%d %H:%M:%SZ")))
+            .unwrap_or_default();
+        [
+            b.name.clone(),
+            h.address.clone(),
+            format!("{}{since}", state_word(h.state)),
+            vcpus,
+            ram,
+            h.message.clone().unwrap_or_else(|| "-".into()),
+        ]
+    }));
+    print_table(&rows);
+}
+
+fn state_word(s: HostState) -> &'static str {
+    match s {
+        HostState::Unknown => "unknown",
+        HostState::Ready => "ready",
+        HostState::Unreachable => "unreachable",
+        HostState::Refused => "refused",
+    }
 }
 
 /// `N of M used` for CPUs and memory.

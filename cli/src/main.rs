@@ -5,6 +5,7 @@ mod demo;
 mod exit_code;
 mod fleet;
 mod grant;
+mod host;
 mod image;
 mod kilnd;
 mod output;
@@ -53,6 +54,9 @@ enum Command {
     Fleet(fleet::FleetArgs),
     /// SSH into a running grant, trusting only the host key kilnd reported.
     Ssh(ssh::SshArgs),
+    /// This machine as an owned host of a fleet (JSON in and out; what a
+    /// bridge runs over SSH).
+    Host(host::HostArgs),
 }
 
 fn kiln_home() -> PathBuf {
@@ -147,6 +151,7 @@ fn dispatch(command: Command) -> Result<i32> {
         Command::Grant(args) => grant::run(args),
         Command::Fleet(args) => fleet::run(args),
         Command::Ssh(args) => ssh::run(args),
+        Command::Host(args) => host::run(args),
     }
 }
 

@@ -35,7 +35,13 @@ impl Requester {
     /// A busybox image pushed to a fresh loopback registry, and a new key
     /// pair, with scratch files under `work`.
     pub fn new(work: &Path) -> Requester {
-        let registry = Registry::start();
+        Requester::on(work, "127.0.0.1")
+    }
+
+    /// As [`Requester::new`], the registry listening on `ip` (an address
+    /// of the calling thread's network namespace).
+    pub fn on(work: &Path, ip: &str) -> Requester {
+        let registry = Registry::start_on(ip);
         registry.push(
             &busybox_layout(&work.join("image")),
             "1",
@@ -91,6 +97,20 @@ impl Kilnd {
     /// backend's table.
     pub fn with_backend(dir: &Path, vcpus: u32, ram_mib: u64, extra: &str) -> Kilnd {
         let home = dir.join("home");
+        Kilnd::with_backends(
+            dir,
+            &format!(
+                "[[backend]]\nkind = \"local\"\nvcpus = {vcpus}\n\
+                 ram_mib = {ram_mib}\nkiln_home = \"{}\"\n{extra}\n",
+                home.display()
+            ),
+        )
+    }
+
+    /// A kilnd whose `[[backend]]` tables are `backends` (TOML), in the
+    /// region `home`.
+    pub fn with_backends(dir: &Path, backends: &str) -> Kilnd {
+        let home = dir.join("home");
         std::fs::create_dir_all(home.join("kernel")).unwrap();
         std::fs::create_dir_all(home.join("bin")).unwrap();
         std::os::unix::fs::symlink(kernel(), home.join("kernel/vmlinux")).unwrap();
@@ -106,12 +126,9 @@ impl Kilnd {
             &config,
             format!(
                 "listen = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\nauth_token_file = \"{}\"\n\
-                 region = \"home\"\nimage_tag_ttl_secs = 0\n\
-                 [[backend]]\nkind = \"local\"\nvcpus = {vcpus}\n\
-                 ram_mib = {ram_mib}\nkiln_home = \"{}\"\n{extra}\n",
+                 region = \"home\"\nimage_tag_ttl_secs = 0\n{backends}",
                 dir.join("state").display(),
                 dir.join("token").display(),
-                home.display()
             ),
         )
         .unwrap();
@@ -242,18 +259,26 @@ pub fn request(id: &str, image: &str, key: &str, valid_for: Duration, cmd: &str)
 
 /// The stock ssh client, pinned to the grant's host key.
 pub fn ssh_to(grant: &GrantView, key: &Path, dir: &Path) -> Ssh {
+    let host = grant.connection.as_ref().map(|c| c.host.clone());
+    assert_eq!(host.as_deref(), Some("127.0.0.1"));
+    ssh_to_host(grant, key, dir)
+}
+
+/// As [`ssh_to`], wherever the grant's connection says.
+pub fn ssh_to_host(grant: &GrantView, key: &Path, dir: &Path) -> Ssh {
     let c = grant
         .connection
         .as_ref()
         .expect("a running grant has a connection");
-    assert_eq!(c.host, "127.0.0.1");
     assert!(c.host_key.starts_with("ssh-ed25519 "), "{c:?}");
     assert!(c.host_key_fingerprint.starts_with("SHA256:"), "{c:?}");
     let known = dir.join(format!("known_hosts-{}", grant.grant.id));
     std::fs::write(
         &known,
-        format!("[127.0.0.1]:{} {}\n", c.ssh_port, c.host_key),
+        format!("[{}]:{} {}\n", c.host, c.ssh_port, c.host_key),
     )
     .unwrap();
-    Ssh::new(key, c.ssh_port, &c.user).pinned(&known)
+    Ssh::new(key, c.ssh_port, &c.user)
+        .at(&c.host)
+        .pinned(&known)
 }

@@ -12,6 +12,7 @@ use kiln_image::cpio::{Meta, Writer};
 pub mod images;
 pub mod jail;
 pub mod kilnd;
+pub mod netns;
 pub mod openssh;
 pub mod peer;
 pub mod registry;

@@ -49,9 +49,11 @@ pub fn run(mut cmd: Command, stdin: &[u8]) -> Output {
     }
 }
 
-/// The stock OpenSSH client tools against 127.0.0.1:`port` as `user`.
+/// The stock OpenSSH client tools against `host`:`port` (127.0.0.1 unless
+/// set) as `user`.
 pub struct Client {
     key: PathBuf,
+    host: String,
     port: u16,
     user: String,
     /// Pin the server's host key to this known_hosts file.
@@ -62,10 +64,17 @@ impl Client {
     pub fn new(key: &Path, port: u16, user: &str) -> Self {
         Client {
             key: key.to_path_buf(),
+            host: "127.0.0.1".to_string(),
             port,
             user: user.to_string(),
             known_hosts: None,
         }
+    }
+
+    /// Connect to `host` instead of 127.0.0.1.
+    pub fn at(mut self, host: &str) -> Self {
+        self.host = host.to_string();
+        self
     }
 
     /// Only accept the host keys in `known_hosts` (else any key).
@@ -74,9 +83,9 @@ impl Client {
         self
     }
 
-    /// `user@127.0.0.1:path` for scp.
+    /// `user@host:path` for scp.
     pub fn remote(&self, path: &str) -> String {
-        format!("{}@127.0.0.1:{path}", self.user)
+        format!("{}@{}:{path}", self.user, self.host)
     }
 
     fn options(&self, cmd: &mut Command, port_flag: &str) {
@@ -107,7 +116,7 @@ impl Client {
         let mut cmd = Command::new("ssh");
         self.options(&mut cmd, "-p");
         cmd.args(extra)
-            .arg(format!("{}@127.0.0.1", self.user))
+            .arg(format!("{}@{}", self.user, self.host))
             .arg(remote);
         run(cmd, stdin)
     }
@@ -128,7 +137,7 @@ impl Client {
         let mut cmd = Command::new("sftp");
         self.options(&mut cmd, "-P");
         cmd.args(["-b", "-"])
-            .arg(format!("{}@127.0.0.1", self.user));
+            .arg(format!("{}@{}", self.user, self.host));
         run(cmd, batch.as_bytes())
     }
 }

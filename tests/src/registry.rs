@@ -35,8 +35,8 @@ impl Drop for Registry {
     }
 }
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+fn free_port(ip: &str) -> u16 {
+    let l = TcpListener::bind((ip, 0)).expect("bind");
     l.local_addr().expect("addr").port()
 }
 
@@ -52,9 +52,15 @@ pub fn http_get(addr: &str, path: &str) -> Option<String> {
 
 impl Registry {
     pub fn start() -> Registry {
+        Registry::start_on("127.0.0.1")
+    }
+
+    /// A registry listening on `ip` (an address of the calling thread's
+    /// network namespace).
+    pub fn start_on(ip: &str) -> Registry {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
+        let port = free_port(ip);
+        let addr = format!("{ip}:{port}");
         let storage = dir.path().join("storage");
         let config = dir.path().join("config.yml");
         std::fs::write(

@@ -22,6 +22,7 @@ const SSHD: &str = "/usr/sbin/sshd";
 /// A running sshd and the keys that go with it.
 pub struct Sshd {
     dir: PathBuf,
+    ip: String,
     port: u16,
     child: Option<Child>,
 }
@@ -36,6 +37,12 @@ impl Sshd {
 
     /// [`Sshd::start`] on a given port.
     pub fn start_on(dir: &Path, port: u16) -> Sshd {
+        Sshd::start_at(dir, "127.0.0.1", port)
+    }
+
+    /// [`Sshd::start`] on `ip`:`port`, `ip` an address of the calling
+    /// thread's network namespace (where sshd then runs).
+    pub fn start_at(dir: &Path, ip: &str, port: u16) -> Sshd {
         if !dir.join("host_key").exists() {
             keygen(dir, "host_key");
         }
@@ -46,7 +53,7 @@ impl Sshd {
         std::fs::write(dir.join("authorized_keys"), authorized).expect("write authorized_keys");
         let d = dir.display();
         let config = format!(
-            "ListenAddress 127.0.0.1\n\
+            "ListenAddress {ip}\n\
              Port {port}\n\
              HostKey {d}/host_key\n\
              AuthorizedKeysFile {d}/authorized_keys\n\
@@ -77,6 +84,7 @@ impl Sshd {
             .expect("spawn /usr/sbin/sshd (openssh-server): run scripts/setup.sh");
         let mut sshd = Sshd {
             dir: dir.to_path_buf(),
+            ip: ip.to_string(),
             port,
             child: Some(child),
         };
@@ -84,7 +92,7 @@ impl Sshd {
             if sshd.exited() {
                 return Some(false);
             }
-            TcpStream::connect(("127.0.0.1", port)).ok().map(|_| true)
+            TcpStream::connect((ip, port)).ok().map(|_| true)
         });
         assert_eq!(
             listening,
@@ -99,9 +107,9 @@ impl Sshd {
         self.port
     }
 
-    /// `127.0.0.1:PORT`.
+    /// `IP:PORT`.
     pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
     }
 
     /// The host's public key line (`ssh-ed25519 AAAA… host_key`).

@@ -9,10 +9,9 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use kiln_tests::netns::NetNs;
 use kiln_tests::{initramfs_with_init, kernel, static_guest_binary, VmmProcess};
 
 // Generous: boots are slow on emulating hosts, slower still on a busy machine.
@@ -28,47 +27,13 @@ fn fnv1a(data: &[u8]) -> u64 {
     })
 }
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A named network namespace holding a TAP, deleted (TAP and all) on drop.
-struct NetNs(String);
-
-impl NetNs {
-    fn new() -> Self {
-        let ns = NetNs(format!("kiln-net-test-{}", std::process::id()));
-        ip(&["netns", "add", &ns.0]);
-        ip(&["-n", &ns.0, "tuntap", "add", "dev", TAP, "mode", "tap"]);
-        ip(&["-n", &ns.0, "addr", "add", "10.77.0.1/24", "dev", TAP]);
-        ip(&["-n", &ns.0, "link", "set", TAP, "up"]);
-        ns
-    }
-
-    /// Runs `f` on a thread that entered the namespace.
-    fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let ns = std::fs::File::open(format!("/run/netns/{}", self.0)).expect("open netns");
-        std::thread::spawn(move || {
-            // SAFETY: setns changes only this thread's network namespace.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// The test's namespace, with a TAP in it.
+fn namespace_with_tap() -> NetNs {
+    let ns = NetNs::new("net-test");
+    ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]);
+    ns.ip(&["addr", "add", "10.77.0.1/24", "dev", TAP]);
+    ns.ip(&["link", "set", TAP, "up"]);
+    ns
 }
 
 /// The host side: accept one connection, read the guest's bytes to their
@@ -113,14 +78,14 @@ fn guest_exchanges_tcp_with_a_listener_behind_its_tap() {
     let initrd = initramfs_with_init(dir.path(), &init);
     let serial = dir.path().join("serial.log");
     let metrics = dir.path().join("metrics.json");
-    let ns = NetNs::new();
+    let ns = namespace_with_tap();
     let server = ns.spawn(|| {
         let listener = TcpListener::bind("10.77.0.1:7777").map_err(|e| e.to_string())?;
         serve(listener)
     });
 
     let vmm = VmmProcess::spawn_in_netns(
-        &ns.0,
+        &ns.name,
         &[
             "--kernel",
             kernel().to_str().unwrap(),

@@ -19,6 +19,13 @@ pub enum BuildError {
     Rootfs(String, String),
     #[error("Backend {0} has an unusable capacity")]
     Capacity(String, #[source] CapacityError),
+    #[error("Backend {backend}, host {host}: identity_file {}: {problem}", .path.display())]
+    Identity {
+        backend: String,
+        host: String,
+        path: PathBuf,
+        problem: String,
+    },
 }
 
 /// What every backend may need from the rest of the configuration.
@@ -28,6 +35,8 @@ pub struct BuildContext {
     pub region: String,
     /// kilnd's state directory.
     pub state_dir: PathBuf,
+    /// Registries reached over plain HTTP (`host:port`).
+    pub insecure_registries: Vec<String>,
 }
 
 /// The ledger of backend `name`: a host with `total` resources, less
@@ -53,6 +62,7 @@ pub fn build(
 fn build_one(section: &BackendSection, ctx: &BuildContext) -> Result<Arc<dyn Backend>, BuildError> {
     match section {
         BackendSection::Local(s) => Ok(Arc::new(local::LocalBackend::new(s, ctx)?)),
+        BackendSection::Ssh(s) => Ok(Arc::new(ssh::SshBackend::new(s, ctx)?)),
     }
 }
 
@@ -65,6 +75,7 @@ mod tests {
         BuildContext {
             region: "home".into(),
             state_dir: "/nonexistent".into(),
+            insecure_registries: Vec::new(),
         }
     }
 

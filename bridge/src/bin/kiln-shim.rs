@@ -1,8 +1,9 @@
 //! `kiln-shim DIR`: looks after the VM of the grant whose directory is DIR
 //! (see `kiln_bridge::backends::local::shim`). kilnd starts it; it outlives
 //! kilnd and exits when the VM has ended and its final state is written.
-//! kilnd also runs it as `kiln-shim --build-image HOME IMAGE ROOTFS` to build a
-//! grant's image in a process of its own (see `backends::local::build`).
+//! kilnd also runs it as `kiln-shim --build-image HOME IMAGE ROOTFS
+//! [INSECURE_REGISTRY...]` to build a grant's image in a process of its own
+//! (see `backends::local::build`).
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -22,12 +23,19 @@ fn main() -> ExitCode {
         .init();
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     match args.as_slice() {
-        [flag, home, image, rootfs] if flag == build::BUILD_FLAG => {
+        [flag, home, image, rootfs, insecure @ ..] if flag == build::BUILD_FLAG => {
+            let insecure: Option<Vec<String>> = insecure
+                .iter()
+                .map(|r| r.to_str().map(str::to_string))
+                .collect();
             match (
                 image.to_str(),
                 rootfs.to_str().and_then(build::Rootfs::parse),
+                insecure,
             ) {
-                (Some(image), Some(rootfs)) => build::serve(Path::new(home), image, rootfs),
+                (Some(image), Some(rootfs), Some(insecure)) => {
+                    build::serve(Path::new(home), image, rootfs, insecure)
+                }
                 _ => usage(),
             }
         }

@@ -83,6 +83,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let ctx = BuildContext {
         region: config.region.clone(),
         state_dir: config.state_dir.clone(),
+        insecure_registries: config.insecure_registries.clone(),
     };
     let backends = backends::build(&config.backends, &ctx)?;
     if backends.is_empty() {
@@ -96,6 +97,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .image_tag_ttl_secs
                 .map_or(DEFAULT_TAG_TTL, Duration::from_secs),
         ),
+        insecure_registries: config.insecure_registries.clone(),
         ..ManagerSettings::default()
     };
     let manager = GrantManager::open(store, fleet, settings)?;

@@ -22,6 +22,8 @@ const MAX_KEEP_ENDED_DAYS: u32 = 36_500;
 pub enum BackendSection {
     /// This host, booting micro-VMs with kiln-vmm.
     Local(LocalSection),
+    /// Other owned hosts, over SSH.
+    Ssh(SshSection),
 }
 
 impl BackendSection {
@@ -29,6 +31,7 @@ impl BackendSection {
     pub fn name(&self) -> &str {
         match self {
             BackendSection::Local(s) => s.name.as_deref().unwrap_or("local"),
+            BackendSection::Ssh(s) => &s.name,
         }
     }
 
@@ -36,6 +39,7 @@ impl BackendSection {
     pub fn region(&self) -> Option<&str> {
         match self {
             BackendSection::Local(s) => s.region.as_deref(),
+            BackendSection::Ssh(s) => s.region.as_deref(),
         }
     }
 
@@ -44,6 +48,7 @@ impl BackendSection {
     pub(super) fn check(&self, prefix: &str) -> Result<(), ConfigError> {
         match self {
             BackendSection::Local(s) => s.check(prefix),
+            BackendSection::Ssh(s) => s.check(prefix),
         }
     }
 
@@ -56,6 +61,8 @@ impl BackendSection {
                 s.reserve_ram_mib = s.reserve_ram_mib.or(defaults.reserve_ram_mib);
                 s.overcommit = s.overcommit.or(defaults.overcommit);
             }
+            // Other hosts keep their own reserve (their `host.toml`).
+            BackendSection::Ssh(_) => {}
         }
     }
 }
@@ -110,6 +117,10 @@ pub struct LocalSection {
     /// default true. Off: every grant boots.
     #[serde(default)]
     pub warm_start: Option<bool>,
+    /// The address requesters reach its VMs on: the SSH and published
+    /// ports listen there. Defaults to 127.0.0.1 (this host only).
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 impl LocalSection {
@@ -145,6 +156,16 @@ impl LocalSection {
                 ));
             }
         }
+        if self
+            .address
+            .as_deref()
+            .is_some_and(|a| a.parse::<std::net::IpAddr>().is_err())
+        {
+            return Err(ConfigError::invalid(
+                key("address"),
+                "must be an IP address of this host",
+            ));
+        }
         // Far more would put the pruning cutoff before any date.
         if self
             .keep_ended_days
@@ -166,5 +187,78 @@ pub(super) fn check_overcommit(key: &str, ratio: Option<f64>) -> Result<(), Conf
             Err(ConfigError::invalid(key, "must be a number of at least 1"))
         }
         _ => Ok(()),
+    }
+}
+
+/// `kind = "ssh"`: owned hosts reached over SSH, each running kiln.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshSection {
+    pub name: String,
+    /// The region label of its grants; defaults to kilnd's `region`.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// The hosts, in the order grants fill them (`[[backend.host]]`).
+    #[serde(rename = "host")]
+    pub hosts: Vec<SshHostSection>,
+}
+
+/// One `[[backend.host]]` of an `ssh` backend.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshHostSection {
+    /// `host` or `host:port` (22 by default; IPv6 in brackets).
+    pub address: String,
+    /// Defaults to root.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The bridge's private key for that host (OpenSSH ed25519).
+    pub identity_file: PathBuf,
+    /// The host's SSH key, pinned (`ssh-ed25519 AAAA...`): any other is
+    /// refused.
+    pub host_key: String,
+    /// `kiln` on that host, when not on its PATH.
+    #[serde(default)]
+    pub kiln: Option<String>,
+    /// Its `KILN_HOME`, when not the default.
+    #[serde(default)]
+    pub kiln_home: Option<String>,
+}
+
+impl SshSection {
+    /// Each host named, pinned, and listed once.
+    fn check(&self, prefix: &str) -> Result<(), ConfigError> {
+        if self.hosts.is_empty() {
+            return Err(ConfigError::invalid(
+                format!("{prefix}.host"),
+                "an ssh backend needs at least one [[backend.host]]",
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (j, h) in self.hosts.iter().enumerate() {
+            let key = |k: &str| format!("{prefix}.host[{j}].{k}");
+            if h.address.trim().is_empty() || h.address.chars().any(char::is_whitespace) {
+                return Err(ConfigError::invalid(
+                    key("address"),
+                    "must be host or host:port",
+                ));
+            }
+            if !seen.insert(h.address.as_str()) {
+                return Err(ConfigError::invalid(
+                    key("address"),
+                    format!("{} is listed twice", h.address),
+                ));
+            }
+            if let Err(e) = ssh_key::PublicKey::from_openssh(h.host_key.trim()) {
+                return Err(ConfigError::invalid(
+                    key("host_key"),
+                    format!("host {}: not an OpenSSH public key ({e})", h.address),
+                ));
+            }
+            if h.user.as_deref().is_some_and(str::is_empty) {
+                return Err(ConfigError::invalid(key("user"), "must not be empty"));
+            }
+        }
+        Ok(())
     }
 }

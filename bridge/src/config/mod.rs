@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use backend::{BackendSection, LocalSection};
+pub use backend::{BackendSection, LocalSection, SshHostSection, SshSection};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -68,6 +68,10 @@ pub struct Config {
     /// reused for later grants (default 30).
     #[serde(default)]
     pub image_tag_ttl_secs: Option<u64>,
+    /// Registries reached over plain HTTP, `host` or `host:port` (as
+    /// Docker's `insecure-registries`); loopback registries always are.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
     /// Deprecated: set `reserve_vcpus`, `reserve_ram_mib` and `overcommit`
     /// in each `kind = "local"` section instead. Each key set here is the
     /// default of local sections that do not set it; [`Config::parse`]
@@ -181,6 +185,18 @@ impl Config {
                 return Err(ConfigError::invalid(
                     format!("token[{i}].name"),
                     format!("{} is used by an earlier token", t.name),
+                ));
+            }
+        }
+        for (i, r) in self.insecure_registries.iter().enumerate() {
+            if r.is_empty()
+                || r.contains("://")
+                || r.contains('/')
+                || r.contains(char::is_whitespace)
+            {
+                return Err(ConfigError::invalid(
+                    format!("insecure_registries[{i}]"),
+                    "must be host or host:port",
                 ));
             }
         }
@@ -313,13 +329,17 @@ region = "home"
         .unwrap();
         let names: Vec<&str> = c.backends.iter().map(|b| b.name()).collect();
         assert_eq!(names, ["a", "b"]);
-        let BackendSection::Local(a) = &c.backends[0];
+        let BackendSection::Local(a) = &c.backends[0] else {
+            panic!("not local")
+        };
         assert_eq!(a.rootfs, None, "auto unless set");
         assert_eq!(
             (a.reserve_vcpus, a.reserve_ram_mib, a.overcommit),
             (Some(1), Some(512), Some(2.0))
         );
-        let BackendSection::Local(b) = &c.backends[1];
+        let BackendSection::Local(b) = &c.backends[1] else {
+            panic!("not local")
+        };
         assert_eq!(
             (b.reserve_vcpus, b.reserve_ram_mib, b.overcommit),
             (None, None, None)
@@ -333,7 +353,9 @@ region = "home"
                 "{BASE}[[backend]]\nkind = \"local\"\nrootfs = \"{word}\"\n"
             ))
             .unwrap();
-            let BackendSection::Local(l) = &c.backends[0];
+            let BackendSection::Local(l) = &c.backends[0] else {
+                panic!("not local")
+            };
             assert_eq!(l.rootfs.as_deref(), Some(word));
             assert_eq!(Rootfs::parse(word), Some(want));
         }
@@ -347,13 +369,17 @@ region = "home"
              [[backend]]\nkind = \"local\"\nname = \"b\"\nreserve_vcpus = 0\novercommit = 1.5\n"
         ))
         .unwrap();
-        let BackendSection::Local(a) = &c.backends[0];
+        let BackendSection::Local(a) = &c.backends[0] else {
+            panic!("not local")
+        };
         assert_eq!(
             (a.reserve_vcpus, a.reserve_ram_mib, a.overcommit),
             (Some(1), Some(512), Some(2.0))
         );
         // A section's own keys win, one key at a time.
-        let BackendSection::Local(b) = &c.backends[1];
+        let BackendSection::Local(b) = &c.backends[1] else {
+            panic!("not local")
+        };
         assert_eq!(
             (b.reserve_vcpus, b.reserve_ram_mib, b.overcommit),
             (Some(0), Some(512), Some(1.5))
@@ -363,7 +389,9 @@ region = "home"
             "{BASE}[capacity]\nreserve_ram_mib = 256\n[[backend]]\nkind = \"local\"\n"
         ))
         .unwrap();
-        let BackendSection::Local(l) = &c.backends[0];
+        let BackendSection::Local(l) = &c.backends[0] else {
+            panic!("not local")
+        };
         assert_eq!(
             (l.reserve_vcpus, l.reserve_ram_mib, l.overcommit),
             (None, Some(256), None)
@@ -481,7 +509,9 @@ region = "home"
         assert_eq!(c.backends.len(), 1);
         assert_eq!(c.backends[0].name(), "local");
         assert!(c.capacity.is_none(), "the example shows the current keys");
-        let BackendSection::Local(l) = &c.backends[0];
+        let BackendSection::Local(l) = &c.backends[0] else {
+            panic!("not local")
+        };
         assert_eq!(
             (l.reserve_vcpus, l.reserve_ram_mib, l.overcommit),
             (Some(1), Some(1024), Some(1.0))

@@ -49,6 +49,7 @@ impl TestServer {
                 usage_interval: Duration::from_millis(200),
                 // Simulated backends fetch nothing, so nothing is resolved.
                 tag_ttl: None,
+                insecure_registries: Vec::new(),
             };
             let manager = GrantManager::open(store, fleet, settings).expect("manager");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -138,6 +138,7 @@ impl Backend for SimBackend {
             regions: self.regions.clone(),
             tdx: self.tdx,
             capacity: self.world.ledger.snapshot(),
+            hosts: Vec::new(),
         }
     }
 

@@ -48,6 +48,25 @@ pub enum RegistryError {
 }
 
 /// Hosts always spoken to over plain HTTP (nothing leaves the machine).
+/// Whether `host` (or the registry as written) is in `insecure`: as
+/// `host:port`, or as a bare host, which covers all its ports.
+fn is_listed(insecure: &[String], host: &str, registry: &str) -> bool {
+    let bare = |h: &str| -> String {
+        match h.rsplit_once(':') {
+            // A port, not the tail of a bracketed IPv6 address.
+            Some((name, port))
+                if !port.contains(']') && port.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                name.to_string()
+            }
+            _ => h.to_string(),
+        }
+    };
+    insecure
+        .iter()
+        .any(|h| h == host || h == registry || *h == bare(host))
+}
+
 fn is_loopback(host: &str) -> bool {
     let name = match host.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(""),
@@ -72,10 +91,7 @@ impl Client {
         credentials: Option<Credentials>,
     ) -> Result<Client, RegistryError> {
         let host = reference.api_host();
-        let plain_http = is_loopback(host)
-            || insecure
-                .iter()
-                .any(|h| h == host || h == &reference.registry);
+        let plain_http = is_loopback(host) || is_listed(insecure, host, &reference.registry);
         let mut builder = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(30))
             .timeout_read(Duration::from_secs(300))
@@ -302,6 +318,31 @@ mod tests {
 
     #[test]
     fn plain_http_only_for_loopback() {
+        assert!(is_listed(
+            &["10.0.0.5".into()],
+            "10.0.0.5:5000",
+            "10.0.0.5:5000"
+        ));
+        assert!(is_listed(
+            &["10.0.0.5:5000".into()],
+            "10.0.0.5:5000",
+            "10.0.0.5:5000"
+        ));
+        assert!(!is_listed(
+            &["10.0.0.5:5001".into()],
+            "10.0.0.5:5000",
+            "10.0.0.5:5000"
+        ));
+        assert!(!is_listed(
+            &["10.0.0.50".into()],
+            "10.0.0.5:5000",
+            "10.0.0.5:5000"
+        ));
+        assert!(is_listed(
+            &["[fd00::5]".into()],
+            "[fd00::5]:5000",
+            "[fd00::5]:5000"
+        ));
         assert!(is_loopback("127.0.0.1:5000"));
         assert!(is_loopback("localhost"));
         assert!(is_loopback("[::1]:5000"));

@@ -1,5 +1,5 @@
 //! A grant's image build, in a child process (`kiln-shim --build-image
-//! HOME IMAGE ROOTFS`): the builder's memory goes back to the system when the
+//! HOME IMAGE ROOTFS [INSECURE_REGISTRY...]`): the builder's memory goes back to the system when the
 //! child ends instead of staying in kilnd, and stopping a provision stops
 //! its build by killing the child. The child answers with one JSON line:
 //! what to boot (see [`BootFiles`]). It builds into `HOME/images`, the
@@ -48,8 +48,8 @@ pub enum BuildChildError {
 /// In the child: builds `image` with a `rootfs` root into `home`'s image
 /// cache and prints the reply line. Exits 0 when a reply was printed,
 /// whatever it says.
-pub fn serve(home: &Path, image: &str, rootfs: Rootfs) -> ExitCode {
-    let reply = match build_here(home, image, rootfs) {
+pub fn serve(home: &Path, image: &str, rootfs: Rootfs, insecure: Vec<String>) -> ExitCode {
+    let reply = match build_here(home, image, rootfs, insecure) {
         Ok(boot) => BuildReply::Built(boot),
         Err(e) => BuildReply::Failed { error: e },
     };
@@ -61,7 +61,12 @@ pub fn serve(home: &Path, image: &str, rootfs: Rootfs) -> ExitCode {
     }
 }
 
-fn build_here(home: &Path, image: &str, rootfs: Rootfs) -> Result<BootFiles, String> {
+fn build_here(
+    home: &Path,
+    image: &str,
+    rootfs: Rootfs,
+    insecure: Vec<String>,
+) -> Result<BootFiles, String> {
     let cache = kiln_image::cache::Cache::open(&home.join("images"))
         .map_err(|e| format!("cannot open the image cache: {}", error_chain(&e)))?;
     let opts = kiln_image::build::Options {
@@ -69,7 +74,7 @@ fn build_here(home: &Path, image: &str, rootfs: Rootfs) -> Result<BootFiles, Str
         agent: home.join("bin/kiln-agent"),
         compression: kiln_image::compress::Compression::None,
         max_expanded: kiln_image::assemble::DEFAULT_MAX_EXPANDED,
-        insecure: Vec::new(),
+        insecure,
         docker_config: None,
         refresh: false,
         output: None,
@@ -87,6 +92,7 @@ pub async fn build(
     home: &Path,
     image: &str,
     rootfs: Rootfs,
+    insecure: &[String],
 ) -> Result<BootFiles, BuildChildError> {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(shim);
@@ -94,6 +100,7 @@ pub async fn build(
         .arg(home)
         .arg(image)
         .arg(rootfs.as_str())
+        .args(insecure)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         // The builder's log lines join kilnd's.

@@ -99,6 +99,10 @@ pub struct LocalBackend {
     rootfs: build::Rootfs,
     output_cap: u64,
     warm_start: bool,
+    /// Where requesters connect: the address the shims listen on.
+    address: String,
+    /// Registries its builds reach over plain HTTP.
+    insecure_registries: Vec<String>,
 }
 
 impl LocalBackend {
@@ -141,6 +145,11 @@ impl LocalBackend {
             keep_ended,
             rootfs,
             warm_start: section.warm_start.unwrap_or(true),
+            address: section
+                .address
+                .clone()
+                .unwrap_or_else(|| shim::LISTEN_HOST.to_string()),
+            insecure_registries: ctx.insecure_registries.clone(),
         };
         backend.prune();
         Ok(backend)
@@ -211,6 +220,8 @@ impl LocalBackend {
                 .warm_start
                 .then(|| self.home.join(crate::machine::warm::SNAPSHOTS_DIR)),
             publish: grant.publish.clone(),
+            listen_host: Some(self.address.clone()),
+            valid_to: Some(grant.valid_to),
         };
         let launch_path = dir.join(shim::LAUNCH_FILE);
         let json = serde_json::to_vec_pretty(&launch)
@@ -251,7 +262,7 @@ impl LocalBackend {
         Ok(ProvisionedInstance {
             backend: self.name.clone(),
             instance_id: grant.id.clone(),
-            host: shim::LISTEN_HOST.to_string(),
+            host: self.address.clone(),
             ssh_port: state.ssh_port.unwrap_or_default(),
             user: "root".to_string(),
             host_key_fingerprint: host_key.fingerprint(),
@@ -265,9 +276,15 @@ impl LocalBackend {
     /// Builds in a child process (see [`build`]), so kilnd keeps none of
     /// the builder's memory and a dropped provision stops its build.
     async fn build_image(&self, image: &str) -> Result<BootFiles, LocalError> {
-        build::build(&self.shim, &self.home, image, self.rootfs)
-            .await
-            .map_err(|e| LocalError::Image(image.to_string(), e))
+        build::build(
+            &self.shim,
+            &self.home,
+            image,
+            self.rootfs,
+            &self.insecure_registries,
+        )
+        .await
+        .map_err(|e| LocalError::Image(image.to_string(), e))
     }
 
     /// Starts `kiln-shim DIR` in a session of its own, so that neither
@@ -299,6 +316,55 @@ impl LocalBackend {
             let _ = child.wait();
         });
         Process::of(pid).ok_or_else(|| LocalError::ShimGone(dir.display().to_string()))
+    }
+
+    /// `$KILN_HOME`.
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    /// The resources this backend counts for its grants.
+    pub fn ledger(&self) -> &CapacityLedger {
+        &self.ledger
+    }
+
+    /// Where requesters reach its VMs.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The resources `instance` holds, and whether its VM's shim still runs.
+    pub fn holding(&self, instance: &ProvisionedInstance) -> Option<(Resources, bool)> {
+        let p = self.private(instance).ok()?;
+        Some((Resources::new(p.vcpus, p.ram_mib), p.shim.alive()))
+    }
+
+    /// How the instance ended, or None while its VM runs: one look at what
+    /// `watch_until_exit` waits for.
+    pub fn ended(
+        &self,
+        instance: &ProvisionedInstance,
+    ) -> Result<Option<UsageMetrics>, BackendError> {
+        let p = self.private(instance)?;
+        let state = shim::read_state(&p.dir).map_err(|e| BackendError::Transient(Box::new(e)))?;
+        let ended = state.as_ref().is_some_and(|s| s.phase == Phase::Ended);
+        if !ended && p.shim.alive() {
+            return Ok(None);
+        }
+        // A shim that died without a final word leaves what it last knew.
+        let s = state;
+        Ok(Some(UsageMetrics {
+            guest: s.as_ref().and_then(|s| s.usage.clone()).unwrap_or_default(),
+            exit_status: s.as_ref().and_then(|s| s.exit_status),
+            // The shim's last word is when the VM ended; a watcher that
+            // comes back later (a restart, a host cut off) must not move
+            // the end to when it looked.
+            ended_at: s
+                .as_ref()
+                .filter(|_| ended)
+                .map_or_else(Utc::now, |s| s.updated_at),
+            host: s.map(|s| s.host).unwrap_or_default(),
+        }))
     }
 
     fn private(&self, instance: &ProvisionedInstance) -> Result<Private, BackendError> {
@@ -363,7 +429,7 @@ async fn stop_shim(shim: &Process) {
 
 /// The shim of the grant in `dir`: from shim.json, or failing that from the
 /// pid in state.json if that process is still a shim of this directory.
-fn find_shim(dir: &Path) -> Option<Process> {
+pub(crate) fn find_shim(dir: &Path) -> Option<Process> {
     if let Some(p) = std::fs::read(dir.join(SHIM_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice::<Process>(&b).ok())
@@ -411,6 +477,7 @@ impl Backend for LocalBackend {
             regions: [self.region.clone()].into_iter().collect(),
             tdx: self.tdx,
             capacity: self.ledger.snapshot(),
+            hosts: Vec::new(),
         }
     }
 
@@ -450,18 +517,8 @@ impl Backend for LocalBackend {
                 .adopt(&instance.instance_id, Resources::new(p.vcpus, p.ram_mib));
         }
         loop {
-            let state =
-                shim::read_state(&p.dir).map_err(|e| BackendError::Transient(Box::new(e)))?;
-            let ended = state.as_ref().is_some_and(|s| s.phase == Phase::Ended);
-            if ended || !p.shim.alive() {
-                // A shim that died without a final word leaves what it last knew.
-                let s = state;
-                return Ok(UsageMetrics {
-                    guest: s.as_ref().and_then(|s| s.usage.clone()).unwrap_or_default(),
-                    exit_status: s.as_ref().and_then(|s| s.exit_status),
-                    host: s.map(|s| s.host).unwrap_or_default(),
-                    ended_at: Utc::now(),
-                });
+            if let Some(usage) = self.ended(instance)? {
+                return Ok(usage);
             }
             tokio::time::sleep(POLL).await;
         }
@@ -513,11 +570,11 @@ fn probe_tdx(vmm: &Path) -> bool {
         .is_some_and(|v| v["tdx"] == true)
 }
 
-fn host_cpus() -> u32 {
+pub(crate) fn host_cpus() -> u32 {
     std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
 }
 
-fn host_ram_mib() -> u64 {
+pub(crate) fn host_ram_mib() -> u64 {
     meminfo_kib("MemTotal").map_or(0, |kib| kib / 1024)
 }
 

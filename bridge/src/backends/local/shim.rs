@@ -59,10 +59,24 @@ pub struct Launch {
     /// Guest TCP ports to publish, each on a host port of its own.
     #[serde(default)]
     pub publish: Vec<u16>,
+    /// The host address the SSH port and the published ports listen on;
+    /// [`LISTEN_HOST`] when absent.
+    #[serde(default)]
+    pub listen_host: Option<String>,
+    /// The grant's deadline. The shim stops the VM a little after it on
+    /// its own, so a grant ends on time even while no kilnd watches it
+    /// (kilnd down, or a host cut off from its bridge).
+    #[serde(default)]
+    pub valid_to: Option<DateTime<Utc>>,
 }
 
-/// The host address the SSH port and the published ports listen on.
+/// The host address the SSH port and the published ports listen on when
+/// the launch names none: only this host reaches them.
 pub const LISTEN_HOST: &str = "127.0.0.1";
+
+/// How long after `valid_to` the shim stops the VM itself: kilnd, when it
+/// watches, stops it first and records why.
+pub const DEADLINE_SLACK: Duration = Duration::from_secs(5);
 
 fn default_output_cap() -> u64 {
     DEFAULT_OUTPUT_CAP
@@ -107,6 +121,9 @@ pub struct State {
     /// Booted, or restored from a saved snapshot.
     #[serde(default)]
     pub start: Option<Start>,
+    /// The shim stopped the VM because the grant's deadline passed.
+    #[serde(default)]
+    pub deadline_reached: bool,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -127,6 +144,7 @@ impl State {
             error: None,
             output_truncated: false,
             start: None,
+            deadline_reached: false,
             updated_at: Utc::now(),
         }
     }
@@ -234,7 +252,8 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
     let mut machine = launched.machine;
     // `launch` returns at the agent's `ready`; later steps count from here.
     let ready_at = Instant::now();
-    let forwarder = Forwarder::start(any_port(), machine.vsock_uds(), SSH_PORT, |e| {
+    let listen_host = launch.listen_host.as_deref().unwrap_or(LISTEN_HOST);
+    let forwarder = Forwarder::start(any_port(listen_host), machine.vsock_uds(), SSH_PORT, |e| {
         tracing::warn!("ssh forwarding: {e}");
     });
     let forwarder = match forwarder {
@@ -246,7 +265,7 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
         }
     };
     // Listening before `start`: the agent serves them once it has it.
-    let published = match publish(&launch.publish, &machine.vsock_uds()) {
+    let published = match publish(listen_host, &launch.publish, &machine.vsock_uds()) {
         Ok(p) => p,
         Err(e) => {
             machine.stop();
@@ -283,7 +302,7 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
         .iter()
         .map(|(guest_port, f)| PublishedPort {
             guest_port: *guest_port,
-            host: LISTEN_HOST.to_string(),
+            host: listen_host.to_string(),
             port: f.local_addr().port(),
         })
         .collect();
@@ -308,6 +327,9 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
     let mut usage_written = Instant::now();
     let grace = Duration::from_millis(launch.stop_grace_ms);
     let mut stop_deadline: Option<Instant> = None;
+    let valid_to = launch
+        .valid_to
+        .map(|t| t + chrono::Duration::from_std(DEADLINE_SLACK).unwrap_or_default());
     loop {
         match events.recv_timeout(Duration::from_millis(100)) {
             Ok(Event::Frame(Frame::Stdout(d) | Frame::Stderr(d))) => {
@@ -359,7 +381,12 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
             usage_pending = false;
             usage_written = Instant::now();
         }
-        if stop_signals::count() > 0 && stop_deadline.is_none() {
+        let past_deadline = valid_to.is_some_and(|t| Utc::now() >= t);
+        if past_deadline && stop_deadline.is_none() {
+            tracing::info!("valid_to passed and nobody stopped the VM: stopping it");
+            state.deadline_reached = true;
+        }
+        if (stop_signals::count() > 0 || past_deadline) && stop_deadline.is_none() {
             tracing::info!("stop requested: the workload has {grace:?}");
             let _ = sender.send(&Frame::Control(Message::Shutdown {
                 grace_ms: grace.as_millis() as u64,
@@ -396,18 +423,22 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
     ended(dir, &mut state, error)
 }
 
-/// An ephemeral port of [`LISTEN_HOST`], to listen on.
-fn any_port() -> String {
-    format!("{LISTEN_HOST}:0")
+/// An ephemeral port of `host`, to listen on.
+fn any_port(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]:0")
+    } else {
+        format!("{host}:0")
+    }
 }
 
-/// A host listener on an ephemeral port of [`LISTEN_HOST`] for each guest
-/// TCP port, joined through the VM's vsock socket `uds` to the agent.
-fn publish(ports: &[u16], uds: &Path) -> Result<Vec<(u16, Forwarder)>, ForwardError> {
+/// A listener on an ephemeral port of `host` for each guest TCP port,
+/// joined through the VM's vsock socket `uds` to the agent.
+fn publish(host: &str, ports: &[u16], uds: &Path) -> Result<Vec<(u16, Forwarder)>, ForwardError> {
     ports
         .iter()
         .map(|&port| {
-            let f = Forwarder::bind(any_port())?.serve(uds, Target::Tcp(port), move |e| {
+            let f = Forwarder::bind(any_port(host))?.serve(uds, Target::Tcp(port), move |e| {
                 tracing::warn!("published port {port}: {e}");
             })?;
             Ok((port, f))
@@ -463,6 +494,7 @@ mod tests {
             error: None,
             output_truncated: false,
             start: Some(Start::Warm),
+            deadline_reached: false,
             updated_at: Utc::now(),
         };
         write_state(dir.path(), &mut s).unwrap();

@@ -667,6 +667,13 @@ impl Link {
         }
     }
 
+    /// Lets go of the session, so the next call dials: for a caller that
+    /// found it answering nothing (a cut cable shows as silence until the
+    /// keepalives give up).
+    pub fn forget(&self) {
+        self.lock().session = None;
+    }
+
     /// Since when the link has had no session: set by the first failed
     /// dial after a success (or since it was made), cleared by a success.
     pub fn unreachable_since(&self) -> Option<DateTime<Utc>> {
