@@ -44,6 +44,19 @@ fn base_config(dir: &Path, listen: &str) -> String {
     config_text(dir, &token, listen)
 }
 
+/// A well-formed host key (the one in OpenSSH's own test data would do as
+/// well: only its shape matters here).
+const HOST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+
+/// An `ssh` backend of one host.
+fn ssh_host(address: &str, identity: &str, host_key: &str) -> String {
+    format!(
+        "[[backend]]\nkind = \"ssh\"\nname = \"rack\"\n[[backend.host]]\n\
+         address = \"{address}\"\nidentity_file = \"{identity}\"\nhost_key = \"{host_key}\"\n"
+    )
+}
+
 #[test]
 fn config_errors_name_the_key_and_exit_non_zero() {
     let dir = tempfile::tempdir().unwrap();
@@ -75,6 +88,44 @@ fn config_errors_name_the_key_and_exit_non_zero() {
         (
             config_text(dir.path(), Path::new("/nonexistent/token"), "127.0.0.1:0"),
             "auth_token_file",
+        ),
+        // Owned hosts: each bad key names the host, or the table if there
+        // is none.
+        (
+            format!("{base}[[backend]]\nkind = \"ssh\"\nname = \"rack\"\nhost = []\n"),
+            "backend[0].host",
+        ),
+        (
+            format!(
+                "{base}{}",
+                ssh_host("10.0.0.7", "/nonexistent/key", "ssh-ed25519 AAAA")
+            ),
+            "host 10.0.0.7",
+        ),
+        (
+            format!(
+                "{base}{}",
+                ssh_host("10.0.0.7 :22", "/nonexistent/key", HOST_KEY)
+            ),
+            "backend[0].host[0].address",
+        ),
+        (
+            format!(
+                "{base}{}",
+                ssh_host("10.0.0.8", "/nonexistent/key", HOST_KEY)
+            ),
+            "host 10.0.0.8: identity_file /nonexistent/key",
+        ),
+        (
+            format!(
+                "{base}{}",
+                ssh_host(
+                    "10.0.0.9",
+                    &dir.path().join("token").display().to_string(),
+                    HOST_KEY
+                )
+            ),
+            "host 10.0.0.9: identity_file",
         ),
     ];
     let path = dir.path().join("kilnd.toml");

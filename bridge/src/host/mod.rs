@@ -311,8 +311,23 @@ impl Host {
     /// VM and its claim. A provisioned grant is terminated. Idempotent.
     pub async fn abandon(&self, id: &str) -> Result<(), HostError> {
         check_id(id)?;
+        // A provision still running (its caller gone: a dropped SSH
+        // session does not stop it) would boot the VM after this returns.
+        if let Some(by) = Claim::read(&self.home, id).and_then(|c| c.by) {
+            if by.pid != std::process::id() && by.alive() {
+                tracing::info!(grant = %id, pid = by.pid, "stopping the provision in progress");
+                by.kill();
+                for _ in 0..100 {
+                    if !by.alive() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
         if let Some(instance) = self.instance(id)? {
             self.backend.terminate(&instance).await?;
+            claims::remove(&self.home, id);
             return Ok(());
         }
         self.backend.abandon(id).await?;
@@ -455,6 +470,43 @@ mod tests {
             assert!(matches!(check_id(bad), Err(HostError::BadId(_))), "{bad}");
         }
         check_id("g-1_A").unwrap();
+    }
+
+    #[test]
+    fn room_held_by_live_claims_counts_and_stale_claims_go() {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::write(
+            home.path().join(HOST_FILE),
+            "vcpus = 4\nram_mib = 4096\nreserve_vcpus = 1\n",
+        )
+        .unwrap();
+        let host = Host::open(home.path()).unwrap();
+        // A provision in progress (this process stands in for it) holds room.
+        Claim::new(Resources::new(2, 1024))
+            .write(home.path(), "live")
+            .unwrap();
+        // One whose provision died and left no VM holds none.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = crate::backends::local::process::Process::of(child.id());
+        child.wait().unwrap();
+        Claim {
+            resources: Resources::new(1, 512),
+            by: dead,
+        }
+        .write(home.path(), "stale")
+        .unwrap();
+        let info = host.info().unwrap();
+        assert_eq!(info.total, Resources::new(4, 4096));
+        assert_eq!(info.capacity.usable, Resources::new(3, 4096));
+        assert_eq!(info.capacity.used, Resources::new(2, 1024));
+        assert_eq!(claims::ids(home.path()), ["live"]);
+        assert_eq!(host.status("live").unwrap().phase, HostPhase::Provisioning);
+        assert!(matches!(host.status("stale"), Err(HostError::NotFound(_))));
+        // The same grant cannot be provisioned twice at once.
+        assert!(matches!(
+            host.count_held(Some("live")),
+            Err(HostError::InProgress(_))
+        ));
     }
 
     #[test]

@@ -120,7 +120,11 @@ impl SshBackend {
                 }
                 let mut asks = tokio::task::JoinSet::new();
                 for host in live {
-                    asks.spawn(async move { host.refresh(INFO_TIMEOUT).await.is_ok() });
+                    asks.spawn(async move {
+                        if host.refresh(INFO_TIMEOUT).await.is_ok() {
+                            host.abandon_pending(TERMINATE_TIMEOUT).await;
+                        }
+                    });
                 }
                 while asks.join_next().await.is_some() {}
                 tokio::time::sleep(REFRESH).await;
@@ -212,9 +216,15 @@ impl Backend for SshBackend {
             match self.provision_on(host, grant).await {
                 Ok(instance) => {
                     tracing::info!(grant = %grant.id, host = %host.address, "provisioned on an owned host");
+                    host.keep(&grant.id);
                     return Ok(instance);
                 }
                 Err(e) => {
+                    // Cut off mid-call, the host may have booted the VM all
+                    // the same: it is removed once the host answers again.
+                    if matches!(e, RemoteError::Session(..)) {
+                        host.abandon_later(&grant.id);
+                    }
                     tracing::warn!(grant = %grant.id, host = %host.address, error = %crate::error_chain(&e), "host did not take the grant; trying the next");
                     // The same image fails the same way on every host.
                     if e.kind() == Some(FailureKind::Fatal) {
@@ -309,7 +319,8 @@ impl Backend for SshBackend {
         let mut failed = None;
         for host in &self.hosts {
             if let Err(e) = host.call::<()>(&args, b"", TERMINATE_TIMEOUT).await {
-                tracing::warn!(grant = %grant_id, host = %host.address, error = %crate::error_chain(&e), "abandon failed");
+                tracing::warn!(grant = %grant_id, host = %host.address, error = %crate::error_chain(&e), "abandon failed; retried when the host answers");
+                host.abandon_later(grant_id);
                 failed = Some(e);
             }
         }

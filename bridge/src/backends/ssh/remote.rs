@@ -1,6 +1,7 @@
 //! One owned host behind an `ssh` backend: its SSH link, the `kiln host`
 //! calls made over it, and what the bridge last heard from it.
 
+use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -83,6 +84,9 @@ struct View {
 pub struct RemoteHost {
     pub address: String,
     link: Link,
+    /// Grants whose provision here was cut off mid-call: whatever it
+    /// left is removed once the host answers again.
+    to_abandon: Mutex<BTreeSet<String>>,
     /// `kiln host` on that machine, as a shell command prefix.
     command: String,
     view: Mutex<View>,
@@ -97,6 +101,7 @@ impl RemoteHost {
         RemoteHost {
             address: target.address.clone(),
             link: Link::new(target, CONNECT_TIMEOUT),
+            to_abandon: Mutex::new(BTreeSet::new()),
             command,
             view: Mutex::new(View {
                 info: None,
@@ -211,6 +216,33 @@ impl RemoteHost {
             .flatten()
     }
 
+    /// Remembers to remove what grant `id` may have left here.
+    pub fn abandon_later(&self, id: &str) {
+        lock(&self.to_abandon).insert(id.to_string());
+    }
+
+    /// `id` runs here after all: nothing of it is to be removed.
+    pub fn keep(&self, id: &str) {
+        lock(&self.to_abandon).remove(id);
+    }
+
+    /// Removes, now that the host answers, what cut-off provisions left.
+    pub async fn abandon_pending(&self, timeout: Duration) {
+        let pending: Vec<String> = lock(&self.to_abandon).iter().cloned().collect();
+        for id in pending {
+            let args = format!("abandon {}", shell_quote(&id));
+            match self.call::<()>(&args, b"", timeout).await {
+                Ok(()) => {
+                    tracing::info!(grant = %id, host = %self.address, "removed what a cut-off provision left");
+                    lock(&self.to_abandon).remove(&id);
+                }
+                Err(e) => {
+                    tracing::warn!(grant = %id, host = %self.address, error = %crate::error_chain(&e), "abandon failed; retrying later");
+                }
+            }
+        }
+    }
+
     /// Whether it answered the last time it was asked.
     pub fn ready(&self) -> bool {
         self.lock().state == HostState::Ready
@@ -265,6 +297,11 @@ impl RemoteHost {
     fn lock(&self) -> std::sync::MutexGuard<'_, View> {
         self.view.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Each update is one insert or remove; a poisoned set is whole.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn word(state: HostState) -> &'static str {
