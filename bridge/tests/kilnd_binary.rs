@@ -80,6 +80,10 @@ fn config_errors_name_the_key_and_exit_non_zero() {
             format!("{base}[[backend]]\nkind = \"local\"\nvcpus = 0\n"),
             "backend[0].vcpus",
         ),
+        (
+            format!("{base}[[backend]]\nkind = \"local\"\nports = \"3000-2000\"\n"),
+            "backend[0].ports",
+        ),
         (format!("{base}[capacity\n"), "line 5"),
         (
             format!("{base}[[backend]]\nkind = \"local\"\nkeep_ended_days = 4294967295\n"),
@@ -313,6 +317,7 @@ fn a_second_shim_of_a_grant_exits_naming_the_first_and_changes_nothing() {
         publish: Vec::new(),
         listen_host: None,
         valid_to: None,
+        ports: None,
     };
     let launch_path = dir.path().join(shim::LAUNCH_FILE);
     std::fs::write(&launch_path, serde_json::to_vec(&launch).unwrap()).unwrap();

@@ -23,6 +23,9 @@ use kiln_tests::openssh::text;
 use kiln_tests::sshd::Sshd;
 use kiln_tests::{agent, bin, kernel, processes_mentioning, wait_for};
 
+/// The host ports every host's grants listen on.
+const PORTS: &str = "23000-23099";
+
 /// A host's `$KILN_HOME` as `kiln fleet add-host` leaves it: the guest
 /// kernel and agent, and a `host.toml` with its address and size.
 fn host_home(dir: &Path, address: &str, vcpus: u32, registry: &str) -> PathBuf {
@@ -35,7 +38,7 @@ fn host_home(dir: &Path, address: &str, vcpus: u32, registry: &str) -> PathBuf {
         home.join("host.toml"),
         format!(
             "address = \"{address}\"\nvcpus = {vcpus}\nram_mib = {}\n\
-             insecure_registries = [\"{registry}\"]\n",
+             insecure_registries = [\"{registry}\"]\nports = \"{PORTS}\"\n",
             vcpus * 256
         ),
     )
@@ -208,6 +211,11 @@ fn grants_spread_over_owned_hosts_reached_over_ssh() {
     let g3 = submit(&kilnd, &request("g3", image, public, long, "sleep 100000"));
     let g3v = running(&kilnd, &g3);
     let host_of = |g: &GrantView| g.connection.as_ref().map(|c| c.host.clone());
+    // Requesters connect on the hosts' configured ports.
+    for g in [&g1v, &g2v, &g3v] {
+        let port = g.connection.as_ref().map_or(0, |c| c.ssh_port);
+        assert!((23000..=23099).contains(&port), "{g:?}");
+    }
     assert_eq!(
         host_of(&g1v).as_deref(),
         Some(a.address.as_str()),

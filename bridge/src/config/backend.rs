@@ -121,6 +121,10 @@ pub struct LocalSection {
     /// ports listen there. Defaults to 127.0.0.1 (this host only).
     #[serde(default)]
     pub address: Option<String>,
+    /// The host ports those listen on, `FIRST-LAST` (what a firewall
+    /// opens); any free port by default.
+    #[serde(default)]
+    pub ports: Option<String>,
 }
 
 impl LocalSection {
@@ -166,6 +170,16 @@ impl LocalSection {
                 "must be an IP address of this host",
             ));
         }
+        if self
+            .ports
+            .as_deref()
+            .is_some_and(|p| port_range(p).is_none())
+        {
+            return Err(ConfigError::invalid(
+                key("ports"),
+                "must be FIRST-LAST, two ports with FIRST <= LAST",
+            ));
+        }
         // Far more would put the pruning cutoff before any date.
         if self
             .keep_ended_days
@@ -178,6 +192,14 @@ impl LocalSection {
         }
         Ok(())
     }
+}
+
+/// `FIRST-LAST` as two ports, FIRST <= LAST, neither 0.
+pub fn port_range(text: &str) -> Option<(u16, u16)> {
+    let (first, last) = text.split_once('-')?;
+    let first: u16 = first.trim().parse().ok()?;
+    let last: u16 = last.trim().parse().ok()?;
+    (first > 0 && first <= last).then_some((first, last))
 }
 
 /// An overcommit ratio, when set, is a number of at least 1.
@@ -260,5 +282,19 @@ impl SshSection {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_are_two_ordered_ports() {
+        assert_eq!(port_range("20000-20999"), Some((20000, 20999)));
+        assert_eq!(port_range(" 22 - 22 "), Some((22, 22)));
+        for bad in ["", "20000", "2-1", "0-10", "1-65536", "a-b", "1-2-3"] {
+            assert_eq!(port_range(bad), None, "{bad}");
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use backend::{BackendSection, LocalSection, SshHostSection, SshSection};
+pub use backend::{port_range, BackendSection, LocalSection, SshHostSection, SshSection};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

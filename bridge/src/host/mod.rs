@@ -105,6 +105,9 @@ pub struct HostFile {
     /// Registries its builds reach over plain HTTP (`host:port`).
     #[serde(default)]
     pub insecure_registries: Vec<String>,
+    /// The host ports requesters connect to, `FIRST-LAST` (what the
+    /// host's firewall opens); any free port by default.
+    pub ports: Option<String>,
 }
 
 impl HostFile {
@@ -125,6 +128,16 @@ impl HostFile {
             return Err(HostError::Config(
                 path,
                 "address must be an IP address of this host".into(),
+            ));
+        }
+        if file
+            .ports
+            .as_deref()
+            .is_some_and(|p| crate::config::port_range(p).is_none())
+        {
+            return Err(HostError::Config(
+                path,
+                "ports must be FIRST-LAST, two ports with FIRST <= LAST".into(),
             ));
         }
         Ok(file)
@@ -167,6 +180,7 @@ impl Host {
             output_cap_kib: file.output_cap_kib,
             warm_start: file.warm_start,
             address: file.address.clone(),
+            ports: file.ports.clone(),
         };
         let ctx = BuildContext {
             region: HOST_REGION.into(),

@@ -103,6 +103,8 @@ pub struct LocalBackend {
     address: String,
     /// Registries its builds reach over plain HTTP.
     insecure_registries: Vec<String>,
+    /// The host ports its VMs' SSH and published ports listen on.
+    ports: Option<(u16, u16)>,
 }
 
 impl LocalBackend {
@@ -150,6 +152,7 @@ impl LocalBackend {
                 .clone()
                 .unwrap_or_else(|| shim::LISTEN_HOST.to_string()),
             insecure_registries: ctx.insecure_registries.clone(),
+            ports: section.ports.as_deref().and_then(crate::config::port_range),
         };
         backend.prune();
         Ok(backend)
@@ -222,6 +225,7 @@ impl LocalBackend {
             publish: grant.publish.clone(),
             listen_host: Some(self.address.clone()),
             valid_to: Some(grant.valid_to),
+            ports: self.ports,
         };
         let launch_path = dir.join(shim::LAUNCH_FILE);
         let json = serde_json::to_vec_pretty(&launch)

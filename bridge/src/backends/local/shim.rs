@@ -12,7 +12,7 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use kiln_protocol::forward::{ForwardError, Forwarder, Target};
+use kiln_protocol::forward::{Bound, ForwardError, Forwarder, Target};
 use kiln_protocol::vmm::exit as vmm_exit;
 use kiln_protocol::{ExitStatus, Frame, Message, Usage, Workload, SSH_PORT};
 use serde::{Deserialize, Serialize};
@@ -68,6 +68,10 @@ pub struct Launch {
     /// (kilnd down, or a host cut off from its bridge).
     #[serde(default)]
     pub valid_to: Option<DateTime<Utc>>,
+    /// The host ports to listen on (first, last); any free port when
+    /// absent.
+    #[serde(default)]
+    pub ports: Option<(u16, u16)>,
 }
 
 /// The host address the SSH port and the published ports listen on when
@@ -253,8 +257,10 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
     // `launch` returns at the agent's `ready`; later steps count from here.
     let ready_at = Instant::now();
     let listen_host = launch.listen_host.as_deref().unwrap_or(LISTEN_HOST);
-    let forwarder = Forwarder::start(any_port(listen_host), machine.vsock_uds(), SSH_PORT, |e| {
-        tracing::warn!("ssh forwarding: {e}");
+    let forwarder = bind(listen_host, launch.ports).and_then(|b| {
+        b.serve(machine.vsock_uds(), Target::Vsock(SSH_PORT), |e| {
+            tracing::warn!("ssh forwarding: {e}");
+        })
     });
     let forwarder = match forwarder {
         Ok(f) => f,
@@ -265,7 +271,12 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
         }
     };
     // Listening before `start`: the agent serves them once it has it.
-    let published = match publish(listen_host, &launch.publish, &machine.vsock_uds()) {
+    let published = match publish(
+        listen_host,
+        launch.ports,
+        &launch.publish,
+        &machine.vsock_uds(),
+    ) {
         Ok(p) => p,
         Err(e) => {
             machine.stop();
@@ -423,22 +434,50 @@ pub fn run(dir: &Path) -> Result<(), ShimError> {
     ended(dir, &mut state, error)
 }
 
-/// An ephemeral port of `host`, to listen on.
-fn any_port(host: &str) -> String {
+/// `host`:`port`, brackets around an IPv6 address.
+fn socket_address(host: &str, port: u16) -> String {
     if host.contains(':') {
-        format!("[{host}]:0")
+        format!("[{host}]:{port}")
     } else {
-        format!("{host}:0")
+        format!("{host}:{port}")
     }
 }
 
-/// A listener on an ephemeral port of `host` for each guest TCP port,
-/// joined through the VM's vsock socket `uds` to the agent.
-fn publish(host: &str, ports: &[u16], uds: &Path) -> Result<Vec<(u16, Forwarder)>, ForwardError> {
+/// A listener on `host`: on a free port of `range` (tried from a place
+/// of its own, so shims starting together rarely race for one), or on
+/// any free port.
+fn bind(host: &str, range: Option<(u16, u16)>) -> Result<Bound, ForwardError> {
+    let Some((first, last)) = range else {
+        return Forwarder::bind(socket_address(host, 0));
+    };
+    let span = u32::from(last.saturating_sub(first)) + 1;
+    let start = std::process::id() % span;
+    let mut last_error = None;
+    for i in 0..span {
+        let port = first + ((start + i) % span) as u16;
+        match Forwarder::bind(socket_address(host, port)) {
+            Ok(b) => return Ok(b),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| ForwardError::Listen {
+        addr: socket_address(host, first),
+        source: std::io::ErrorKind::AddrInUse.into(),
+    }))
+}
+
+/// A listener on `host` (a port of `range`, if set) for each guest TCP
+/// port, joined through the VM's vsock socket `uds` to the agent.
+fn publish(
+    host: &str,
+    range: Option<(u16, u16)>,
+    ports: &[u16],
+    uds: &Path,
+) -> Result<Vec<(u16, Forwarder)>, ForwardError> {
     ports
         .iter()
         .map(|&port| {
-            let f = Forwarder::bind(any_port(host))?.serve(uds, Target::Tcp(port), move |e| {
+            let f = bind(host, range)?.serve(uds, Target::Tcp(port), move |e| {
                 tracing::warn!("published port {port}: {e}");
             })?;
             Ok((port, f))
@@ -502,6 +541,24 @@ mod tests {
         assert!(!dir.path().join(format!(".{STATE_FILE}.tmp")).exists());
         std::fs::write(dir.path().join(STATE_FILE), b"{").unwrap();
         assert!(matches!(read_state(dir.path()), Err(ShimError::Parse(..))));
+    }
+
+    #[test]
+    fn listeners_take_free_ports_of_their_range_only() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let first = bind("127.0.0.1", Some((free, free))).unwrap();
+        assert_eq!(first.local_addr().port(), free);
+        // The range's one port is taken: nothing else is tried.
+        assert!(matches!(
+            bind("127.0.0.1", Some((free, free))),
+            Err(ForwardError::Listen { .. })
+        ));
+        assert_ne!(bind("127.0.0.1", None).unwrap().local_addr().port(), 0);
+        assert_eq!(socket_address("::1", 22), "[::1]:22");
     }
 
     #[test]
