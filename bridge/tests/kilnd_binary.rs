@@ -84,6 +84,13 @@ fn config_errors_name_the_key_and_exit_non_zero() {
             format!("{base}[[backend]]\nkind = \"local\"\nports = \"3000-2000\"\n"),
             "backend[0].ports",
         ),
+        (
+            format!(
+                "{base}[[backend]]\nkind = \"local\"\n\
+                 [[backend]]\nkind = \"local\"\nname = \"two\"\nkiln_home = \"/var/lib/kiln\"\n"
+            ),
+            "backend[1].kiln_home",
+        ),
         (format!("{base}[capacity\n"), "line 5"),
         (
             format!("{base}[[backend]]\nkind = \"local\"\nkeep_ended_days = 4294967295\n"),

@@ -61,7 +61,10 @@ pub fn build(
 
 fn build_one(section: &BackendSection, ctx: &BuildContext) -> Result<Arc<dyn Backend>, BuildError> {
     match section {
-        BackendSection::Local(s) => Ok(Arc::new(local::LocalBackend::new(s, ctx)?)),
+        // Through the host's own code, as `kiln host` on an owned host.
+        BackendSection::Local(s) => Ok(Arc::new(crate::host::Host::of(local::LocalBackend::new(
+            s, ctx,
+        )?))),
         BackendSection::Ssh(s) => Ok(Arc::new(ssh::SshBackend::new(s, ctx)?)),
     }
 }

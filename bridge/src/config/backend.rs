@@ -75,7 +75,8 @@ pub struct LocalSection {
     #[serde(default)]
     pub name: Option<String>,
     /// The region label its grants run in; defaults to kilnd's `region`
-    /// (two local backends can split one host between two labels).
+    /// (two local backends, each with its own `kiln_home`, can split one
+    /// host between two labels).
     #[serde(default)]
     pub region: Option<String>,
     /// vCPUs to offer; defaults to the host's CPUs.

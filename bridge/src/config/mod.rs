@@ -201,6 +201,7 @@ impl Config {
             }
         }
         let mut names = std::collections::BTreeSet::new();
+        let (mut homes, mut local_index): (Vec<PathBuf>, Vec<usize>) = (Vec::new(), Vec::new());
         for (i, b) in self.backends.iter().enumerate() {
             if !names.insert(b.name()) {
                 return Err(ConfigError::invalid(
@@ -215,6 +216,26 @@ impl Config {
                 ));
             }
             b.check(&format!("backend[{i}]"))?;
+            // A home is one machine's ledger (its grants and claims): two
+            // backends counting it would each count the other's grants.
+            if let BackendSection::Local(local) = b {
+                let home = local
+                    .kiln_home
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/kiln"));
+                if let Some(j) = homes.iter().position(|h| *h == home) {
+                    return Err(ConfigError::invalid(
+                        format!("backend[{i}].kiln_home"),
+                        format!(
+                            "{} is also backend[{}]'s: each local backend needs its own",
+                            home.display(),
+                            local_index[j]
+                        ),
+                    ));
+                }
+                homes.push(home);
+                local_index.push(i);
+            }
         }
         Ok(())
     }
@@ -324,7 +345,7 @@ region = "home"
         let c = Config::parse(&format!(
             "{BASE}[[backend]]\nkind = \"local\"\nname = \"a\"\nvcpus = 4\n\
              reserve_vcpus = 1\nreserve_ram_mib = 512\novercommit = 2.0\n\
-             [[backend]]\nkind = \"local\"\nname = \"b\"\n"
+             [[backend]]\nkind = \"local\"\nname = \"b\"\nkiln_home = \"/srv/b\"\n"
         ))
         .unwrap();
         let names: Vec<&str> = c.backends.iter().map(|b| b.name()).collect();
@@ -366,7 +387,7 @@ region = "home"
         let c = Config::parse(&format!(
             "{BASE}[capacity]\nreserve_vcpus = 1\nreserve_ram_mib = 512\novercommit = 2.0\n\
              [[backend]]\nkind = \"local\"\nname = \"a\"\n\
-             [[backend]]\nkind = \"local\"\nname = \"b\"\nreserve_vcpus = 0\novercommit = 1.5\n"
+             [[backend]]\nkind = \"local\"\nname = \"b\"\nkiln_home = \"/srv/b\"\nreserve_vcpus = 0\novercommit = 1.5\n"
         ))
         .unwrap();
         let BackendSection::Local(a) = &c.backends[0] else {

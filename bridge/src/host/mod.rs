@@ -12,6 +12,7 @@
 
 pub mod call;
 mod claims;
+pub mod in_process;
 pub mod wire;
 
 use std::path::{Path, PathBuf};
@@ -148,12 +149,11 @@ fn one_line(e: &toml::de::Error) -> String {
     e.message().replace('\n', " ")
 }
 
-/// This machine, as `kiln host` sees it.
+/// This machine, as `kiln host` sees it, and as kilnd's `local` backend
+/// drives it in-process (see [`in_process`]): one code path for both.
 pub struct Host {
     backend: LocalBackend,
     home: PathBuf,
-    total: Resources,
-    reserve: Resources,
 }
 
 impl Host {
@@ -187,13 +187,13 @@ impl Host {
             state_dir: home.to_path_buf(),
             insecure_registries: file.insecure_registries.clone(),
         };
-        let backend = LocalBackend::new(&section, &ctx)?;
-        Ok(Host {
-            backend,
-            home: home.to_path_buf(),
-            total,
-            reserve,
-        })
+        Ok(Host::of(LocalBackend::new(&section, &ctx)?))
+    }
+
+    /// The host a local backend runs on, in-process.
+    pub fn of(backend: LocalBackend) -> Host {
+        let home = backend.home().to_path_buf();
+        Host { backend, home }
     }
 
     /// What the host is and has free now.
@@ -201,12 +201,13 @@ impl Host {
         let _lock = self.lock_ledger()?;
         self.count_held(None)?;
         let caps = self.backend.capabilities();
+        let (total, reserve) = self.backend.total_and_reserve();
         Ok(HostInfo {
             version: wire::VERSION.to_string(),
             kvm: kvm_flavour(),
             tdx: caps.tdx,
-            total: self.total,
-            reserve: self.reserve,
+            total,
+            reserve,
             capacity: caps.capacity,
             address: self.backend.address().to_string(),
         })
@@ -217,7 +218,9 @@ impl Host {
     pub async fn provision(&self, grant: &Grant) -> Result<ProvisionedInstance, HostError> {
         check_id(&grant.id)?;
         let mut grant = grant.clone();
-        grant.region = HOST_REGION.into();
+        // Which region is the bridge's business: the host runs what it is
+        // sent.
+        grant.region = self.backend.region().to_string();
         let want = Resources::new(grant.vcpus, grant.ram_mib);
         {
             let _lock = self.lock_ledger()?;

@@ -105,6 +105,9 @@ pub struct LocalBackend {
     insecure_registries: Vec<String>,
     /// The host ports its VMs' SSH and published ports listen on.
     ports: Option<(u16, u16)>,
+    /// What of the host it was given, and what of that it keeps back.
+    total: Resources,
+    reserve: Resources,
 }
 
 impl LocalBackend {
@@ -153,6 +156,8 @@ impl LocalBackend {
                 .unwrap_or_else(|| shim::LISTEN_HOST.to_string()),
             insecure_registries: ctx.insecure_registries.clone(),
             ports: section.ports.as_deref().and_then(crate::config::port_range),
+            total,
+            reserve,
         };
         backend.prune();
         Ok(backend)
@@ -335,6 +340,16 @@ impl LocalBackend {
     /// Where requesters reach its VMs.
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// The region label of its grants.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// The host's CPUs and memory as configured, and the reserve.
+    pub fn total_and_reserve(&self) -> (Resources, Resources) {
+        (self.total, self.reserve)
     }
 
     /// The resources `instance` holds, and whether its VM's shim still runs.
