@@ -105,6 +105,29 @@ async fn commands_run_with_their_status_output_and_stdin() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_learned_on_first_use_is_the_hosts_and_pins_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sshd = Sshd::start(dir.path());
+    let (session, learned) =
+        Session::connect_learning_key(&sshd.address(), "root", &sshd.client_key(), T)
+            .await
+            .unwrap();
+    let out = session.exec("echo hi", b"", T).await.unwrap();
+    assert_eq!(out.stdout, b"hi\n");
+    // The key sshd has (its file has a comment; the learned key none).
+    let mut hosts = sshd.host_key();
+    hosts.truncate(hosts.rfind(' ').unwrap());
+    assert_eq!(learned.host_key, hosts);
+    assert_eq!(
+        learned.pinned_fingerprint().unwrap(),
+        fingerprint(&dir.path().join("host_key.pub"))
+    );
+    // What was learned is a pin the strict path accepts.
+    let pinned = Session::connect(&learned, T).await.unwrap();
+    assert!(pinned.exec("true", b"", T).await.unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_offering_another_key_is_refused_before_any_command() {
     let dir = tempfile::tempdir().unwrap();
     let sshd = Sshd::start(dir.path());

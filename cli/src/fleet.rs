@@ -1,8 +1,14 @@
-//! `kiln fleet caps`: what kilnd's fleet offers.
+//! `kiln fleet caps`: what kilnd's fleet offers. `kiln fleet add-host`:
+//! installs or upgrades kiln on an owned host over SSH (no kilnd needed).
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use kiln_bridge::backend::HostState;
+use kiln_bridge::backends::ssh::install::{
+    self, AddHost, Installed, Sources, DEFAULT_KILN_HOME, DEFAULT_PREFIX,
+};
 use kiln_bridge::capacity::CapacitySnapshot;
 use kiln_bridge::fleet::ProviderCard;
 
@@ -11,9 +17,7 @@ use crate::output::{print_fields, print_json, print_table};
 
 #[derive(Args)]
 pub struct FleetArgs {
-    #[command(flatten)]
-    kilnd: KilndArgs,
-    /// Print kilnd's answer as JSON on standard output.
+    /// Print the answer as JSON on standard output.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -24,13 +28,50 @@ pub struct FleetArgs {
 enum FleetCommand {
     /// The provider card: regions, TDX, capacity, and the backends in
     /// routing order.
-    Caps,
+    Caps(CapsArgs),
+    /// Install or upgrade kiln on an owned host over SSH (this machine's
+    /// binaries, guest agent and guest kernel, checksummed on arrival), and
+    /// print the `[[backend.host]]` table for kilnd's configuration.
+    AddHost(AddHostArgs),
+}
+
+#[derive(Args)]
+struct CapsArgs {
+    // Only here: add-host asks no kilnd, so needs neither its address nor
+    // its token.
+    #[command(flatten)]
+    kilnd: KilndArgs,
+}
+
+#[derive(Args)]
+struct AddHostArgs {
+    /// The host: `host`, `host:port` or `[v6]:port` (port 22 by default).
+    address: String,
+    /// The private key to log in with: unencrypted ed25519, OpenSSH
+    /// format (kilnd uses it unattended).
+    #[arg(long, value_name = "FILE")]
+    identity: PathBuf,
+    /// Who to log in as: `kiln host` needs /dev/kvm and the state
+    /// directory, and the install writes under --prefix.
+    #[arg(long, default_value = "root")]
+    user: String,
+    /// The host's key (`ssh-ed25519 AAAA…`): any other is refused. Without
+    /// it, the key offered is trusted and printed, to check and pin.
+    #[arg(long, value_name = "KEY")]
+    host_key: Option<String>,
+    /// Where `kiln`, `kiln-vmm` and `kiln-shim` go on the host, side by
+    /// side.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PREFIX)]
+    prefix: String,
+    /// The host's state directory (agent, kernel, images, grants).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_KILN_HOME)]
+    kiln_home: String,
 }
 
 pub fn run(a: FleetArgs) -> Result<i32> {
-    let kilnd = a.kilnd.client()?;
     match a.command {
-        FleetCommand::Caps => {
+        FleetCommand::Caps(caps) => {
+            let kilnd = caps.kilnd.client()?;
             let card: ProviderCard = kilnd.client.capabilities().map_err(|e| kilnd.error(e))?;
             if a.json {
                 print_json(&card)?;
@@ -38,8 +79,58 @@ pub fn run(a: FleetArgs) -> Result<i32> {
                 print_card(&card);
             }
         }
+        FleetCommand::AddHost(args) => {
+            let installed = add_host(args)?;
+            if a.json {
+                print_json(&installed)?;
+            } else {
+                print_section(&installed);
+            }
+        }
     }
     Ok(0)
+}
+
+fn add_host(a: AddHostArgs) -> Result<Installed> {
+    // The configuration names the key file in full: kilnd's working
+    // directory is not this shell's.
+    let identity_file = std::path::absolute(&a.identity)
+        .with_context(|| format!("host {}: --identity {}", a.address, a.identity.display()))?;
+    let plan = AddHost {
+        address: a.address,
+        user: a.user,
+        identity_file,
+        host_key: a.host_key,
+        prefix: a.prefix,
+        kiln_home: a.kiln_home,
+    };
+    let sources = Sources::of_this_kiln(&crate::kiln_home())
+        .with_context(|| format!("host {}: finding this kiln's own executable", plan.address))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let address = plan.address.clone();
+    let mut progress = |p: install::Progress<'_>| eprintln!("{address}: {p}");
+    Ok(runtime.block_on(install::add_host(&plan, &sources, &mut progress))?)
+}
+
+/// The table to paste, after comments saying what was found; all of it
+/// valid TOML, so it can be appended to kilnd.toml as it is.
+fn print_section(i: &Installed) {
+    println!(
+        "# kiln {} on {} (KVM: {}), its VMs reachable at {}.",
+        i.version, i.address, i.kvm, i.vm_address
+    );
+    if i.host_key_learned {
+        println!(
+            "# Host key {} trusted on first use: compare it with the host's own\n\
+             # (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` there).",
+            i.host_key_fingerprint
+        );
+    }
+    println!("# Under a `[[backend]]` table with `kind = \"ssh\"` in kilnd.toml:");
+    print!("{}", i.section);
 }
 
 fn print_card(card: &ProviderCard) {

@@ -9,6 +9,7 @@
 //! makes where a grant lands predictable to the operator; a host that is
 //! full, refuses, or cannot be reached is skipped for that grant.
 
+pub mod install;
 pub mod remote;
 pub mod session;
 

@@ -7,7 +7,9 @@
 //! - The server must offer exactly the pinned host key. The check runs
 //!   inside the key exchange, before authentication, so neither the
 //!   identity's signature nor any command reaches a host that is not the
-//!   pinned one.
+//!   pinned one. The one exception is [`Session::connect_learning_key`],
+//!   for an operator adding a host by hand (trust on first use); kilnd's
+//!   backends never call it.
 //! - Only unencrypted ed25519 identities in OpenSSH format are used; kilnd
 //!   runs unattended and has no one to ask for a passphrase.
 //! - Every network wait is bounded: `connect` and `exec` by their timeouts,
@@ -73,6 +75,12 @@ impl HostTarget {
         split_address(&self.address).ok_or_else(|| SessionError::Address(self.address.clone()))
     }
 
+    /// The pinned key's SHA-256 fingerprint (`SHA256:…`), as `ssh-keygen
+    /// -l` prints it, for a person to compare.
+    pub fn pinned_fingerprint(&self) -> Result<String, SessionError> {
+        Ok(fingerprint(self.pinned_key()?.key_data()))
+    }
+
     fn pinned_key(&self) -> Result<PublicKey, SessionError> {
         PublicKey::from_openssh(self.host_key.trim()).map_err(|e| SessionError::PinnedKey {
             address: self.address.clone(),
@@ -122,6 +130,8 @@ pub enum SessionError {
     ExecRefused(String),
     #[error("SSH protocol error with {0}")]
     Protocol(String, #[source] Arc<russh::Error>),
+    #[error("{0} offered a host key that cannot be written in OpenSSH form")]
+    UnprintableKey(String, #[source] Arc<ssh_key::Error>),
 }
 
 impl SessionError {
@@ -211,9 +221,17 @@ fn split_address(address: &str) -> Option<(String, u16)> {
     Some((host.to_string(), port))
 }
 
-/// Accepts the server only if it offers the pinned key.
+/// Accepts the server only if it offers the pinned key, or, when learning,
+/// accepts any key and keeps it.
 struct Verifier {
-    pinned: PublicKey,
+    check: KeyCheck,
+}
+
+enum KeyCheck {
+    Pinned(PublicKey),
+    /// Trust on first use: the key offered, once the server has shown it
+    /// holds its private half.
+    Learn(Arc<Mutex<Option<PublicKey>>>),
 }
 
 #[derive(Debug)]
@@ -243,10 +261,14 @@ impl Handler for Verifier {
             PublicKeyOrCertificate::PublicKey { key, .. } => key.key_data(),
             PublicKeyOrCertificate::Certificate(cert) => cert.public_key(),
         };
-        if key == self.pinned.key_data() {
-            Ok(true)
-        } else {
-            Err(VerifyError::Mismatch(fingerprint(key)))
+        match &self.check {
+            KeyCheck::Pinned(pinned) if key == pinned.key_data() => Ok(true),
+            KeyCheck::Pinned(_) => Err(VerifyError::Mismatch(fingerprint(key))),
+            KeyCheck::Learn(learned) => {
+                let key = PublicKey::new(key.clone(), "");
+                *learned.lock().unwrap_or_else(PoisonError::into_inner) = Some(key);
+                Ok(true)
+            }
         }
     }
 }
@@ -343,36 +365,96 @@ impl Session {
     /// the identity file, all within `timeout`.
     pub async fn connect(target: &HostTarget, timeout: Duration) -> Result<Session, SessionError> {
         // Configuration errors come first: they need no network.
-        let (host, port) = target.endpoint()?;
+        let endpoint = target.endpoint()?;
         let pinned = target.pinned_key()?;
         let identity = load_identity(&target.identity_file)?;
-        let address = target.address.clone();
+        Session::open(
+            &target.address,
+            &target.user,
+            endpoint,
+            identity,
+            KeyCheck::Pinned(pinned),
+            timeout,
+        )
+        .await
+    }
+
+    /// As [`Session::connect`] for a host whose key is not known yet: any
+    /// host key is accepted (trust on first use), and the answer is the
+    /// session with the target as it should be pinned from now on. For an
+    /// operator adding a host, who is shown the key to check; kilnd only
+    /// ever connects pinned.
+    pub async fn connect_learning_key(
+        address: &str,
+        user: &str,
+        identity_file: &Path,
+        timeout: Duration,
+    ) -> Result<(Session, HostTarget), SessionError> {
+        let endpoint =
+            split_address(address).ok_or_else(|| SessionError::Address(address.to_string()))?;
+        let identity = load_identity(identity_file)?;
+        let learned = Arc::new(Mutex::new(None));
+        let check = KeyCheck::Learn(Arc::clone(&learned));
+        let session = Session::open(address, user, endpoint, identity, check, timeout).await?;
+        // Set by the key exchange, which every open session has been through.
+        let offered = learned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or_else(|| SessionError::Disconnected(address.to_string(), None))?;
+        let host_key = offered
+            .to_openssh()
+            .map_err(|e| SessionError::UnprintableKey(address.to_string(), Arc::new(e)))?;
+        let target = HostTarget {
+            address: address.to_string(),
+            user: user.to_string(),
+            identity_file: identity_file.to_path_buf(),
+            host_key,
+        };
+        Ok((session, target))
+    }
+
+    /// Dials, checks the host key as `check` says and logs in, all within
+    /// `timeout`.
+    async fn open(
+        address: &str,
+        user: &str,
+        (host, port): (String, u16),
+        identity: PrivateKey,
+        check: KeyCheck,
+        timeout: Duration,
+    ) -> Result<Session, SessionError> {
+        let address = address.to_string();
+        let (algorithm, expected_fingerprint) = match &check {
+            KeyCheck::Pinned(pinned) => (pinned.algorithm(), fingerprint(pinned.key_data())),
+            // What Debian's sshd and ssh-keygen make by default, and the
+            // only kind kiln's own keys are.
+            KeyCheck::Learn(_) => (Algorithm::Ed25519, String::new()),
+        };
         let dial = async {
             let tcp = TcpStream::connect((host.as_str(), port))
                 .await
                 .map_err(|e| SessionError::Unreachable(address.clone(), Arc::new(e)))?;
-            let config = Arc::new(client_config(pinned.algorithm()));
-            let verifier = Verifier {
-                pinned: pinned.clone(),
-            };
+            let config = Arc::new(client_config(algorithm));
+            let verifier = Verifier { check };
             let mut handle = russh::client::connect_stream(config, tcp, verifier)
                 .await
                 .map_err(|e| match e {
                     VerifyError::Mismatch(offered_fingerprint) => SessionError::HostKeyMismatch {
                         address: address.clone(),
-                        expected_fingerprint: fingerprint(pinned.key_data()),
+                        expected_fingerprint: expected_fingerprint.clone(),
                         offered_fingerprint,
                     },
                     VerifyError::Ssh(e) => SessionError::from_russh(&address, e),
                 })?;
             let key = PrivateKeyWithHashAlg::new(Arc::new(identity), None);
             let auth = handle
-                .authenticate_publickey(target.user.as_str(), key)
+                .authenticate_publickey(user, key)
                 .await
                 .map_err(|e| SessionError::from_russh(&address, e))?;
             if !auth.success() {
                 return Err(SessionError::AuthRejected {
-                    user: target.user.clone(),
+                    user: user.to_string(),
                     address: address.clone(),
                 });
             }
@@ -381,7 +463,7 @@ impl Session {
         let handle = tokio::time::timeout(timeout, dial)
             .await
             .map_err(|_| SessionError::ConnectTimeout(address.clone(), timeout))??;
-        tracing::debug!(address = %address, user = %target.user, "SSH session open");
+        tracing::debug!(address = %address, user = %user, "SSH session open");
         Ok(Session {
             handle,
             address,
