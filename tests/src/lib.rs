@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use kiln_image::cpio::{Meta, Writer};
 
+pub mod bench;
+pub mod fleet;
 pub mod images;
 pub mod jail;
 pub mod kilnd;

@@ -11,120 +11,17 @@
 //! one at its deadline by itself, completes a terminate once back, while
 //! new grants go to B; and kilnd `kill -9` re-adopts grants on both hosts.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use kiln_bridge::grant::GrantRequest;
 use kiln_bridge::state::{FailureKind, GrantState, StopCause};
 use kiln_bridge::view::GrantView;
+use kiln_tests::fleet::{OwnedHost, ShellRc};
 use kiln_tests::kilnd::{request, ssh_to_host, Kilnd, Requester, BOOT};
 use kiln_tests::netns::NetNs;
 use kiln_tests::openssh::text;
-use kiln_tests::sshd::Sshd;
-use kiln_tests::{agent, bin, kernel, processes_mentioning, wait_for};
-
-/// The host ports every host's grants listen on.
-const PORTS: &str = "23000-23099";
-
-/// A host's `$KILN_HOME` as `kiln fleet add-host` leaves it: the guest
-/// kernel and agent, and a `host.toml` with its address and size.
-fn host_home(dir: &Path, address: &str, vcpus: u32, registry: &str) -> PathBuf {
-    let home = dir.join("home");
-    std::fs::create_dir_all(home.join("kernel")).unwrap();
-    std::fs::create_dir_all(home.join("bin")).unwrap();
-    std::os::unix::fs::symlink(kernel(), home.join("kernel/vmlinux")).unwrap();
-    std::os::unix::fs::symlink(agent(), home.join("bin/kiln-agent")).unwrap();
-    std::fs::write(
-        home.join("host.toml"),
-        format!(
-            "address = \"{address}\"\nvcpus = {vcpus}\nram_mib = {}\n\
-             insecure_registries = [\"{registry}\"]\nports = \"{PORTS}\"\n",
-            vcpus * 256
-        ),
-    )
-    .unwrap();
-    home
-}
-
-/// One owned host: its namespace, sshd, and home.
-struct Host {
-    ns: NetNs,
-    address: String,
-    sshd: Sshd,
-    home: PathBuf,
-}
-
-impl Host {
-    fn start(
-        work: &Path,
-        tag: &str,
-        bridge: &NetNs,
-        subnet: &str,
-        vcpus: u32,
-        registry: &str,
-    ) -> Host {
-        let ns = NetNs::new(&format!("fleet-{tag}"));
-        let address = format!("{subnet}.2");
-        bridge.link(
-            &format!("kf{tag}{}", std::process::id() % 10_000),
-            &format!("{subnet}.1/24"),
-            &ns,
-            "eth0",
-            &format!("{address}/24"),
-        );
-        // Back to the bridge's namespace, and through it to the other
-        // subnets' bridge-side addresses (the registry's among them).
-        ns.ip(&["route", "add", "default", "via", &format!("{subnet}.1")]);
-        let dir = work.join(format!("host-{tag}"));
-        std::fs::create_dir_all(dir.join("sshd")).unwrap();
-        let home = host_home(&dir, &address, vcpus, registry);
-        let (sshd_dir, ip) = (dir.join("sshd"), address.clone());
-        let sshd = ns.run(move || Sshd::start_at(&sshd_dir, &ip, 22));
-        Host {
-            ns,
-            address,
-            sshd,
-            home,
-        }
-    }
-
-    /// Its `[[backend.host]]` table, pinned to `host_key`.
-    fn section(&self, host_key: &str) -> String {
-        format!(
-            "[[backend.host]]\naddress = \"{}\"\nidentity_file = \"{}\"\nhost_key = \"{host_key}\"\n\
-             kiln = \"{}\"\nkiln_home = \"{}\"\n",
-            self.address,
-            self.sshd.client_key().display(),
-            bin("kiln").display(),
-            self.home.display()
-        )
-    }
-
-    /// The state a grant's shim last wrote on this host.
-    fn shim_state(&self, id: &str) -> serde_json::Value {
-        let path = self.home.join("grants").join(id).join("state.json");
-        serde_json::from_slice(&std::fs::read(path).unwrap_or_default()).unwrap_or_default()
-    }
-
-    fn link(&self, up: bool) {
-        self.ns
-            .ip(&["link", "set", "eth0", if up { "up" } else { "down" }]);
-    }
-}
-
-/// Stops whatever VMs the hosts still run when the test ends, however.
-struct StopVms(PathBuf);
-
-impl Drop for StopVms {
-    fn drop(&mut self) {
-        for p in processes_mentioning(&self.0.to_string_lossy()) {
-            if let Some(pid) = p.split(':').next().and_then(|s| s.parse::<i32>().ok()) {
-                // SAFETY: kill(2) on a process this test started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
+use kiln_tests::wait_for;
 
 fn submit(kilnd: &Kilnd, req: &GrantRequest) -> String {
     kilnd.client().submit(req).expect("submit").grant.id
@@ -170,15 +67,38 @@ fn host_card<'a>(card: &'a serde_json::Value, address: &str) -> &'a serde_json::
 fn grants_spread_over_owned_hosts_reached_over_ssh() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path();
-    let _stop = StopVms(work.to_path_buf());
     let net = 100 + std::process::id() % 100;
     let bridge = NetNs::new("fleet-bridge");
     // The registry's address, on A's subnet: B and C reach it through the
     // bridge's namespace.
     let registry_ip = format!("10.{net}.1.1");
-    let c = Host::start(work, "c", &bridge, &format!("10.{net}.3"), 1, &registry_ip);
-    let a = Host::start(work, "a", &bridge, &format!("10.{net}.1"), 2, &registry_ip);
-    let b = Host::start(work, "b", &bridge, &format!("10.{net}.2"), 1, &registry_ip);
+    let c = OwnedHost::start(
+        work,
+        "c",
+        &bridge,
+        &format!("10.{net}.3"),
+        1,
+        &registry_ip,
+        ShellRc::AsIs,
+    );
+    let a = OwnedHost::start(
+        work,
+        "a",
+        &bridge,
+        &format!("10.{net}.1"),
+        2,
+        &registry_ip,
+        ShellRc::AsIs,
+    );
+    let b = OwnedHost::start(
+        work,
+        "b",
+        &bridge,
+        &format!("10.{net}.2"),
+        1,
+        &registry_ip,
+        ShellRc::AsIs,
+    );
     // From here on this thread, and all it starts, is in the bridge's
     // namespace: kilnd, the registry, the requester's ssh.
     bridge.enter();

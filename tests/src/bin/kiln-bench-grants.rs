@@ -18,113 +18,10 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use kiln_bridge::backends::local::shim::read_state;
-use kiln_bridge::state::GrantState;
-use kiln_tests::kilnd::{request, ssh_to, Kilnd, Requester, BOOT};
-
-/// One grant's timings, in milliseconds.
-#[derive(Clone, Copy, Debug)]
-struct Sample {
-    to_running: f64,
-    to_ssh: f64,
-    raw_boot: f64,
-    /// VMM start to the agent's `started`.
-    started: f64,
-}
-
-impl Sample {
-    fn bridge_to_running(&self) -> f64 {
-        self.to_running - self.raw_boot
-    }
-
-    fn agent_ready_to_started(&self) -> f64 {
-        self.started - self.raw_boot
-    }
-
-    fn bridge_own(&self) -> f64 {
-        self.to_running - self.started
-    }
-
-    fn first_ssh(&self) -> f64 {
-        self.to_ssh - self.to_running
-    }
-}
-
-struct Bench<'a> {
-    kilnd: &'a Kilnd,
-    image: &'a str,
-    public_key: &'a str,
-    key: &'a std::path::Path,
-    dir: &'a std::path::Path,
-}
-
-impl Bench<'_> {
-    /// Submits one grant, waits for SSH to work, terminates it.
-    fn one(&self, id: &str) -> Result<Sample, String> {
-        let client = self.kilnd.client();
-        let req = request(
-            id,
-            self.image,
-            self.public_key,
-            Duration::from_secs(3600),
-            "sleep 100000",
-        );
-        let t0 = Instant::now();
-        client
-            .submit(&req)
-            .map_err(|e| format!("submit {id}: {e}"))?;
-        let running = loop {
-            let g = client.show(id).map_err(|e| format!("show {id}: {e}"))?;
-            if g.state == GrantState::Running {
-                break g;
-            }
-            if g.state.is_final() || t0.elapsed() > BOOT {
-                return Err(format!("grant {id}: {:?} {:?}", g.state, g.reason));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let to_running = t0.elapsed();
-        let ssh = ssh_to(&running, self.key, self.dir);
-        loop {
-            if ssh.ssh(&[], "true", b"").status.success() {
-                break;
-            }
-            if t0.elapsed() > BOOT {
-                return Err(format!("grant {id}: ssh never worked"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let to_ssh = t0.elapsed();
-        let state = read_state(&self.kilnd.home().join("grants").join(id))
-            .map_err(|e| format!("state of {id}: {e}"))?
-            .ok_or_else(|| format!("grant {id}: no state"))?;
-        let raw_boot = state
-            .boot_ms
-            .ok_or_else(|| format!("grant {id}: no boot_ms"))? as f64;
-        let started = state
-            .started_ms
-            .ok_or_else(|| format!("grant {id}: no started_ms"))? as f64;
-        client
-            .terminate(id)
-            .map_err(|e| format!("terminate {id}: {e}"))?;
-        Ok(Sample {
-            to_running: to_running.as_secs_f64() * 1000.0,
-            to_ssh: to_ssh.as_secs_f64() * 1000.0,
-            raw_boot,
-            started,
-        })
-    }
-}
-
-/// Nearest-rank percentile of `v` (0 < p <= 100).
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
-    v.get(rank - 1).copied().unwrap_or(f64::NAN)
-}
+use kiln_tests::bench::{percentile, GrantTimer, Sample};
+use kiln_tests::kilnd::{Kilnd, Requester};
 
 fn main() {
     let arg = |n: usize, default: usize| {
@@ -144,12 +41,11 @@ fn main() {
     let cold = std::env::args().nth(3).as_deref() == Some("cold");
     let extra = if cold { "warm_start = false" } else { "" };
     let kilnd = Kilnd::with_backend(work, concurrency as u32, 320 * concurrency as u64, extra);
-    let bench = Bench {
+    let bench = GrantTimer {
         kilnd: &kilnd,
-        image: &requester.image,
-        public_key: &requester.public_key,
-        key: &requester.key,
-        dir: work,
+        requester: &requester,
+        scratch: work,
+        grants: kilnd.home().join("grants"),
     };
     println!(
         "{grants} grants, {concurrency} at a time, 1 vCPU / 256 MiB each, busybox image from a local registry, {}; host: {}",

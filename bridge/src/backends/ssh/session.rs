@@ -278,13 +278,13 @@ fn fingerprint(key: &ssh_key::public::KeyData) -> String {
 }
 
 /// russh's defaults, with the pinned key's algorithm asked for first (a
-/// host with several host keys then offers the pinned one), keepalives on
-/// and Nagle off (commands are small request/response exchanges).
+/// host with several host keys then offers the pinned one) and keepalives
+/// on. (Its `nodelay` applies only to sockets russh dials itself; see
+/// [`Session::connect`].)
 fn client_config(pinned: Algorithm) -> Config {
     let mut config = Config {
         keepalive_interval: Some(KEEPALIVE),
         keepalive_max: 3,
-        nodelay: true,
         ..Config::default()
     };
     let mut keys = vec![pinned.clone()];
@@ -434,6 +434,10 @@ impl Session {
         let dial = async {
             let tcp = TcpStream::connect((host.as_str(), port))
                 .await
+                .map_err(|e| SessionError::Unreachable(address.clone(), Arc::new(e)))?;
+            // Nagle off: a command is a few small messages each way, and
+            // with it on each waits for the last one's delayed ACK.
+            tcp.set_nodelay(true)
                 .map_err(|e| SessionError::Unreachable(address.clone(), Arc::new(e)))?;
             let config = Arc::new(client_config(algorithm));
             let verifier = Verifier { check };
