@@ -1,6 +1,7 @@
 //! Builds the configured backends, in order. Each backend kind is one
 //! variant of [`BackendSection`] (in `config`) and one arm of `build_one`.
 
+pub mod cloud;
 pub mod local;
 pub mod ssh;
 
