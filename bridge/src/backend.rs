@@ -20,6 +20,9 @@ pub struct BackendCapabilities {
     /// each with its state; empty for a backend of one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<HostCard>,
+    /// A cloud backend's state, capability flags and machine types.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<crate::backends::cloud::CloudCard>,
 }
 
 /// One machine of a backend, as the provider card lists it.

@@ -36,6 +36,9 @@ impl Resources {
 pub enum CapacityError {
     #[error("Not enough capacity: {wanted} asked, {free} free")]
     Insufficient { wanted: Resources, free: Resources },
+    /// A backend of whole machines (cloud instances) has its most running.
+    #[error("All {0} instances allowed are in use")]
+    AllInstancesInUse(u32),
     #[error("Reserve of {reserve} leaves nothing of {total}")]
     ReserveTooLarge {
         total: Resources,

@@ -11,6 +11,7 @@
 pub mod api;
 pub mod backend;
 pub mod backends;
+pub mod bridge_id;
 pub mod capacity;
 pub mod client;
 pub mod config;

@@ -645,6 +645,19 @@ fn corrupt(
     }
 }
 
+impl crate::backends::LiveGrants for Store {
+    fn is_live(&self, grant_id: &str) -> bool {
+        match self.get(grant_id) {
+            Ok(Some(record)) => !record.state.is_final(),
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(grant = %grant_id, error = %crate::error_chain(&e), "cannot tell whether a grant is live; keeping its instance");
+                true
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

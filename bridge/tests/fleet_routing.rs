@@ -207,6 +207,8 @@ async fn two_local_backends_around_a_flaky_one() {
         region: "eu".into(),
         state_dir: dir.path().join("state"),
         insecure_registries: Vec::new(),
+        bridge_id: "test".into(),
+        live_grants: None,
     };
     let local = |name: &str, region: Option<&str>, vcpus: u32, ram_mib: u64| {
         BackendSection::Local(LocalSection {

@@ -86,6 +86,8 @@ pub struct Kilnd {
     config: PathBuf,
     pub url: String,
     child: Option<Child>,
+    /// Set in kilnd's environment at every start.
+    env: Vec<(String, String)>,
 }
 
 impl Kilnd {
@@ -110,6 +112,12 @@ impl Kilnd {
     /// A kilnd whose `[[backend]]` tables are `backends` (TOML), in the
     /// region `home`.
     pub fn with_backends(dir: &Path, backends: &str) -> Kilnd {
+        Kilnd::with_backends_env(dir, backends, &[])
+    }
+
+    /// As [`Kilnd::with_backends`], with `env` set for kilnd (cloud
+    /// credentials).
+    pub fn with_backends_env(dir: &Path, backends: &str, env: &[(&str, &str)]) -> Kilnd {
         let home = dir.join("home");
         std::fs::create_dir_all(home.join("kernel")).unwrap();
         std::fs::create_dir_all(home.join("bin")).unwrap();
@@ -137,6 +145,10 @@ impl Kilnd {
             config,
             url: format!("http://127.0.0.1:{port}"),
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         k.start();
         k
@@ -157,6 +169,7 @@ impl Kilnd {
             .arg(&self.config)
             .env("KILN_VMM", bin("kiln-vmm"))
             .env("KILN_SHIM", bin("kiln-shim"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

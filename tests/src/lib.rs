@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use kiln_image::cpio::{Meta, Writer};
 
 pub mod bench;
+pub mod ec2;
 pub mod fleet;
 pub mod images;
 pub mod jail;

@@ -1,6 +1,7 @@
 //! Builds the configured backends, in order. Each backend kind is one
 //! variant of [`BackendSection`] (in `config`) and one arm of `build_one`.
 
+pub mod aws;
 pub mod cloud;
 pub mod local;
 pub mod ssh;
@@ -30,7 +31,7 @@ pub enum BuildError {
 }
 
 /// What every backend may need from the rest of the configuration.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct BuildContext {
     /// This host's region label.
     pub region: String,
@@ -38,6 +39,21 @@ pub struct BuildContext {
     pub state_dir: PathBuf,
     /// Registries reached over plain HTTP (`host:port`).
     pub insecure_registries: Vec<String>,
+    /// This bridge's identity: cloud instances are tagged with it, and a
+    /// bridge only ever reaps its own.
+    pub bridge_id: String,
+    /// Which grants the bridge still holds, for backends that find
+    /// instances on their own (a cloud's listing by tag) and end those no
+    /// grant owns. None: such backends reap nothing.
+    pub live_grants: Option<Arc<dyn LiveGrants>>,
+}
+
+/// Answers whether a grant is still the bridge's to run (stored, and not
+/// ended).
+pub trait LiveGrants: Send + Sync {
+    /// True when unsure (the store cannot be read): an instance is only
+    /// reaped when its grant is known to be over or unknown.
+    fn is_live(&self, grant_id: &str) -> bool;
 }
 
 /// The ledger of backend `name`: a host with `total` resources, less
@@ -67,6 +83,16 @@ fn build_one(section: &BackendSection, ctx: &BuildContext) -> Result<Arc<dyn Bac
             s, ctx,
         )?))),
         BackendSection::Ssh(s) => Ok(Arc::new(ssh::SshBackend::new(s, ctx)?)),
+        BackendSection::Aws(s) => {
+            let api = aws::AwsApi::new(s);
+            Ok(cloud::CloudBackend::new(
+                s,
+                ctx,
+                Arc::new(api),
+                cloud::user_data_renderer(s),
+            ))
+        }
+        BackendSection::Gcp(_) => Err(BuildError::NotInThisBuild("gcp")),
     }
 }
 
@@ -80,6 +106,8 @@ mod tests {
             region: "home".into(),
             state_dir: "/nonexistent".into(),
             insecure_registries: Vec::new(),
+            bridge_id: "test".into(),
+            live_grants: None,
         }
     }
 

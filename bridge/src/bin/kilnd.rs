@@ -80,17 +80,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map(|t| api::tls::acceptor(&t.cert, &t.key))
         .transpose()
         .context("Invalid configuration key tls")?;
+    let store = Arc::new(Store::open(&config.state_dir)?);
     let ctx = BuildContext {
         region: config.region.clone(),
         state_dir: config.state_dir.clone(),
         insecure_registries: config.insecure_registries.clone(),
+        bridge_id: kiln_bridge::bridge_id::load_or_create(&config.state_dir)?,
+        live_grants: Some(Arc::clone(&store) as Arc<dyn backends::LiveGrants>),
     };
     let backends = backends::build(&config.backends, &ctx)?;
     if backends.is_empty() {
         tracing::warn!("no backends configured: every grant will be refused");
     }
     let fleet = Arc::new(Fleet::new(backends)?);
-    let store = Arc::new(Store::open(&config.state_dir)?);
     let settings = ManagerSettings {
         tag_ttl: Some(
             config

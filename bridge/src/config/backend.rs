@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use kiln_image::root::Rootfs;
 use serde::Deserialize;
 
+use super::cloud::{Cloud, CloudSection};
 use super::{CapacityConfig, ConfigError};
 
 /// 1 TiB: more than any disk should give one grant's output.
@@ -24,6 +25,10 @@ pub enum BackendSection {
     Local(LocalSection),
     /// Other owned hosts, over SSH.
     Ssh(SshSection),
+    /// AWS EC2 instances, for overflow.
+    Aws(CloudSection),
+    /// GCP Compute instances, for overflow.
+    Gcp(CloudSection),
 }
 
 impl BackendSection {
@@ -32,6 +37,7 @@ impl BackendSection {
         match self {
             BackendSection::Local(s) => s.name.as_deref().unwrap_or("local"),
             BackendSection::Ssh(s) => &s.name,
+            BackendSection::Aws(s) | BackendSection::Gcp(s) => &s.name,
         }
     }
 
@@ -40,6 +46,7 @@ impl BackendSection {
         match self {
             BackendSection::Local(s) => s.region.as_deref(),
             BackendSection::Ssh(s) => s.region.as_deref(),
+            BackendSection::Aws(s) | BackendSection::Gcp(s) => s.region.as_deref(),
         }
     }
 
@@ -49,6 +56,8 @@ impl BackendSection {
         match self {
             BackendSection::Local(s) => s.check(prefix),
             BackendSection::Ssh(s) => s.check(prefix),
+            BackendSection::Aws(s) => s.check(Cloud::Aws, prefix),
+            BackendSection::Gcp(s) => s.check(Cloud::Gcp, prefix),
         }
     }
 
@@ -61,8 +70,9 @@ impl BackendSection {
                 s.reserve_ram_mib = s.reserve_ram_mib.or(defaults.reserve_ram_mib);
                 s.overcommit = s.overcommit.or(defaults.overcommit);
             }
-            // Other hosts keep their own reserve (their `host.toml`).
-            BackendSection::Ssh(_) => {}
+            // Other hosts keep their own reserve (their `host.toml`);
+            // a cloud instance is the grant's alone.
+            BackendSection::Ssh(_) | BackendSection::Aws(_) | BackendSection::Gcp(_) => {}
         }
     }
 }

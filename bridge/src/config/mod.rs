@@ -4,6 +4,7 @@
 //! these types and this module knows nothing of it.
 
 mod backend;
+mod cloud;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use backend::{port_range, BackendSection, LocalSection, SshHostSection, SshSection};
+pub use cloud::{zone_in_region, Cloud, CloudSection, ConnectVia};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -421,6 +423,10 @@ region = "home"
 
     #[test]
     fn errors_name_the_key() {
+        const CLOUD: &str = "[[backend]]\nkind = \"aws\"\nname = \"c\"\nregions = [\"eu-central-1\"]\n\
+                             machine_types = [\"c5.metal\"]\nmax_instances = 2\nimage = \"ami-1\"\n\
+                             bundle_url = \"https://b.example/k.tgz\"\n\
+                             bundle_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n";
         let cases = [
             (format!("{BASE}listen_addr = \"x\"\n"), "listen_addr"),
             (BASE.replace("region = \"home\"", ""), "region"),
@@ -450,7 +456,15 @@ region = "home"
                 format!("{BASE}[[backend]]\nkind = \"local\"\nreserve_ram = 1\n"),
                 "reserve_ram",
             ),
-            (format!("{BASE}[[backend]]\nkind = \"aws\"\n"), "aws"),
+            (format!("{BASE}[[backend]]\nkind = \"azure\"\n"), "azure"),
+            (format!("{BASE}{CLOUD}zones = [\"us-east-1a\"]\n"), "backend[0].zones"),
+            (format!("{BASE}{CLOUD}max_instances = 0\n").replace("max_instances = 2\n", ""), "backend[0].max_instances"),
+            (format!("{BASE}{CLOUD}").replace("https://b.example", "https://u:p@b.example"), "backend[0].bundle_url"),
+            (format!("{BASE}{CLOUD}").replace(&"0".repeat(64), "abc"), "backend[0].bundle_sha256"),
+            (format!("{BASE}{CLOUD}").replace("image = \"ami-1\"\n", ""), "backend[0].image"),
+            (format!("{BASE}{CLOUD}project = \"p\"\n"), "backend[0].project"),
+            (format!("{BASE}{CLOUD}").replace("\"aws\"", "\"gcp\""), "backend[0].project"),
+            (format!("{BASE}{CLOUD}connect = \"sideways\"\n"), "backend[0].connect"),
             (format!("{BASE}[[backend]]\nname = \"x\"\n"), "kind"),
             (
                 format!("{BASE}[[backend]]\nkind = \"local\"\nkernal = \"/k\"\n"),

@@ -186,6 +186,9 @@ impl Host {
             region: HOST_REGION.into(),
             state_dir: home.to_path_buf(),
             insecure_registries: file.insecure_registries.clone(),
+            // A host's local backend never lists instances of its own.
+            bridge_id: String::new(),
+            live_grants: None,
         };
         Ok(Host::of(LocalBackend::new(&section, &ctx)?))
     }

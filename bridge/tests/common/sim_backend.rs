@@ -139,6 +139,7 @@ impl Backend for SimBackend {
             tdx: self.tdx,
             capacity: self.world.ledger.snapshot(),
             hosts: Vec::new(),
+            cloud: None,
         }
     }
 

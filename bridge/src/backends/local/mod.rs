@@ -497,6 +497,7 @@ impl Backend for LocalBackend {
             tdx: self.tdx,
             capacity: self.ledger.snapshot(),
             hosts: Vec::new(),
+            cloud: None,
         }
     }
 

@@ -196,6 +196,7 @@ impl Backend for SshBackend {
             tdx: self.hosts.iter().any(|h| h.tdx()),
             capacity,
             hosts,
+            cloud: None,
         }
     }
 

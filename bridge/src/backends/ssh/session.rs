@@ -414,6 +414,45 @@ impl Session {
         Ok((session, target))
     }
 
+    /// Whether an SSH server at `host:port` answers with the pinned host
+    /// key, within `timeout`: the key exchange only, no login. A cloud
+    /// instance's VM is ready for its requester once it does.
+    pub async fn host_key_answers(
+        host: std::net::IpAddr,
+        port: u16,
+        pinned: &PublicKey,
+        timeout: Duration,
+    ) -> Result<(), SessionError> {
+        let address = std::net::SocketAddr::new(host, port).to_string();
+        let expected_fingerprint = fingerprint(pinned.key_data());
+        let dial = async {
+            let tcp = TcpStream::connect((host, port))
+                .await
+                .map_err(|e| SessionError::Unreachable(address.clone(), Arc::new(e)))?;
+            let config = Arc::new(client_config(pinned.algorithm()));
+            let verifier = Verifier {
+                check: KeyCheck::Pinned(pinned.clone()),
+            };
+            let handle = russh::client::connect_stream(config, tcp, verifier)
+                .await
+                .map_err(|e| match e {
+                    VerifyError::Mismatch(offered_fingerprint) => SessionError::HostKeyMismatch {
+                        address: address.clone(),
+                        expected_fingerprint: expected_fingerprint.clone(),
+                        offered_fingerprint,
+                    },
+                    VerifyError::Ssh(e) => SessionError::from_russh(&address, e),
+                })?;
+            let _ = handle
+                .disconnect(russh::Disconnect::ByApplication, "", "")
+                .await;
+            Ok(())
+        };
+        tokio::time::timeout(timeout, dial)
+            .await
+            .map_err(|_| SessionError::ConnectTimeout(address.clone(), timeout))?
+    }
+
     /// Dials, checks the host key as `check` says and logs in, all within
     /// `timeout`.
     async fn open(
