@@ -11,6 +11,7 @@
 pub mod api;
 pub mod backend;
 pub mod backends;
+pub mod bundle;
 pub mod capacity;
 pub mod client;
 pub mod config;

@@ -1,20 +1,26 @@
 //! One `kiln host` call, start to answer: the command line parses into a
 //! [`Call`], and [`answer`] runs it and gives the JSON document to print.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use super::wire::{Failure, FailureKind, Reply};
 use super::{Host, HostError};
 use crate::grant::Grant;
+use crate::host_key::HostKey;
 
 /// What a caller can ask a host.
 #[derive(Clone, Debug)]
 pub enum Call {
     Info,
-    /// The grant, as JSON (read from standard input by the command line).
-    Provision(Vec<u8>),
+    /// The grant, as JSON (read from standard input by the command line),
+    /// and the file of the SSH host key its VM is to serve (an OpenSSH
+    /// private key; a fresh one when None).
+    Provision {
+        grant: Vec<u8>,
+        host_key: Option<PathBuf>,
+    },
     Status(String),
     Usage(String),
     Terminate(String),
@@ -38,15 +44,20 @@ pub fn answer(home: &Path, call: Call) -> (String, bool) {
     runtime.block_on(async {
         match call {
             Call::Info => reply(Host::open(home).and_then(|h| h.info())),
-            Call::Provision(json) => match serde_json::from_slice::<Grant>(&json) {
-                Ok(grant) => {
-                    reply(open_then(home, |h| async move { h.provision(&grant).await }).await)
+            Call::Provision { grant, host_key } => {
+                let grant = serde_json::from_slice::<Grant>(&grant)
+                    .map_err(|e| format!("invalid grant: {e}"));
+                let host_key = host_key.as_deref().map(read_host_key).transpose();
+                match (grant, host_key) {
+                    (Ok(grant), Ok(key)) => reply(
+                        open_then(home, |h| async move { h.provision(&grant, key).await }).await,
+                    ),
+                    (Err(message), _) | (_, Err(message)) => {
+                        let f = Failure::new(FailureKind::Usage, message);
+                        (render::<()>(&Reply::Error(f)), false)
+                    }
                 }
-                Err(e) => {
-                    let f = Failure::new(FailureKind::Usage, format!("invalid grant: {e}"));
-                    (render::<()>(&Reply::Error(f)), false)
-                }
-            },
+            }
             Call::Status(id) => reply(Host::open(home).and_then(|h| h.status(&id))),
             Call::Usage(id) => reply(open_then(home, |h| async move { h.usage(&id).await }).await),
             Call::Terminate(id) => {
@@ -58,6 +69,14 @@ pub fn answer(home: &Path, call: Call) -> (String, bool) {
             Call::List => reply(Host::open(home).map(|h| h.list())),
         }
     })
+}
+
+/// The host key file a provision was given, or why it cannot be used.
+fn read_host_key(path: &Path) -> Result<HostKey, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the host key {}: {e}", path.display()))?;
+    HostKey::from_openssh(&text)
+        .map_err(|e| format!("host key {}: {}", path.display(), crate::error_chain(&e)))
 }
 
 async fn open_then<T, F, Fut>(home: &Path, f: F) -> Result<T, HostError>

@@ -3,3 +3,4 @@
 //! cloud shares; `api::CloudApi` is what each cloud translates.
 
 pub mod api;
+pub mod bootstrap;
