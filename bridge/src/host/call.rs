@@ -101,3 +101,42 @@ fn render<T: Serialize>(reply: &Reply<T>) -> String {
         serde_json::to_string(&Reply::<()>::Error(f)).unwrap_or_default()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unusable_host_key_is_refused_before_anything_boots() {
+        let home = tempfile::tempdir().unwrap();
+        let grant = br#"{"id":"g1","image":"x","vcpus":1,"ram_mib":256,"region":"r","tdx":"no","ssh_keys":[],"valid_to":"2030-01-01T00:00:00Z","submitted_at":"2030-01-01T00:00:00Z"}"#;
+        let bad = home.path().join("bad-key");
+        std::fs::write(&bad, "ssh-ed25519 AAAA not a private key\n").unwrap();
+        for (key, says) in [
+            (bad, "not an OpenSSH private key"),
+            (home.path().join("none"), "cannot read the host key"),
+        ] {
+            let (reply, ok) = answer(
+                home.path(),
+                Call::Provision {
+                    grant: grant.to_vec(),
+                    host_key: Some(key.clone()),
+                },
+            );
+            assert!(!ok, "{reply}");
+            let Ok(Reply::<()>::Error(f)) = super::super::wire::parse_reply(reply.as_bytes())
+            else {
+                panic!("{reply}");
+            };
+            assert_eq!(f.kind, FailureKind::Usage);
+            assert!(
+                f.message.contains(says) && f.message.contains(&*key.to_string_lossy()),
+                "{}",
+                f.message
+            );
+        }
+        // Nothing was claimed or started.
+        assert!(!home.path().join("grants").exists());
+        assert!(!home.path().join("claims").exists());
+    }
+}
