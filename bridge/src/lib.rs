@@ -12,6 +12,7 @@ pub mod api;
 pub mod backend;
 pub mod backends;
 pub mod bridge_id;
+pub mod bundle;
 pub mod capacity;
 pub mod client;
 pub mod config;

@@ -1,5 +1,7 @@
 //! `kiln fleet caps`: what kilnd's fleet offers. `kiln fleet add-host`:
 //! installs or upgrades kiln on an owned host over SSH (no kilnd needed).
+//! `kiln fleet bundle`: the same files as one tarball, for cloud
+//! instances to fetch at boot.
 
 use std::path::PathBuf;
 
@@ -7,8 +9,9 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use kiln_bridge::backend::HostState;
 use kiln_bridge::backends::ssh::install::{
-    self, AddHost, Installed, Sources, DEFAULT_KILN_HOME, DEFAULT_PREFIX,
+    self, AddHost, Installed, DEFAULT_KILN_HOME, DEFAULT_PREFIX,
 };
+use kiln_bridge::bundle::{self, Bundle, Sources};
 use kiln_bridge::capacity::CapacitySnapshot;
 use kiln_bridge::fleet::ProviderCard;
 
@@ -33,6 +36,17 @@ enum FleetCommand {
     /// binaries, guest agent and guest kernel, checksummed on arrival), and
     /// print the `[[backend.host]]` table for kilnd's configuration.
     AddHost(AddHostArgs),
+    /// Write `kiln-bundle-<version>.tar.gz`: this machine's binaries, guest
+    /// agent and guest kernel (what add-host installs), for cloud
+    /// instances to fetch at boot; prints its SHA-256 and size.
+    Bundle(BundleArgs),
+}
+
+#[derive(Args)]
+struct BundleArgs {
+    /// The directory to write the bundle into.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -87,8 +101,35 @@ pub fn run(a: FleetArgs) -> Result<i32> {
                 print_section(&installed);
             }
         }
+        FleetCommand::Bundle(args) => {
+            let bundle = write_bundle(&args)?;
+            if a.json {
+                print_json(&bundle)?;
+            } else {
+                print_fields(&[
+                    ("bundle", bundle.path.display().to_string()),
+                    ("sha256", bundle.sha256.clone()),
+                    (
+                        "size",
+                        format!(
+                            "{} bytes ({:.1} MiB)",
+                            bundle.bytes,
+                            bundle.bytes as f64 / f64::from(1 << 20)
+                        ),
+                    ),
+                ]);
+            }
+        }
     }
     Ok(0)
+}
+
+fn write_bundle(a: &BundleArgs) -> Result<Bundle> {
+    let sources =
+        Sources::of_this_kiln(&crate::kiln_home()).context("finding this kiln's own executable")?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("creating --out {}", a.out.display()))?;
+    Ok(bundle::write(&sources, &a.out)?)
 }
 
 fn add_host(a: AddHostArgs) -> Result<Installed> {

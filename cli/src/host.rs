@@ -24,7 +24,13 @@ enum HostCommand {
     Info,
     /// Boot a grant's VM (the grant as JSON on standard input) and print
     /// its instance once it runs. A grant already running is returned.
-    Provision,
+    Provision {
+        /// The SSH host key the VM serves (an unencrypted ed25519 OpenSSH
+        /// private key, as the bridge made it for the grant); a fresh one
+        /// without it.
+        #[arg(long, value_name = "FILE")]
+        host_key: Option<PathBuf>,
+    },
     /// Where a grant is: provisioning, running, or ended (with its usage).
     Status { id: String },
     /// A running grant's usage so far.
@@ -40,13 +46,13 @@ enum HostCommand {
 pub fn run(a: HostArgs) -> Result<i32> {
     let call = match a.command {
         HostCommand::Info => Call::Info,
-        HostCommand::Provision => {
+        HostCommand::Provision { host_key } => {
             let mut grant = Vec::new();
             std::io::stdin()
                 .take(1 << 20)
                 .read_to_end(&mut grant)
                 .context("reading the grant from standard input")?;
-            Call::Provision(grant)
+            Call::Provision { grant, host_key }
         }
         HostCommand::Status { id } => Call::Status(id),
         HostCommand::Usage { id } => Call::Usage(id),

@@ -440,15 +440,14 @@ fn help_for_every_command() {
             );
         }
     }
-    // add-host asks no kilnd: none of its flags.
-    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["fleet", "add-host", "--help"])
-        .output()
-        .unwrap();
-    let out = stdout(&o);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        out.contains("--identity") && !out.contains("--bridge"),
-        "{out}"
-    );
+    // add-host and bundle ask no kilnd: none of its flags.
+    for (cmd, flag) in [("add-host", "--identity"), ("bundle", "--out")] {
+        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["fleet", cmd, "--help"])
+            .output()
+            .unwrap();
+        let out = stdout(&o);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(out.contains(flag) && !out.contains("--bridge"), "{out}");
+    }
 }

@@ -719,6 +719,17 @@ impl Drop for StandIns {
 /// The host key in an instance's user data: the one OpenSSH private key
 /// block in it, wherever the bootstrap put it.
 pub fn host_key_in(user_data: &str) -> Option<String> {
+    // cloud-config carries the script base64-encoded (`encoding: b64`).
+    if user_data.starts_with("#cloud-config") {
+        let decoded: String = user_data
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("content: "))
+            .map(|b64| String::from_utf8_lossy(&base64_decode(b64)).into_owned())
+            .collect();
+        if let Some(key) = host_key_in(&decoded) {
+            return Some(key);
+        }
+    }
     const BEGIN: &str = "-----BEGIN OPENSSH PRIVATE KEY-----";
     const END: &str = "-----END OPENSSH PRIVATE KEY-----";
     let start = user_data.find(BEGIN)?;

@@ -89,7 +89,7 @@ fn build_one(section: &BackendSection, ctx: &BuildContext) -> Result<Arc<dyn Bac
                 s,
                 ctx,
                 Arc::new(api),
-                cloud::user_data_renderer(s),
+                cloud::user_data_renderer(s, crate::config::Cloud::Aws, &ctx.insecure_registries),
             ))
         }
         BackendSection::Gcp(_) => Err(BuildError::NotInThisBuild("gcp")),

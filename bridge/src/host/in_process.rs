@@ -38,7 +38,9 @@ impl Backend for Host {
     }
 
     async fn provision(&self, grant: &Grant) -> Result<ProvisionedInstance, BackendError> {
-        Host::provision(self, grant).await.map_err(backend_error)
+        Host::provision(self, grant, None)
+            .await
+            .map_err(backend_error)
     }
 
     async fn watch_until_exit(

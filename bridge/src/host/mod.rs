@@ -27,6 +27,7 @@ use crate::capacity::Resources;
 use crate::config::LocalSection;
 use crate::dir_lock::{DirLock, LockError};
 use crate::grant::Grant;
+use crate::host_key::HostKey;
 use claims::Claim;
 use wire::{Failure, FailureKind, HostInfo, HostPhase, InstanceStatus};
 
@@ -216,9 +217,14 @@ impl Host {
         })
     }
 
-    /// Boots the grant's VM and returns once it runs. Idempotent by grant
-    /// id: a grant already running here is returned as it is.
-    pub async fn provision(&self, grant: &Grant) -> Result<ProvisionedInstance, HostError> {
+    /// Boots the grant's VM and returns once it runs, serving `host_key`
+    /// (the bridge's own for the grant) or a fresh one. Idempotent by
+    /// grant id: a grant already running here is returned as it is.
+    pub async fn provision(
+        &self,
+        grant: &Grant,
+        host_key: Option<HostKey>,
+    ) -> Result<ProvisionedInstance, HostError> {
         check_id(&grant.id)?;
         let mut grant = grant.clone();
         // Which region is the bridge's business: the host runs what it is
@@ -238,7 +244,7 @@ impl Host {
                 .write(&self.home, &grant.id)
                 .map_err(|e| HostError::Write(claims::path(&self.home, &grant.id), e))?;
         }
-        let outcome = self.backend.provision(&grant).await;
+        let outcome = self.backend.provision_with_host_key(&grant, host_key).await;
         let result = match outcome {
             Ok(instance) => self.record(&instance).map(|()| instance),
             Err(e) => Err(HostError::Backend(e)),
@@ -443,15 +449,19 @@ impl Host {
 
 /// Grant ids become directory names: nothing that could climb out.
 fn check_id(id: &str) -> Result<(), HostError> {
-    let ok = (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
+    if id_is_plain(id) {
         Ok(())
     } else {
         Err(HostError::BadId(id.to_string()))
     }
+}
+
+/// 1 to 64 letters, digits, '-' or '_': a grant id a host takes.
+pub(crate) fn id_is_plain(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Names of the subdirectories of `dir` that could be grant ids.

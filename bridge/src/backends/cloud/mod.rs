@@ -18,6 +18,7 @@
 //!   an auth error marks the backend unhealthy; throttling backs off.
 
 pub mod api;
+pub mod bootstrap;
 mod pacing;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -36,7 +37,7 @@ use crate::backend::{
     UsageMetrics,
 };
 use crate::capacity::{CapacityError, CapacitySnapshot, Resources};
-use crate::config::{CloudSection, ConnectVia};
+use crate::config::{Cloud, CloudSection, ConnectVia};
 use crate::grant::{Grant, TdxPolicy};
 use crate::host_key::{HostKey, HostKeyError};
 use api::{
@@ -69,15 +70,32 @@ const INSTANCE_OVERHEAD_MIB: u64 = 512;
 pub type RenderUserData =
     Box<dyn Fn(&Grant, &HostKey, u16) -> Result<String, String> + Send + Sync>;
 
-/// The user data of a section's instances.
-pub fn user_data_renderer(_section: &CloudSection) -> RenderUserData {
-    Box::new(|grant, key, port| {
-        let private = key.private_openssh().map_err(|e| e.to_string())?;
-        Ok(format!(
-            "#cloud-config\n# kiln grant {} port {port}\nkiln_host_key: |\n  {}\n",
-            grant.id,
-            private.trim().replace('\n', "\n  ")
-        ))
+/// The user data of a section's instances: a `#cloud-config` for EC2's
+/// cloud-init, the startup script itself for GCE.
+pub fn user_data_renderer(
+    section: &CloudSection,
+    cloud: Cloud,
+    insecure_registries: &[String],
+) -> RenderUserData {
+    let (url, sha) = (section.bundle_url.clone(), section.bundle_sha256.clone());
+    let registries = insecure_registries.to_vec();
+    Box::new(move |grant, host_key, ssh_port| {
+        let b = bootstrap::Bootstrap {
+            bundle_url: &url,
+            bundle_sha256: &sha,
+            grant,
+            host_key,
+            ssh_port,
+            kiln_home: bootstrap::DEFAULT_KILN_HOME,
+            prefix: bootstrap::DEFAULT_PREFIX,
+            insecure_registries: &registries,
+            power_off: true,
+        };
+        match cloud {
+            Cloud::Aws => bootstrap::cloud_config(&b),
+            Cloud::Gcp => bootstrap::script(&b),
+        }
+        .map_err(|e| crate::error_chain(&e))
     })
 }
 

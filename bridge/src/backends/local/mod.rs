@@ -199,8 +199,13 @@ impl LocalBackend {
         self.home.join("grants").join(id)
     }
 
-    /// Builds the image, starts the shim, waits for the VM to run.
-    async fn boot(&self, grant: &Grant) -> Result<ProvisionedInstance, LocalError> {
+    /// Builds the image, starts the shim, waits for the VM to run. The VM
+    /// serves `host_key`, or a fresh one.
+    async fn boot(
+        &self,
+        grant: &Grant,
+        host_key: Option<HostKey>,
+    ) -> Result<ProvisionedInstance, LocalError> {
         let begun = Instant::now();
         let boot = self.build_image(&grant.image).await?;
         let image_ms = begun.elapsed().as_millis() as u64;
@@ -209,7 +214,10 @@ impl LocalBackend {
         // A directory left by an earlier, failed attempt holds nothing live.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| LocalError::Dir(dir.clone(), e))?;
-        let host_key = HostKey::generate()?;
+        let host_key = match host_key {
+            Some(key) => key,
+            None => HostKey::generate()?,
+        };
         let launch = Launch {
             vmm: self.vmm.clone(),
             kernel: self.home.join("kernel/vmlinux"),
@@ -386,6 +394,33 @@ impl LocalBackend {
         }))
     }
 
+    /// [`Backend::provision`], the VM serving `host_key` when one is given
+    /// (the bridge's, for a grant it placed on a cloud instance) instead of
+    /// a fresh one.
+    pub async fn provision_with_host_key(
+        &self,
+        grant: &Grant,
+        host_key: Option<HostKey>,
+    ) -> Result<ProvisionedInstance, BackendError> {
+        let want = self
+            .check(grant)
+            .map_err(|e| BackendError::CannotSatisfy(Box::new(e)))?;
+        self.ledger.reserve(&grant.id, want)?;
+        match self.boot(grant, host_key).await {
+            Ok(instance) => Ok(instance),
+            Err(e) => {
+                self.ledger.release(&grant.id);
+                Err(match e {
+                    // Another backend pulls the same image the same way.
+                    LocalError::Image(..) => BackendError::Fatal(Box::new(e)),
+                    // Any backend would unpack the same initramfs.
+                    LocalError::Memory(..) => BackendError::Fatal(Box::new(e)),
+                    _ => BackendError::Transient(Box::new(e)),
+                })
+            }
+        }
+    }
+
     fn private(&self, instance: &ProvisionedInstance) -> Result<Private, BackendError> {
         serde_json::from_value(instance.private.clone()).map_err(|_| {
             BackendError::Fatal(Box::new(LocalError::Foreign(instance.instance_id.clone())))
@@ -506,23 +541,7 @@ impl Backend for LocalBackend {
     }
 
     async fn provision(&self, grant: &Grant) -> Result<ProvisionedInstance, BackendError> {
-        let want = self
-            .check(grant)
-            .map_err(|e| BackendError::CannotSatisfy(Box::new(e)))?;
-        self.ledger.reserve(&grant.id, want)?;
-        match self.boot(grant).await {
-            Ok(instance) => Ok(instance),
-            Err(e) => {
-                self.ledger.release(&grant.id);
-                Err(match e {
-                    // Another backend pulls the same image the same way.
-                    LocalError::Image(..) => BackendError::Fatal(Box::new(e)),
-                    // Any backend would unpack the same initramfs.
-                    LocalError::Memory(..) => BackendError::Fatal(Box::new(e)),
-                    _ => BackendError::Transient(Box::new(e)),
-                })
-            }
-        }
+        self.provision_with_host_key(grant, None).await
     }
 
     async fn watch_until_exit(

@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 
 use super::remote::shell_quote;
 use super::session::{ExecOutput, HostTarget, Session, SessionError};
+use crate::bundle::{Place, Sources, LAYOUT};
 use crate::host::wire::{self, HostInfo, Reply};
 use crate::host::HOST_FILE;
 
@@ -57,32 +58,6 @@ pub struct AddHost {
     pub prefix: String,
     /// The host's `KILN_HOME`.
     pub kiln_home: String,
-}
-
-/// This machine's copies of what a host needs.
-#[derive(Clone, Debug)]
-pub struct Sources {
-    pub kiln: PathBuf,
-    pub kiln_vmm: PathBuf,
-    pub kiln_shim: PathBuf,
-    pub agent: PathBuf,
-    pub kernel: PathBuf,
-}
-
-impl Sources {
-    /// The running kiln, the `kiln-vmm` and `kiln-shim` it would run, and
-    /// the agent and kernel of `home` (this machine's `KILN_HOME`). For the
-    /// `kiln` executable: what it installs is itself.
-    pub fn of_this_kiln(home: &Path) -> std::io::Result<Sources> {
-        use crate::machine::binary_beside_me;
-        Ok(Sources {
-            kiln: std::env::current_exe()?,
-            kiln_vmm: binary_beside_me("KILN_VMM", "kiln-vmm"),
-            kiln_shim: binary_beside_me("KILN_SHIM", "kiln-shim"),
-            agent: home.join("bin/kiln-agent"),
-            kernel: home.join("kernel/vmlinux"),
-        })
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -253,33 +228,29 @@ impl Artifact {
     }
 }
 
-/// Where each of `sources` goes on the host.
+/// Where each of `sources` goes on the host: the layout the bundle has
+/// too.
 fn artifacts(sources: &Sources, prefix: &str, home: &str) -> Vec<Artifact> {
-    let file = |what, local: &PathBuf, dir: String, file_name, mode| Artifact {
-        what,
-        local: local.clone(),
-        dir,
-        file_name,
-        mode,
-    };
-    let (bin, agent, kernel) = (
-        prefix.to_string(),
-        format!("{home}/bin"),
-        format!("{home}/kernel"),
-    );
-    vec![
-        file("kiln", &sources.kiln, bin.clone(), "kiln", 0o755),
-        file(
-            "kiln-vmm",
-            &sources.kiln_vmm,
-            bin.clone(),
-            "kiln-vmm",
-            0o755,
-        ),
-        file("kiln-shim", &sources.kiln_shim, bin, "kiln-shim", 0o755),
-        file("guest agent", &sources.agent, agent, "kiln-agent", 0o755),
-        file("guest kernel", &sources.kernel, kernel, "vmlinux", 0o644),
-    ]
+    LAYOUT
+        .iter()
+        .map(|entry| {
+            let base = match entry.place {
+                Place::Prefix => prefix,
+                Place::Home => home,
+            };
+            Artifact {
+                what: entry.what,
+                local: sources.path(entry.piece).to_path_buf(),
+                dir: if entry.dir.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}/{}", entry.dir)
+                },
+                file_name: entry.file_name,
+                mode: entry.mode,
+            }
+        })
+        .collect()
 }
 
 /// Installs or upgrades kiln on the host, telling `progress` each step.
@@ -453,7 +424,7 @@ fn section(target: &HostTarget, kiln: &str, home: &str) -> String {
 }
 
 /// `s` as a TOML basic string.
-fn toml_string(s: &str) -> String {
+pub(crate) fn toml_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
