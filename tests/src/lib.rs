@@ -11,6 +11,7 @@ use kiln_image::cpio::{Meta, Writer};
 
 pub mod bench;
 pub mod fleet;
+pub mod gce;
 pub mod images;
 pub mod jail;
 pub mod kilnd;
