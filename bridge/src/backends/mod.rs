@@ -2,6 +2,7 @@
 //! variant of [`BackendSection`] (in `config`) and one arm of `build_one`.
 
 pub mod cloud;
+pub mod gcp;
 pub mod local;
 pub mod ssh;
 

@@ -170,6 +170,12 @@ impl FakeGce {
         self.world().instance_status(zone, name)
     }
 
+    /// The insert body an instance was created from, as the client sent
+    /// it; not a read.
+    pub fn inserted_body(&self, zone: &str, name: &str) -> Option<serde_json::Value> {
+        self.world().inserted_body(zone, name)
+    }
+
     /// How many instances inserts have created.
     pub fn created(&self) -> usize {
         self.world().created()

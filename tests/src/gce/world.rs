@@ -577,6 +577,14 @@ impl World {
         }
     }
 
+    /// The insert body an instance was created from, as the client sent
+    /// it (without counting as a read).
+    pub fn inserted_body(&self, zone: &str, name: &str) -> Option<Value> {
+        self.instances
+            .get(&(zone.to_string(), name.to_string()))
+            .map(|i| i.body.clone())
+    }
+
     /// Instances created (not inserts answered).
     pub fn created(&self) -> usize {
         self.created
