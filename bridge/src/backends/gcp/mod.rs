@@ -469,3 +469,38 @@ impl CloudApi for GcpApi {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_file_must_exist_and_be_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.json");
+        assert!(matches!(
+            credentials_for(false, Some(missing)),
+            Err(GcpError::ReadKey(..))
+        ));
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "not json").unwrap();
+        assert!(matches!(
+            credentials_for(false, Some(bad)),
+            Err(GcpError::ParseKey(..))
+        ));
+        // Not a service-account key.
+        let other = dir.path().join("other.json");
+        std::fs::write(&other, r#"{"type": "authorized_user"}"#).unwrap();
+        assert!(matches!(
+            credentials_for(false, Some(other)),
+            Err(GcpError::Credentials(_))
+        ));
+        assert!(credentials_for(true, None).is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_empty_project_is_refused() {
+        let e = GcpApi::new(String::new(), Some("http://127.0.0.1:1".into()), None).await;
+        assert!(matches!(e, Err(GcpError::NoProject)));
+    }
+}
