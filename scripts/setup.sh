@@ -31,6 +31,9 @@ packages=(
   # owned hosts the fleet tests start in network namespaces (never the
   # system's own sshd, which this script does not start)
   util-linux openssh-client openssh-server
+  # the cloud tests: moto's EC2 server in a venv (scripts/moto-venv.sh);
+  # curl fetches the kiln bundle in the cloud bootstrap script's test
+  python3-venv curl
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -78,4 +81,7 @@ install -D -m 0755 "$repo/target/guest/x86_64-unknown-linux-gnu/guest/kiln-agent
 # The real-image tests' Debian+python3 image, cached outside the repo
 # (a few minutes once; reused while its recipe is unchanged).
 "$repo/scripts/build-python-image.sh" >/dev/null
+# moto's EC2 server for the aws backend's tests, cached outside the repo
+# (about 30 s once; reused while its pinned version is unchanged).
+"$repo/scripts/moto-venv.sh" >/dev/null
 echo "setup: done"

@@ -4,7 +4,7 @@
 //! the instance's private address, where a stock sshd answers with the
 //! host key the bridge put in the instance's user data.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -13,8 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::netns::NetNs;
-use crate::sshd::Sshd;
+use crate::stand_in::{LaunchState, Launched, Launches};
 use crate::{wait_for, workspace_root};
 
 /// Where the tests' instances live: each zone's subnet is 198.18.Z.0/24
@@ -161,21 +160,7 @@ impl Moto {
 
     /// An instance's user data, decoded.
     pub fn user_data(&self, region: &str, id: &str) -> String {
-        let xml = self.call(
-            region,
-            &[
-                ("Action", "DescribeInstanceAttribute"),
-                ("InstanceId", id),
-                ("Attribute", "userData"),
-            ],
-        );
-        let b64 = xml
-            .split("<userData>")
-            .nth(1)
-            .and_then(|rest| first(rest, "value"))
-            .unwrap_or_default();
-        let bytes = base64_decode(&b64);
-        String::from_utf8_lossy(&bytes).into_owned()
+        user_data(self.port, region, id)
     }
 }
 
@@ -333,7 +318,7 @@ fn urldecode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn base64_decode(text: &str) -> Vec<u8> {
+pub fn base64_decode(text: &str) -> Vec<u8> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = Vec::new();
     let (mut acc, mut bits) = (0u32, 0);
@@ -603,182 +588,71 @@ fn forward(upstream: u16, head: &str, body: &[u8]) -> Option<Vec<u8>> {
     Some(answer)
 }
 
-/// The instances' port for requesters, as the tests configure it.
-pub const SSH_PORT: u16 = 2222;
-
-struct Served {
-    _sshd: Sshd,
-    _ns: NetNs,
+/// moto's instances of one bridge, as the stand-ins see them.
+pub struct MotoInstances {
+    port: u16,
+    regions: Vec<String>,
+    bridge_id: String,
 }
 
-/// Stands in for the instances moto launches with a bridge's tag: each
-/// running one gets a network namespace with its private address, where a
-/// stock sshd answers on [`SSH_PORT`] with the host key from its user data
-/// (what the real instance's VM would offer). Zones can be told to never
-/// answer.
-pub struct StandIns {
-    stop: Arc<AtomicBool>,
-    mute_zones: Arc<Mutex<BTreeSet<String>>>,
-    served: Arc<Mutex<BTreeMap<String, Served>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl StandIns {
-    /// Watches `regions` of moto for instances tagged `kiln-bridge=bridge_id`.
-    pub fn start(moto: &Moto, regions: &[&str], bridge_id: &str, dir: &Path) -> StandIns {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mute_zones = Arc::new(Mutex::new(BTreeSet::new()));
-        let served: Arc<Mutex<BTreeMap<String, Served>>> = Arc::new(Mutex::new(BTreeMap::new()));
-        let (st, mz, sv) = (
-            Arc::clone(&stop),
-            Arc::clone(&mute_zones),
-            Arc::clone(&served),
-        );
-        let port = moto.port;
-        let regions: Vec<String> = regions.iter().map(|r| r.to_string()).collect();
-        let bridge_id = bridge_id.to_string();
-        let dir = dir.to_path_buf();
-        let thread = std::thread::spawn(move || {
-            let mut n = 0u32;
-            while !st.load(Ordering::SeqCst) {
-                for region in &regions {
-                    let xml = call(
-                        port,
-                        region,
-                        &[
-                            ("Action", "DescribeInstances"),
-                            ("Filter.1.Name", "tag:kiln-bridge"),
-                            ("Filter.1.Value.1", &bridge_id),
-                        ],
-                    );
-                    for i in instances_in(&xml) {
-                        let known = sv.lock().unwrap().contains_key(&i.id);
-                        let over = i.state == "terminated" || i.state == "shutting-down";
-                        if over {
-                            // Gone: so is its stand-in.
-                            sv.lock().unwrap().remove(&i.id);
-                            continue;
-                        }
-                        if known || i.state != "running" || mz.lock().unwrap().contains(&i.zone) {
-                            continue;
-                        }
-                        n += 1;
-                        let user_data = {
-                            let xml = call(
-                                port,
-                                region,
-                                &[
-                                    ("Action", "DescribeInstanceAttribute"),
-                                    ("InstanceId", &i.id),
-                                    ("Attribute", "userData"),
-                                ],
-                            );
-                            let b64 = xml
-                                .split("<userData>")
-                                .nth(1)
-                                .and_then(|rest| first(rest, "value"))
-                                .unwrap_or_default();
-                            String::from_utf8_lossy(&base64_decode(&b64)).into_owned()
-                        };
-                        let served = serve_instance(&dir, n, &i, &user_data);
-                        sv.lock().unwrap().insert(i.id.clone(), served);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        });
-        StandIns {
-            stop,
-            mute_zones,
-            served,
-            thread: Some(thread),
+impl MotoInstances {
+    pub fn new(moto: &Moto, regions: &[&str], bridge_id: &str) -> MotoInstances {
+        MotoInstances {
+            port: moto.port,
+            regions: regions.iter().map(|r| r.to_string()).collect(),
+            bridge_id: bridge_id.to_string(),
         }
     }
-
-    /// Instances in `zone` never answer (their VM never comes up).
-    pub fn mute(&self, zone: &str) {
-        self.mute_zones.lock().unwrap().insert(zone.to_string());
-    }
-
-    /// The instances answering now.
-    pub fn answering(&self) -> Vec<String> {
-        self.served.lock().unwrap().keys().cloned().collect()
-    }
 }
 
-impl Drop for StandIns {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+impl Launches for MotoInstances {
+    fn launched(&self) -> Vec<Launched> {
+        let mut out = Vec::new();
+        for region in &self.regions {
+            let xml = call(
+                self.port,
+                region,
+                &[
+                    ("Action", "DescribeInstances"),
+                    ("Filter.1.Name", "tag:kiln-bridge"),
+                    ("Filter.1.Value.1", &self.bridge_id),
+                ],
+            );
+            out.extend(instances_in(&xml).into_iter().map(|i| Launched {
+                state: match i.state.as_str() {
+                    "running" => LaunchState::Running,
+                    "pending" => LaunchState::Pending,
+                    _ => LaunchState::Over,
+                },
+                id: i.id,
+                zone: i.zone,
+                private_ip: i.private_ip,
+                region: region.clone(),
+            }));
         }
-        self.served.lock().unwrap().clear();
+        out
+    }
+
+    fn user_data(&self, l: &Launched) -> String {
+        user_data(self.port, &l.region, &l.id)
     }
 }
 
-/// The host key in an instance's user data: the one OpenSSH private key
-/// block in it, wherever the bootstrap put it.
-pub fn host_key_in(user_data: &str) -> Option<String> {
-    // cloud-config carries the script base64-encoded (`encoding: b64`).
-    if user_data.starts_with("#cloud-config") {
-        let decoded: String = user_data
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("content: "))
-            .map(|b64| String::from_utf8_lossy(&base64_decode(b64)).into_owned())
-            .collect();
-        if let Some(key) = host_key_in(&decoded) {
-            return Some(key);
-        }
-    }
-    const BEGIN: &str = "-----BEGIN OPENSSH PRIVATE KEY-----";
-    const END: &str = "-----END OPENSSH PRIVATE KEY-----";
-    let start = user_data.find(BEGIN)?;
-    let end = user_data[start..].find(END)? + start + END.len();
-    let lines: Vec<&str> = user_data[start..end].lines().map(str::trim).collect();
-    Some(lines.join("\n") + "\n")
-}
-
-fn serve_instance(dir: &Path, n: u32, i: &Ec2Instance, user_data: &str) -> Served {
-    let key = host_key_in(user_data)
-        .unwrap_or_else(|| panic!("no host key in {}'s user data:\n{user_data}", i.id));
-    let sshd_dir = dir.join(format!("instance-{n}"));
-    std::fs::create_dir_all(&sshd_dir).unwrap();
-    let key_path = sshd_dir.join("host_key");
-    std::fs::write(&key_path, key).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let ns = NetNs::new(&format!("i{n}"));
-    // The root side has its own link-local address; the instance's
-    // address exists only inside its namespace.
-    let host_side = format!("kiln-i{n}-{}", std::process::id() % 10_000);
-    let root_ip = format!("169.254.77.{}", n % 250 + 1);
-    crate::netns::ip(&[
-        "link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-    ]);
-    crate::netns::ip(&["addr", "add", &format!("{root_ip}/32"), "dev", &host_side]);
-    crate::netns::ip(&["link", "set", &host_side, "up"]);
-    crate::netns::ip(&[
-        "route",
-        "add",
-        &format!("{}/32", i.private_ip),
-        "dev",
-        &host_side,
-        "src",
-        &root_ip,
-    ]);
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("{}/32", i.private_ip),
-        "dev",
-        "eth0",
-    ]);
-    ns.ip(&["link", "set", "eth0", "up"]);
-    ns.ip(&["route", "add", &format!("{root_ip}/32"), "dev", "eth0"]);
-    let ip = i.private_ip.clone();
-    let sshd = ns.run(move || Sshd::start_at(&sshd_dir, &ip, SSH_PORT));
-    Served {
-        _sshd: sshd,
-        _ns: ns,
-    }
+/// An instance's user data, decoded (DescribeInstanceAttribute).
+fn user_data(port: u16, region: &str, id: &str) -> String {
+    let xml = call(
+        port,
+        region,
+        &[
+            ("Action", "DescribeInstanceAttribute"),
+            ("InstanceId", id),
+            ("Attribute", "userData"),
+        ],
+    );
+    let b64 = xml
+        .split("<userData>")
+        .nth(1)
+        .and_then(|rest| first(rest, "value"))
+        .unwrap_or_default();
+    String::from_utf8_lossy(&base64_decode(&b64)).into_owned()
 }

@@ -12,6 +12,7 @@ use kiln_image::cpio::{Meta, Writer};
 pub mod bench;
 pub mod ec2;
 pub mod fleet;
+pub mod gce;
 pub mod images;
 pub mod jail;
 pub mod kilnd;
@@ -20,6 +21,7 @@ pub mod openssh;
 pub mod peer;
 pub mod registry;
 pub mod sshd;
+pub mod stand_in;
 
 /// The workspace root (parent of this crate).
 pub fn workspace_root() -> PathBuf {

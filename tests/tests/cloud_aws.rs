@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use kiln_bridge::state::GrantState;
 use kiln_bridge::view::GrantView;
-use kiln_tests::ec2::{Fault, FaultProxy, Moto, StandIns, METAL, REGION, REGION_2, SSH_PORT};
+use kiln_tests::ec2::{Fault, FaultProxy, Moto, MotoInstances, METAL, REGION, REGION_2};
 use kiln_tests::kilnd::{request, Kilnd};
+use kiln_tests::stand_in::{backend_keys, StandIns, SSH_PORT};
 use kiln_tests::wait_for;
 
 /// The tests make network namespaces holding moto's addresses, and moto
@@ -36,6 +37,8 @@ struct Cloud {
     kilnd: Kilnd,
     stand_ins: Option<StandIns>,
     bridge_id: String,
+    /// The requester's public key.
+    key: String,
     dir: tempfile::TempDir,
 }
 
@@ -52,26 +55,13 @@ impl Cloud {
                 subnets.push_str(&format!("\"{zone}\" = \"{subnet}\"\n"));
             }
         }
-        let region_list = regions
-            .iter()
-            .map(|r| format!("\"{r}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
         let backends = format!(
-            "{before}\n[[backend]]\nkind = \"aws\"\nname = \"aws\"\nregions = [{region_list}]\n\
-             machine_types = [\"{METAL}\"]\nmax_instances = 3\nimage = \"{ami}\"\n\
-             bundle_url = \"http://127.0.0.1:9/kiln-bundle.tar.gz\"\n\
-             bundle_sha256 = \"{sha}\"\nssh_port = {SSH_PORT}\nconnect = \"private\"\n\
-             sync_secs = 1\nendpoint_url = \"{endpoint}\"\n{keys}\n{ready}\n\
-             [backend.subnets]\n{subnets}",
+            "{before}\n[[backend]]\nkind = \"aws\"\nname = \"aws\"\n\
+             machine_types = [\"{METAL}\"]\nimage = \"{ami}\"\nendpoint_url = \"{endpoint}\"\n\
+             {common}[backend.subnets]\n{subnets}",
             ami = moto.ami(regions[0]),
-            sha = "0".repeat(64),
             endpoint = proxy.endpoint(),
-            ready = if keys.contains("ready_timeout_secs") {
-                ""
-            } else {
-                "ready_timeout_secs = 15"
-            },
+            common = backend_keys(regions, keys),
         );
         let kilnd = Kilnd::with_backends_env(
             dir.path(),
@@ -91,7 +81,7 @@ impl Cloud {
             .unwrap()
             .trim()
             .to_string();
-        let stand_ins = StandIns::start(&moto, regions, &bridge_id, dir.path());
+        let stand_ins = StandIns::start(MotoInstances::new(&moto, regions, &bridge_id), dir.path());
         // Grants are admitted by the machine types the cloud described.
         let inventory = wait_for(Duration::from_secs(30), || {
             let card = kilnd.client().capabilities().ok()?;
@@ -110,6 +100,7 @@ impl Cloud {
             kilnd,
             stand_ins: Some(stand_ins),
             bridge_id,
+            key: test_key(dir.path()),
             dir,
         }
     }
@@ -119,13 +110,7 @@ impl Cloud {
     }
 
     fn submit(&self, id: &str, vcpus: u32) -> GrantView {
-        let mut r = request(
-            id,
-            IMAGE,
-            &test_key(self.dir.path()),
-            Duration::from_secs(600),
-            "true",
-        );
+        let mut r = request(id, IMAGE, &self.key, Duration::from_secs(600), "true");
         r.vcpus = Some(vcpus);
         self.kilnd.client().submit(&r).expect("submit")
     }
@@ -191,17 +176,8 @@ impl Drop for Cloud {
 }
 
 fn test_key(dir: &Path) -> String {
-    let path = dir.join("requester");
-    if !path.exists() {
-        let ok = std::process::Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&path)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "ssh-keygen");
-    }
-    std::fs::read_to_string(path.with_extension("pub"))
+    let key = kiln_tests::openssh::keygen(dir, "requester");
+    std::fs::read_to_string(key.with_extension("pub"))
         .unwrap()
         .trim()
         .to_string()
@@ -243,9 +219,9 @@ fn a_grant_overflows_to_ec2_and_ends_there() {
     assert_eq!(instances.len(), 1, "{instances:?}");
     assert_eq!(instances[0].0, c.instance_id);
     let user_data = cloud.moto.user_data(REGION, &c.instance_id);
-    let key = kiln_tests::ec2::host_key_in(&user_data).unwrap();
+    let key = kiln_tests::stand_in::host_key_in(&user_data).unwrap();
     assert!(!user_data.contains("testing"), "credentials in user data");
-    let public = ssh_public_of(&key, cloud.dir.path());
+    let public = kiln_tests::stand_in::public_key_of(&key, cloud.dir.path());
     assert_eq!(
         public,
         c.host_key
@@ -272,25 +248,6 @@ fn a_grant_overflows_to_ec2_and_ends_there() {
         "{states:?}"
     );
     cloud.assert_nothing_left(&[REGION]);
-}
-
-fn ssh_public_of(private: &str, dir: &Path) -> String {
-    let path = dir.join("probe-key");
-    std::fs::write(&path, private).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = std::process::Command::new("ssh-keygen")
-        .arg("-y")
-        .arg("-f")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// No capacity in zone a: the grant lands in zone b, and nothing is left

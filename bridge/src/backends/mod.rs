@@ -3,6 +3,7 @@
 
 pub mod aws;
 pub mod cloud;
+pub mod gcp;
 pub mod local;
 pub mod ssh;
 
@@ -15,8 +16,8 @@ use crate::config::BackendSection;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("Backend kind {0} is not available in this build")]
-    NotInThisBuild(&'static str),
+    #[error("Backend {0}: unusable GCP settings")]
+    Cloud(String, #[source] gcp::GcpError),
     #[error("Backend {0}: rootfs must be {words}, not {1:?}", words = kiln_image::root::Rootfs::WORDS)]
     Rootfs(String, String),
     #[error("Backend {0} has an unusable capacity")]
@@ -92,7 +93,20 @@ fn build_one(section: &BackendSection, ctx: &BuildContext) -> Result<Arc<dyn Bac
                 cloud::user_data_renderer(s, crate::config::Cloud::Aws, &ctx.insecure_registries),
             ))
         }
-        BackendSection::Gcp(_) => Err(BuildError::NotInThisBuild("gcp")),
+        BackendSection::Gcp(s) => {
+            let api = gcp::LazyGcpApi::new(
+                s.project.clone().unwrap_or_default(),
+                s.endpoint_url.clone(),
+                s.credentials_file.clone(),
+            )
+            .map_err(|e| BuildError::Cloud(s.name.clone(), e))?;
+            Ok(cloud::CloudBackend::new(
+                s,
+                ctx,
+                Arc::new(api),
+                cloud::user_data_renderer(s, crate::config::Cloud::Gcp, &ctx.insecure_registries),
+            ))
+        }
     }
 }
 

@@ -681,13 +681,19 @@ impl CloudBackend {
         );
     }
 
-    /// Every live instance of this bridge, region by region; None when a
+    /// Every instance of this bridge not yet terminated, region by region; None when a
     /// region could not be listed (nothing is reaped on partial sight).
     async fn own_instances(&self) -> Option<Vec<CloudInstance>> {
         let mut all = Vec::new();
         for region in &self.settings.regions {
             match self.api.list(region, &self.own_tags()).await {
-                Ok(listed) => all.extend(listed.into_iter().filter(|i| !i.state.is_over())),
+                // Stopped ones too: they still hold disks (and a GCE
+                // TERMINATED instance is only stopped).
+                Ok(listed) => all.extend(
+                    listed
+                        .into_iter()
+                        .filter(|i| i.state != api::CloudState::Terminated),
+                ),
                 Err(e) => {
                     self.note_failure(&e);
                     tracing::warn!(backend = %self.name, %region, error = %e, "cannot list instances");
