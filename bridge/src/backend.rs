@@ -79,6 +79,10 @@ pub struct ProvisionedInstance {
     /// published.
     #[serde(default)]
     pub published: Vec<PublishedPort>,
+    /// Where it runs, in the backend's words (a cloud's region, zone and
+    /// machine type); none for a backend of one place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
     /// Whatever else the backend needs to find the instance again.
     #[serde(default)]
     pub private: serde_json::Value,

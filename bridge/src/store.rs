@@ -693,6 +693,7 @@ mod tests {
             host_key: String::new(),
             published: Vec::new(),
             started_at: "2029-01-01T00:00:01Z".parse().unwrap(),
+            location: None,
             private: serde_json::json!({"pid": 42}),
         }
     }

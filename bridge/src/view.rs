@@ -24,6 +24,9 @@ pub struct ConnectionView {
     /// The grant's published guest ports and where each is reachable.
     #[serde(default)]
     pub published: Vec<PublishedPort>,
+    /// Where the instance runs (a cloud's region, zone and machine type).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
 }
 
 /// A grant as the API shows it.
@@ -60,6 +63,7 @@ impl From<GrantRecord> for GrantView {
                 host_key: i.host_key,
                 started_at: i.started_at,
                 published: i.published,
+                location: i.location,
             }),
             grant: r.grant,
             state: r.state,

@@ -196,6 +196,7 @@ fn print_card(card: &ProviderCard) {
         ]
     }));
     print_table(&rows);
+    print_clouds(card);
     let hosts: Vec<_> = card
         .backends
         .iter()
@@ -220,6 +221,52 @@ fn print_card(card: &ProviderCard) {
             vcpus,
             ram,
             h.message.clone().unwrap_or_else(|| "-".into()),
+        ]
+    }));
+    print_table(&rows);
+}
+
+/// One row per cloud backend: its state, instances, types and flags.
+fn print_clouds(card: &ProviderCard) {
+    let clouds: Vec<_> = card
+        .backends
+        .iter()
+        .filter_map(|b| Some((b, b.capabilities.cloud.as_ref()?)))
+        .collect();
+    if clouds.is_empty() {
+        return;
+    }
+    println!();
+    let mut rows =
+        vec![["BACKEND", "CLOUD", "STATE", "INSTANCES", "TYPES", "NOTE"].map(String::from)];
+    rows.extend(clouds.into_iter().map(|(b, c)| {
+        let since = c
+            .since
+            .map(|t| format!(" since {}", t.format("%Y-%m-%d %H:%M:%SZ")))
+            .unwrap_or_default();
+        let types = c
+            .machine_types
+            .iter()
+            .map(|t| format!("{} ({} vCPUs, {} MiB)", t.name, t.vcpus, t.ram_mib))
+            .collect::<Vec<_>>();
+        let mut note: Vec<String> = c.message.iter().cloned().collect();
+        if !c.cooling_regions.is_empty() {
+            note.push(format!(
+                "quota: {} set aside",
+                join(c.cooling_regions.iter())
+            ));
+        }
+        [
+            b.name.clone(),
+            c.cloud.clone(),
+            format!("{}{since}", state_word(c.state)),
+            format!("{} of {}", c.instances, c.max_instances),
+            join(types.iter()),
+            if note.is_empty() {
+                "-".into()
+            } else {
+                note.join("; ")
+            },
         ]
     }));
     print_table(&rows);

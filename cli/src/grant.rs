@@ -418,6 +418,9 @@ fn show(kilnd: &Kilnd, id: &str, json: bool) -> Result<()> {
         rows.push(("user", c.user.clone()));
         rows.push(("host_key", c.host_key_fingerprint.clone()));
         rows.push(("backend", format!("{} ({})", c.backend, c.instance_id)));
+        if let Some(location) = &c.location {
+            rows.push(("location", location.clone()));
+        }
         rows.push(("started_at", time(&c.started_at)));
         for p in &c.published {
             rows.push(("published", published_line(p)));

@@ -206,6 +206,15 @@ fn a_grant_overflows_to_ec2_and_ends_there() {
     assert_eq!(cloud_card.machine_types[0].name, METAL);
     assert!(cloud_card.machine_types[0].kvm, "{cloud_card:?}");
     assert!(cloud_card.features.idempotent_create);
+    let caps = cloud.kilnd.kiln(&["fleet", "caps"]);
+    let caps = String::from_utf8_lossy(&caps.stdout);
+    assert!(
+        caps.lines().any(|l| l.starts_with("aws ")
+            && l.contains("ready")
+            && l.contains("0 of 3")
+            && l.contains(METAL)),
+        "{caps}"
+    );
 
     cloud.submit("over-1", 2);
     let g = cloud.wait_state("over-1", GrantState::Running);
@@ -234,6 +243,11 @@ fn a_grant_overflows_to_ec2_and_ends_there() {
     let shown = cloud.kilnd.kiln(&["grant", "show", "over-1"]);
     let text = String::from_utf8_lossy(&shown.stdout);
     assert!(text.contains(&c.instance_id), "{text}");
+    let zone = &instances[0].1;
+    assert!(
+        text.contains(&format!("region {REGION}, zone {zone}, {METAL}")),
+        "{text}"
+    );
 
     cloud.kilnd.client().terminate("over-1").unwrap();
     let ended = cloud.wait_state("over-1", GrantState::Terminated);

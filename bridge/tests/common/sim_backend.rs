@@ -212,6 +212,7 @@ impl Backend for SimBackend {
                 })
                 .collect(),
             started_at,
+            location: None,
             private: serde_json::json!({ "sim_id": id, "vcpus": grant.vcpus, "ram_mib": grant.ram_mib }),
         })
     }

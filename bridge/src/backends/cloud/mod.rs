@@ -601,6 +601,12 @@ impl CloudBackend {
                             host_key: public,
                             started_at: Utc::now(),
                             published: Vec::new(),
+                            location: Some(format!(
+                                "region {}, zone {}, {}",
+                                instance.placement.region,
+                                instance.placement.zone,
+                                instance.placement.machine_type
+                            )),
                             private: serde_json::to_value(Private {
                                 placement: instance.placement.clone(),
                                 grant: grant.id.clone(),
@@ -743,6 +749,7 @@ impl CloudBackend {
             message,
             features: self.api.features(),
             max_instances: self.settings.max_instances,
+            creates_per_minute: self.creates.per_minute(),
             instances: known.slots.len() as u32,
             machine_types: self
                 .settings
@@ -788,6 +795,8 @@ pub struct CloudCard {
     pub message: Option<String>,
     pub features: CloudFeatures,
     pub max_instances: u32,
+    /// The most create calls a minute (the backend waits past it).
+    pub creates_per_minute: u32,
     /// Instances running or being created now.
     pub instances: u32,
     /// The configured types, as the cloud describes them.

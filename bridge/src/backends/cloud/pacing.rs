@@ -21,6 +21,10 @@ impl CreateLimit {
         }
     }
 
+    pub fn per_minute(&self) -> u32 {
+        self.per_minute as u32
+    }
+
     /// Takes a slot now, or says how long until one frees.
     pub fn try_take(&self, now: Instant) -> Result<(), Duration> {
         let mut recent = self

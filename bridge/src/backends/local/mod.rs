@@ -286,6 +286,7 @@ impl LocalBackend {
             host_key: host_key.public_openssh()?,
             started_at: Utc::now(),
             published: state.published,
+            location: None,
             private: serde_json::to_value(&private).unwrap_or_default(),
         })
     }

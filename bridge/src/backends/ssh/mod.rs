@@ -158,6 +158,7 @@ impl SshBackend {
         let remote: ProvisionedInstance = host.call("provision", &json, PROVISION_TIMEOUT).await?;
         Ok(ProvisionedInstance {
             backend: self.name.clone(),
+            location: Some(format!("host {}", host.address)),
             private: serde_json::to_value(Private {
                 host: host.address.clone(),
             })
