@@ -479,3 +479,27 @@ fn refused_credentials_mark_the_backend_unhealthy() {
     cloud.proxy.clear();
     cloud.assert_nothing_left(&[REGION]);
 }
+
+/// An instance the cloud ends (a spot reclaim, someone's terminate) ends
+/// its grant as lost, with the cloud's word for it.
+#[test]
+fn an_instance_the_cloud_ends_ends_its_grant() {
+    let _one = lock();
+    let cloud = Cloud::start(&[REGION], "", "");
+    cloud.submit("gone-1", 1);
+    let g = cloud.wait_state("gone-1", GrantState::Running);
+    let id = g.connection.unwrap().instance_id;
+    // Behind the bridge's back.
+    cloud.moto.call(
+        REGION,
+        &[("Action", "TerminateInstances"), ("InstanceId.1", &id)],
+    );
+    let ended = cloud.wait_state("gone-1", GrantState::Failed);
+    let reason = ended.reason.unwrap_or_default();
+    assert!(
+        reason.contains(&id) && reason.contains("terminated by the cloud"),
+        "{reason}"
+    );
+    assert_eq!(ended.failure, Some(kiln_bridge::state::FailureKind::Lost));
+    cloud.assert_nothing_left(&[REGION]);
+}

@@ -285,3 +285,32 @@ fn lagging_reads_and_a_crash_leave_one_instance_or_none() {
     assert!(gone.is_some(), "{:?}", cloud.of_grant("gcp-crash"));
     cloud.assert_nothing_left();
 }
+
+/// An instance GCE stops (a host event, a preemption) ends its grant as
+/// lost; the stopped instance, which still holds its disk, is then
+/// deleted by the reaper.
+#[test]
+fn an_instance_gce_stops_ends_its_grant_and_is_deleted() {
+    let _one = lock();
+    let cloud = Cloud::start(&[REGION], "");
+    cloud.submit("gcp-stop");
+    cloud.wait_state("gcp-stop", GrantState::Running);
+    let (zone, name, _) = cloud.of_grant("gcp-stop").remove(0);
+    assert!(cloud.gce.force_status(&zone, &name, "TERMINATED"));
+    let ended = cloud.wait_state("gcp-stop", GrantState::Failed);
+    let reason = ended.reason.unwrap_or_default();
+    assert!(reason.contains("stopped by the cloud"), "{reason}");
+    let deleted = wait_for(Duration::from_secs(30), || {
+        cloud
+            .gce
+            .instance_status(&zone, &name)
+            .is_none()
+            .then_some(())
+    });
+    assert!(
+        deleted.is_some(),
+        "{:?}",
+        cloud.gce.instance_status(&zone, &name)
+    );
+    cloud.assert_nothing_left();
+}

@@ -155,6 +155,19 @@ impl CloudSection {
         listed("regions", &self.regions, true)?;
         listed("zones", &self.zones, false)?;
         listed("machine_types", &self.machine_types, true)?;
+        if let Some(t) = self.machine_types.iter().find(|t| !runs_kvm(cloud, t)) {
+            return Err(ConfigError::invalid(
+                key("machine_types"),
+                match cloud {
+                    Cloud::Aws => format!("{t} cannot run KVM: EC2 needs a .metal type"),
+                    Cloud::Gcp => format!(
+                        "{t} cannot run KVM: GCE allows nested virtualization on Intel \
+                         families only ({})",
+                        GCE_NESTED_VIRT_FAMILIES.join(", ")
+                    ),
+                },
+            ));
+        }
         if let Some(z) = self
             .zones
             .iter()
@@ -269,6 +282,27 @@ impl CloudSection {
     }
 }
 
+/// Machine families whose VMs allow nested virtualization: GCE offers it
+/// on Intel-based families only, so not on E2 (shared-core, mixed CPUs),
+/// AMD (`…d` families, T2D), or Arm (T2A, C4A).
+const GCE_NESTED_VIRT_FAMILIES: &[&str] = &[
+    "n1", "n2", "n4", "c2", "c3", "c4", "m1", "m2", "m3", "h3", "z3",
+];
+
+/// Whether KVM runs on instances of `machine_type`: EC2 has no nested
+/// virtualization, so only bare metal (`c5.metal`, `m7i.metal-24xl`);
+/// GCE by family.
+pub fn runs_kvm(cloud: Cloud, machine_type: &str) -> bool {
+    match cloud {
+        Cloud::Aws => machine_type
+            .split_once('.')
+            .is_some_and(|(_, size)| size == "metal" || size.starts_with("metal-")),
+        Cloud::Gcp => machine_type
+            .split_once('-')
+            .is_some_and(|(family, _)| GCE_NESTED_VIRT_FAMILIES.contains(&family)),
+    }
+}
+
 /// Whether zone `zone` is in region `region` (`eu-central-1a` in
 /// `eu-central-1`, `europe-west4-b` in `europe-west4`).
 pub fn zone_in_region(zone: &str, region: &str) -> bool {
@@ -301,6 +335,22 @@ fn check_bundle_url(url: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_types_that_run_kvm_are_accepted() {
+        for t in ["c5.metal", "m7i.metal-24xl"] {
+            assert!(runs_kvm(Cloud::Aws, t), "{t}");
+        }
+        for t in ["c5.xlarge", "metal", "c5.metalx"] {
+            assert!(!runs_kvm(Cloud::Aws, t), "{t}");
+        }
+        for t in ["n2-standard-8", "c3-standard-4"] {
+            assert!(runs_kvm(Cloud::Gcp, t), "{t}");
+        }
+        for t in ["e2-medium", "n2d-standard-8", "t2a-standard-4", "n2"] {
+            assert!(!runs_kvm(Cloud::Gcp, t), "{t}");
+        }
+    }
 
     #[test]
     fn zones_belong_to_their_region() {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use backend::{port_range, BackendSection, LocalSection, SshHostSection, SshSection};
-pub use cloud::{zone_in_region, Cloud, CloudSection, ConnectVia};
+pub use cloud::{runs_kvm, zone_in_region, Cloud, CloudSection, ConnectVia};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -463,8 +463,14 @@ region = "home"
             (format!("{BASE}{CLOUD}").replace(&"0".repeat(64), "abc"), "backend[0].bundle_sha256"),
             (format!("{BASE}{CLOUD}").replace("image = \"ami-1\"\n", ""), "backend[0].image"),
             (format!("{BASE}{CLOUD}project = \"p\"\n"), "backend[0].project"),
-            (format!("{BASE}{CLOUD}").replace("\"aws\"", "\"gcp\""), "backend[0].project"),
+            (
+                format!("{BASE}{CLOUD}")
+                    .replace("\"aws\"", "\"gcp\"")
+                    .replace("c5.metal", "n2-standard-8"),
+                "backend[0].project",
+            ),
             (format!("{BASE}{CLOUD}connect = \"sideways\"\n"), "backend[0].connect"),
+            (format!("{BASE}{CLOUD}").replace("c5.metal", "c5.xlarge"), "backend[0].machine_types"),
             (format!("{BASE}[[backend]]\nname = \"x\"\n"), "kind"),
             (
                 format!("{BASE}[[backend]]\nkind = \"local\"\nkernal = \"/k\"\n"),

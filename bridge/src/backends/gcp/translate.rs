@@ -153,13 +153,6 @@ pub(crate) fn instance(i: &model::Instance) -> Option<CloudInstance> {
     })
 }
 
-/// Machine families whose VMs allow nested virtualization: GCE offers it
-/// on Intel-based families only, so not on E2 (shared-core, mixed CPUs),
-/// AMD (`…d` families, T2D), or Arm (T2A, C4A).
-const NESTED_VIRT_FAMILIES: &[&str] = &[
-    "n1", "n2", "n4", "c2", "c3", "c4", "m1", "m2", "m3", "h3", "z3",
-];
-
 /// Machine families GCE runs as Intel TDX confidential VMs.
 const TDX_FAMILIES: &[&str] = &["c3"];
 
@@ -177,7 +170,7 @@ pub(crate) fn machine_type(m: &model::MachineType) -> Option<MachineType> {
             .and_then(|c| u32::try_from(c).ok())
             .unwrap_or(0),
         ram_mib: m.memory_mb.and_then(|c| u64::try_from(c).ok()).unwrap_or(0),
-        kvm: !arm && NESTED_VIRT_FAMILIES.contains(&family),
+        kvm: !arm && crate::config::runs_kvm(crate::config::Cloud::Gcp, &name),
         tdx: !arm && TDX_FAMILIES.contains(&family),
         name,
     })
