@@ -179,6 +179,7 @@ mod tests {
             host_key: KEY.into(),
             started_at: chrono::Utc::now(),
             published: Vec::new(),
+            location: None,
         }
     }
 
