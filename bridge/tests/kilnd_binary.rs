@@ -75,7 +75,19 @@ fn config_errors_name_the_key_and_exit_non_zero() {
             format!("{base}[[backend]]\nkind = \"local\"\novercommit = 0.1\n"),
             "backend[0].overcommit",
         ),
-        (format!("{base}[[backend]]\nkind = \"gcp\"\n"), "gcp"),
+        (format!("{base}[[backend]]\nkind = \"azure\"\n"), "azure"),
+        // A cloud backend whose service-account key cannot be read is
+        // refused at start, naming the backend and the file.
+        (
+            format!(
+                "{base}[[backend]]\nkind = \"gcp\"\nname = \"g\"\nregions = [\"europe-west4\"]\n\
+                 machine_types = [\"n2-standard-8\"]\nmax_instances = 1\nimage = \"i\"\n\
+                 bundle_url = \"https://b.example/k.tgz\"\nbundle_sha256 = \"{}\"\n\
+                 project = \"p\"\ncredentials_file = \"/nonexistent/sa.json\"\n",
+                "0".repeat(64)
+            ),
+            "Backend g: unusable GCP settings: Cannot read the service-account key /nonexistent/sa.json",
+        ),
         (
             format!("{base}[[backend]]\nkind = \"local\"\nvcpus = 0\n"),
             "backend[0].vcpus",

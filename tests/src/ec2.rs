@@ -396,6 +396,8 @@ pub struct Seen {
     pub zone: Option<String>,
     /// The fault's code, or `dropped`, when one hit it.
     pub fault: Option<String>,
+    /// When the proxy read it.
+    pub at: std::time::Instant,
 }
 
 struct ProxyShared {
@@ -512,6 +514,7 @@ fn serve(shared: &ProxyShared, mut conn: TcpStream) {
         region,
         zone,
         fault,
+        at: std::time::Instant::now(),
     });
     match effect {
         Some(Effect::Error { status, code }) => {
@@ -655,4 +658,34 @@ fn user_data(port: u16, region: &str, id: &str) -> String {
         .and_then(|rest| first(rest, "value"))
         .unwrap_or_default();
     String::from_utf8_lossy(&base64_decode(&b64)).into_owned()
+}
+
+/// kilnd's environment for an aws backend on moto: static credentials,
+/// and never the instance metadata service or the operator's files.
+pub const KILND_ENV: &[(&str, &str)] = &[
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+    ("AWS_CONFIG_FILE", "/dev/null"),
+    ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+    ("RUST_LOG", "info,kiln_bridge=debug"),
+];
+
+/// An `aws` backend table named `aws` calling `endpoint` (moto, or the
+/// proxy in front of it), with a VPC of the tests' subnets in each region
+/// (the first region's zones 198.18.1-3, the second's 198.18.11-13) and
+/// `extra` keys.
+pub fn backend_table(moto: &Moto, endpoint: &str, regions: &[&str], extra: &str) -> String {
+    let mut subnets = String::new();
+    for (i, region) in regions.iter().enumerate() {
+        for (zone, subnet) in moto.subnets(region, 1 + 10 * i as u8) {
+            subnets.push_str(&format!("\"{zone}\" = \"{subnet}\"\n"));
+        }
+    }
+    format!(
+        "[[backend]]\nkind = \"aws\"\nname = \"aws\"\nmachine_types = [\"{METAL}\"]\n\
+         image = \"{ami}\"\nendpoint_url = \"{endpoint}\"\n{common}[backend.subnets]\n{subnets}",
+        ami = moto.ami(regions[0]),
+        common = crate::stand_in::backend_keys(regions, extra),
+    )
 }

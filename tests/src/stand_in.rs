@@ -45,6 +45,8 @@ pub const SSH_PORT: u16 = 2222;
 struct Served {
     _sshd: Sshd,
     _ns: NetNs,
+    /// When its sshd first listened.
+    answered_at: std::time::Instant,
 }
 
 /// Stands in for the instances moto launches with a bridge's tag: each
@@ -113,9 +115,9 @@ impl StandIns {
         self.mute_zones.lock().unwrap().insert(zone.to_string());
     }
 
-    /// The instances answering now.
-    pub fn answering(&self) -> Vec<String> {
-        self.served.lock().unwrap().keys().cloned().collect()
+    /// When instance `id`'s stand-in first answered, while it still does.
+    pub fn answered_at(&self, id: &str) -> Option<std::time::Instant> {
+        self.served.lock().unwrap().get(id).map(|s| s.answered_at)
     }
 }
 
@@ -193,6 +195,7 @@ fn serve_instance(dir: &Path, n: u32, i: &Launched, user_data: &str) -> Served {
     Served {
         _sshd: sshd,
         _ns: ns,
+        answered_at: std::time::Instant::now(),
     }
 }
 

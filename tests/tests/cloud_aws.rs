@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use kiln_bridge::state::GrantState;
 use kiln_bridge::view::GrantView;
-use kiln_tests::ec2::{Fault, FaultProxy, Moto, MotoInstances, METAL, REGION, REGION_2};
+use kiln_tests::ec2::{self, Fault, FaultProxy, Moto, MotoInstances, METAL, REGION, REGION_2};
 use kiln_tests::kilnd::{request, Kilnd};
-use kiln_tests::stand_in::{backend_keys, StandIns, SSH_PORT};
+use kiln_tests::stand_in::{StandIns, SSH_PORT};
 use kiln_tests::wait_for;
 
 /// The tests make network namespaces holding moto's addresses, and moto
@@ -49,34 +49,11 @@ impl Cloud {
         let dir = tempfile::tempdir().unwrap();
         let moto = Moto::start(dir.path());
         let proxy = FaultProxy::start(&moto);
-        let mut subnets = String::new();
-        for (i, region) in regions.iter().enumerate() {
-            for (zone, subnet) in moto.subnets(region, 1 + 10 * i as u8) {
-                subnets.push_str(&format!("\"{zone}\" = \"{subnet}\"\n"));
-            }
-        }
         let backends = format!(
-            "{before}\n[[backend]]\nkind = \"aws\"\nname = \"aws\"\n\
-             machine_types = [\"{METAL}\"]\nimage = \"{ami}\"\nendpoint_url = \"{endpoint}\"\n\
-             {common}[backend.subnets]\n{subnets}",
-            ami = moto.ami(regions[0]),
-            endpoint = proxy.endpoint(),
-            common = backend_keys(regions, keys),
+            "{before}\n{}",
+            ec2::backend_table(&moto, &proxy.endpoint(), regions, keys)
         );
-        let kilnd = Kilnd::with_backends_env(
-            dir.path(),
-            &backends,
-            &[
-                ("AWS_ACCESS_KEY_ID", "testing"),
-                ("AWS_SECRET_ACCESS_KEY", "testing"),
-                // Never the instance metadata service: the credentials
-                // above are all there is.
-                ("AWS_EC2_METADATA_DISABLED", "true"),
-                ("AWS_CONFIG_FILE", "/dev/null"),
-                ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
-                ("RUST_LOG", "info,kiln_bridge=debug"),
-            ],
-        );
+        let kilnd = Kilnd::with_backends_env(dir.path(), &backends, ec2::KILND_ENV);
         let bridge_id = std::fs::read_to_string(dir.path().join("state/bridge-id"))
             .unwrap()
             .trim()

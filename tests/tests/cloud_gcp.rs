@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use kiln_bridge::state::GrantState;
 use kiln_bridge::view::GrantView;
-use kiln_tests::gce::{Config, FakeGce, GceInstances, OpFault};
+use kiln_tests::gce::{self, FakeGce, GceInstances, OpFault};
 use kiln_tests::kilnd::{request, Kilnd};
-use kiln_tests::stand_in::{backend_keys, StandIns};
+use kiln_tests::stand_in::StandIns;
 use kiln_tests::wait_for;
 
 /// The stand-ins' namespaces hold the fake's addresses: one test at a
@@ -41,25 +41,10 @@ struct Cloud {
 impl Cloud {
     fn start(regions: &[&str], keys: &str) -> Cloud {
         let dir = tempfile::tempdir().unwrap();
-        // Every zone's addresses in the tests' own range (198.18.0.0/15):
-        // the stand-ins put them in namespaces.
-        let mut config = Config::default();
-        for (i, zone) in config.regions.values_mut().flatten().enumerate() {
-            zone.cidr = format!("198.18.{}.0/24", 100 + i);
-        }
-        let gce = FakeGce::start_with(config);
-        let backends = format!(
-            "[[backend]]\nkind = \"gcp\"\nname = \"gcp\"\n\
-             machine_types = [\"{MACHINE_TYPE}\"]\n\
-             image = \"projects/debian-cloud/global/images/family/debian-12\"\n\
-             project = \"{project}\"\nendpoint_url = \"{endpoint}\"\n{common}",
-            project = gce.project(),
-            endpoint = gce.endpoint(),
-            common = backend_keys(regions, keys),
-        );
+        let gce = gce::start_for_stand_ins();
         let kilnd = Kilnd::with_backends_env(
             dir.path(),
-            &backends,
+            &gce::backend_table(&gce, regions, MACHINE_TYPE, keys),
             &[("RUST_LOG", "info,kiln_bridge=debug")],
         );
         let bridge_id = std::fs::read_to_string(dir.path().join("state/bridge-id"))

@@ -309,3 +309,27 @@ impl crate::stand_in::Launches for GceInstances {
             .unwrap_or_default()
     }
 }
+
+/// A fake whose zones' addresses are in the tests' own range
+/// (198.18.100.0/24 upwards): the instance stand-ins put them in
+/// namespaces.
+pub fn start_for_stand_ins() -> FakeGce {
+    let mut config = Config::default();
+    for (i, zone) in config.regions.values_mut().flatten().enumerate() {
+        zone.cidr = format!("198.18.{}.0/24", 100 + i);
+    }
+    FakeGce::start_with(config)
+}
+
+/// A `gcp` backend table named `gcp` on the fake, of `machine_type`, with
+/// `extra` keys.
+pub fn backend_table(gce: &FakeGce, regions: &[&str], machine_type: &str, extra: &str) -> String {
+    format!(
+        "[[backend]]\nkind = \"gcp\"\nname = \"gcp\"\nmachine_types = [\"{machine_type}\"]\n\
+         image = \"projects/debian-cloud/global/images/family/debian-12\"\n\
+         project = \"{project}\"\nendpoint_url = \"{endpoint}\"\n{common}",
+        project = gce.project(),
+        endpoint = gce.endpoint(),
+        common = crate::stand_in::backend_keys(regions, extra),
+    )
+}
