@@ -75,6 +75,7 @@ impl StandIns {
         let dir = dir.to_path_buf();
         let thread = std::thread::spawn(move || {
             let mut n = 0u32;
+            let mut strays = BTreeSet::new();
             while !st.load(Ordering::SeqCst) {
                 let launched = cloud.launched();
                 // Deleted outright (GCE forgets them): their stand-ins go.
@@ -89,14 +90,21 @@ impl StandIns {
                     }
                     let known = sv.lock().unwrap().contains_key(&i.id);
                     if known
+                        || strays.contains(&i.id)
                         || i.state != LaunchState::Running
                         || mz.lock().unwrap().contains(&i.zone)
                     {
                         continue;
                     }
-                    n += 1;
                     let user_data = cloud.user_data(&i);
-                    let served = serve_instance(&dir, n, &i, &user_data);
+                    // Not launched by a bridge (no host key in its user
+                    // data: a test's stray instance): it never answers.
+                    let Some(key) = host_key_in(&user_data) else {
+                        strays.insert(i.id.clone());
+                        continue;
+                    };
+                    n += 1;
+                    let served = serve_instance(&dir, n, &i, &key);
                     sv.lock().unwrap().insert(i.id.clone(), served);
                 }
                 std::thread::sleep(Duration::from_millis(200));
@@ -153,9 +161,7 @@ pub fn host_key_in(user_data: &str) -> Option<String> {
     Some(lines.join("\n") + "\n")
 }
 
-fn serve_instance(dir: &Path, n: u32, i: &Launched, user_data: &str) -> Served {
-    let key = host_key_in(user_data)
-        .unwrap_or_else(|| panic!("no host key in {}'s user data:\n{user_data}", i.id));
+fn serve_instance(dir: &Path, n: u32, i: &Launched, key: &str) -> Served {
     let sshd_dir = dir.join(format!("instance-{n}"));
     std::fs::create_dir_all(&sshd_dir).unwrap();
     let key_path = sshd_dir.join("host_key");
@@ -223,7 +229,7 @@ pub fn public_key_of(private: &str, dir: &Path) -> String {
 /// The keys a test's cloud backend table shares whatever the cloud: its
 /// regions, a bundle no instance fetches (the stand-ins serve instead),
 /// the stand-ins' port and private addresses, a fast sync; then `extra`,
-/// with a ready timeout unless `extra` sets one.
+/// with a ready timeout and at most 3 instances unless `extra` sets them.
 pub fn backend_keys(regions: &[&str], extra: &str) -> String {
     let regions = regions
         .iter()
@@ -235,8 +241,13 @@ pub fn backend_keys(regions: &[&str], extra: &str) -> String {
     } else {
         "ready_timeout_secs = 20\n"
     };
+    let max = if extra.contains("max_instances") {
+        ""
+    } else {
+        "max_instances = 3\n"
+    };
     format!(
-        "regions = [{regions}]\nmax_instances = 3\n\
+        "regions = [{regions}]\n{max}\
          bundle_url = \"http://127.0.0.1:9/kiln-bundle.tar.gz\"\n\
          bundle_sha256 = \"{sha}\"\nssh_port = {SSH_PORT}\nconnect = \"private\"\n\
          sync_secs = 1\n{ready}{extra}\n",

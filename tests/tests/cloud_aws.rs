@@ -480,3 +480,26 @@ fn an_instance_the_cloud_ends_ends_its_grant() {
     assert_eq!(ended.failure, Some(kiln_bridge::state::FailureKind::Lost));
     cloud.assert_nothing_left(&[REGION]);
 }
+
+/// `max_instances` bounds the instances at once: a grant past it is
+/// refused for capacity, and a terminated grant's slot is free again.
+#[test]
+fn max_instances_bounds_the_instances_at_once() {
+    let _one = lock();
+    let cloud = Cloud::start(&[REGION], "", "max_instances = 1");
+    cloud.submit("max-1", 1);
+    cloud.wait_state("max-1", GrantState::Running);
+    cloud.submit("max-2", 1);
+    let refused = cloud.wait_state("max-2", GrantState::Failed);
+    assert_eq!(
+        refused.failure,
+        Some(kiln_bridge::state::FailureKind::NoCapacity),
+        "{refused:?}"
+    );
+    assert!(cloud.of_grant(REGION, "max-2").is_empty());
+    cloud.kilnd.client().terminate("max-1").unwrap();
+    cloud.wait_state("max-1", GrantState::Terminated);
+    cloud.submit("max-3", 1);
+    cloud.wait_state("max-3", GrantState::Running);
+    cloud.assert_nothing_left(&[REGION]);
+}

@@ -55,8 +55,11 @@ const DEFAULT_CREATES_PER_MINUTE: u32 = 30;
 const QUOTA_COOL_DOWN: Duration = Duration::from_secs(600);
 /// How often the instance types are asked for again.
 const INVENTORY_REFRESH: Duration = Duration::from_secs(3600);
-/// How often a provision asks whether its instance runs and answers.
+/// How often a provision asks the cloud whether its instance runs.
 const READY_POLL: Duration = Duration::from_secs(1);
+/// How often a running instance's VM is probed: a probe costs the cloud
+/// nothing, and the grant is ready the moment it answers.
+const PROBE_EVERY: Duration = Duration::from_millis(200);
 /// How long one host-key probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Throttled calls retried this often before the placement is given up.
@@ -144,6 +147,9 @@ pub enum CloudBackendError {
 struct Private {
     placement: Placement,
     grant: String,
+    /// What the grant holds of `max_instances` and the card's capacity.
+    #[serde(default)]
+    resources: Resources,
 }
 
 /// The section's keys, with defaults applied.
@@ -573,6 +579,8 @@ impl CloudBackend {
         let deadline = Instant::now() + self.settings.ready_timeout;
         let mut instance = created.clone();
         let mut last_probe = None;
+        let mut last_described = Instant::now();
+        let mut pending_pause = PROBE_EVERY;
         loop {
             if instance.state.is_over() {
                 return Err(CloudBackendError::EndedEarly {
@@ -582,14 +590,16 @@ impl CloudBackend {
             }
             if instance.state == api::CloudState::Running {
                 let address = self.address_of(&instance)?;
-                match crate::backends::ssh::session::Session::host_key_answers(
+                let probe_start = Instant::now();
+                let probed = crate::backends::ssh::session::Session::host_key_answers(
                     address,
                     self.settings.ssh_port,
                     &pinned,
                     PROBE_TIMEOUT,
                 )
-                .await
-                {
+                .await;
+                tracing::debug!(instance = %instance.id, ms = probe_start.elapsed().as_millis() as u64, ok = probed.is_ok(), "host key probe");
+                match probed {
                     Ok(()) => {
                         return Ok(ProvisionedInstance {
                             backend: self.name.clone(),
@@ -610,6 +620,7 @@ impl CloudBackend {
                             private: serde_json::to_value(Private {
                                 placement: instance.placement.clone(),
                                 grant: grant.id.clone(),
+                                resources: Resources::new(grant.vcpus, grant.ram_mib),
                             })
                             .unwrap_or_default(),
                         })
@@ -635,7 +646,22 @@ impl CloudBackend {
                     last_probe,
                 ));
             }
-            tokio::time::sleep(READY_POLL).await;
+            // Running: probe again soon, asking the cloud only now and then
+            // (whether it stopped meanwhile); not yet: ask the cloud.
+            if instance.state == api::CloudState::Running && last_described.elapsed() < READY_POLL {
+                tokio::time::sleep(PROBE_EVERY).await;
+                continue;
+            }
+            // Soon at first (an emulator, a warm pool, a fast cloud), then
+            // doubling to READY_POLL.
+            let pause = if instance.state == api::CloudState::Running {
+                PROBE_EVERY
+            } else {
+                pending_pause = (pending_pause * 2).min(READY_POLL);
+                pending_pause / 2
+            };
+            tokio::time::sleep(pause).await;
+            last_described = Instant::now();
             match self.api.describe(&instance.placement, &instance.id).await {
                 Ok(Some(now)) => instance = now,
                 // Not visible yet (clouds are eventually consistent).
@@ -912,12 +938,21 @@ impl Backend for CloudBackend {
         &self,
         instance: &ProvisionedInstance,
     ) -> Result<UsageMetrics, BackendError> {
-        let Private { placement, grant } = self.private_of(instance)?;
-        // Counted again after a restart (see `Backend`).
-        self.known().slots.entry(grant).or_default();
+        let Private {
+            placement,
+            grant,
+            resources,
+        } = self.private_of(instance)?;
         loop {
             let ended = match self.api.describe(&placement, &instance.instance_id).await {
-                Ok(Some(now)) if !now.state.is_over() => None,
+                Ok(Some(now)) if !now.state.is_over() => {
+                    // Counted again after a restart (see `Backend`); never
+                    // for an instance that has ended, which holds no slot.
+                    if !self.known().terminated.contains(&instance.instance_id) {
+                        self.known().slots.entry(grant.clone()).or_insert(resources);
+                    }
+                    None
+                }
                 Ok(Some(now)) => {
                     Some((format!("{:?}", now.state).to_lowercase(), now.state_reason))
                 }
@@ -929,6 +964,7 @@ impl Backend for CloudBackend {
                 Err(e) => return Err(BackendError::Transient(Box::new(e))),
             };
             if let Some((state, reason)) = ended {
+                self.release(&grant);
                 if self.known().terminated.remove(&instance.instance_id) {
                     return Ok(ended_now());
                 }
@@ -943,7 +979,9 @@ impl Backend for CloudBackend {
     }
 
     async fn terminate(&self, instance: &ProvisionedInstance) -> Result<(), BackendError> {
-        let Private { placement, grant } = self.private_of(instance)?;
+        let Private {
+            placement, grant, ..
+        } = self.private_of(instance)?;
         self.known().terminated.insert(instance.instance_id.clone());
         let found = self
             .api
